@@ -1,0 +1,1 @@
+"""The api stage: jobs in over REST, JobRequested out."""

@@ -1,0 +1,1 @@
+"""The mailer stage: DataProcessed in, an email out, EmailSent (or JobFailed) published."""

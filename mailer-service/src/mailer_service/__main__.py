@@ -1,0 +1,3 @@
+from mailer_service.main import main
+
+main()

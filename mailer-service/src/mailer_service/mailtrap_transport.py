@@ -1,0 +1,99 @@
+"""The Mailtrap transport: the official, synchronous ``mailtrap`` SDK, in worker threads.
+
+This is the only module that imports the SDK. Its blocking calls run in a
+thread pool of ``concurrency`` threads, which bounds how many emails are at
+the provider at once, and its exceptions are translated into our
+``PermanentFailure`` / ``TransientFailure``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import mailtrap
+import requests
+from mailtrap.api.sending import SendingApi
+from mailtrap.exceptions import APIError, MailtrapError
+
+from mailer_service.compose import OutgoingEmail
+from mailer_service.transport import Receipt
+from pipeline_shared.errors import HandlerFailure, PermanentFailure, TransientFailure
+
+
+def is_transient_status(status: int) -> bool:
+    """429 (rate limited), 408 and 5xx may pass later; any other 4xx will not."""
+    return status in {408, 429} or status >= 500
+
+
+def classify(exc: BaseException) -> HandlerFailure:
+    """Translate an SDK or network exception into a permanent or transient failure."""
+    if isinstance(exc, APIError):
+        reason = f"Mailtrap answered {exc.status}: {'; '.join(exc.errors)}"
+        if is_transient_status(exc.status):
+            return TransientFailure(reason)
+        return PermanentFailure(reason)
+    if isinstance(exc, requests.Timeout):
+        return TransientFailure(f"Mailtrap did not answer in time: {type(exc).__name__}")
+    if isinstance(exc, requests.RequestException):
+        return TransientFailure(f"could not reach Mailtrap: {type(exc).__name__}")
+    if isinstance(exc, MailtrapError):
+        return PermanentFailure(f"Mailtrap client error: {exc}")
+    return TransientFailure(
+        f"unexpected error sending through Mailtrap: {type(exc).__name__}: {exc}"
+    )
+
+
+def to_mail(email: OutgoingEmail) -> mailtrap.Mail:
+    return mailtrap.Mail(
+        sender=mailtrap.Address(email=email.sender.email, name=email.sender.name),
+        to=[mailtrap.Address(email=email.to)],
+        subject=email.subject,
+        text=email.text,
+        category=email.sender.category,
+        custom_variables=email.custom_variables,
+    )
+
+
+class MailtrapTransport:
+    name = "mailtrap"
+
+    def __init__(
+        self,
+        *,
+        token: str,
+        api_host: str | None,
+        inbox_id: str | None,
+        concurrency: int,
+    ) -> None:
+        self._client = mailtrap.MailtrapClient(
+            token=token, api_host=api_host, sandbox=inbox_id is not None, inbox_id=inbox_id
+        )
+        self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix="mailtrap")
+        self._local = threading.local()
+
+    def _sending_api(self) -> SendingApi:
+        # The client's ``send`` opens a new HTTP session, so a new TLS
+        # connection, per email; one sending API per thread keeps its
+        # connection alive across emails.
+        api: SendingApi | None = getattr(self._local, "api", None)
+        if api is None:
+            api = self._local.api = self._client.sending_api
+        return api
+
+    def _send_blocking(self, email: OutgoingEmail) -> Receipt:
+        response = self._sending_api().send(to_mail(email))
+        return Receipt(message_id=response.message_ids[0] if response.message_ids else None)
+
+    async def send(self, email: OutgoingEmail) -> Receipt:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._send_blocking, email)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise classify(exc) from exc
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._executor.shutdown, wait=True)

@@ -1,0 +1,89 @@
+"""The mailer's settings, read once at start."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import EmailStr, Field, SecretStr, ValidationInfo, field_validator
+
+from pipeline_shared.settings import WorkerSettings
+
+Transport = Literal["mailtrap", "outbox"]
+
+_HOST_PORT = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
+
+
+class MailerSettings(WorkerSettings):
+    mailer_transport: Transport | None = Field(
+        default=None,
+        description="mailtrap or outbox; by default mailtrap when MAILTRAP_TOKEN is set, "
+        "else outbox.",
+    )
+    mailtrap_token: SecretStr | None = Field(
+        default=None, validate_default=True, description="Mailtrap API token."
+    )
+    mailtrap_api_host: str | None = Field(
+        default=None,
+        description="Override of the SDK's sending host, host:port (the SDK calls https://{host}/api/send).",
+    )
+    mailtrap_inbox_id: str | None = Field(
+        default=None,
+        description="Mailtrap sandbox inbox id: when set, emails go to that test inbox.",
+    )
+    mail_from: EmailStr = Field(default="pipeline@example.com", description="Sender address.")
+    mail_from_name: str = Field(
+        default="Email pipeline", max_length=100, description="Sender display name."
+    )
+    mail_category: str = Field(
+        default="background-job", max_length=255, description="Mailtrap category of every email."
+    )
+    outbox_dir: Path = Field(
+        default=Path("outbox"), description="Where the outbox transport writes .eml files."
+    )
+    mailer_concurrency: int = Field(
+        default=8, ge=1, le=256, description="Emails sent at the same time (worker threads)."
+    )
+    prefetch_count: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000,
+        description="Unacknowledged messages a mailer may hold; "
+        "by default twice MAILER_CONCURRENCY.",
+    )
+
+    @field_validator("mailtrap_token")
+    @classmethod
+    def _token_when_mailtrap(
+        cls, value: SecretStr | None, info: ValidationInfo
+    ) -> SecretStr | None:
+        if info.data.get("mailer_transport") == "mailtrap" and not (
+            value and value.get_secret_value()
+        ):
+            raise ValueError("is required when MAILER_TRANSPORT=mailtrap")
+        return value
+
+    @field_validator("mailtrap_api_host")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None and not _HOST_PORT.match(value):
+            raise ValueError("must be host or host:port, without a scheme or path")
+        return value
+
+    @field_validator("mail_from_name")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        if re.search(r"[\r\n\x00]", value):
+            raise ValueError("must be a single line")
+        return value
+
+    @property
+    def transport(self) -> Transport:
+        if self.mailer_transport is not None:
+            return self.mailer_transport
+        return "mailtrap" if self.mailtrap_token is not None else "outbox"
+
+    @property
+    def prefetch(self) -> int:
+        return self.prefetch_count or 2 * self.mailer_concurrency

@@ -1,0 +1,1 @@
+"""The processor stage: JobRequested in, DataProcessed (or JobFailed) out."""

@@ -1,0 +1,3 @@
+from processor_service.main import main
+
+main()

@@ -1,0 +1,74 @@
+"""What the processor does with a JobRequested."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from typing import Protocol
+
+from pipeline_shared.errors import PermanentFailure
+from pipeline_shared.events import DataProcessed, Event, JobRequested
+from processor_service.steps import Step, UnknownStep, get_step
+
+log = logging.getLogger("processor.handlers")
+
+
+class EventPublisher(Protocol):
+    async def publish(self, event: Event) -> None: ...
+
+
+class ProcessJob:
+    """Run the job's step off the event loop and publish the result.
+
+    The input is acked (by the messaging layer) only after ``DataProcessed``
+    is confirmed. A redelivered job is simply processed again: steps are
+    pure, and the mailer's ledger keeps the email from going out twice.
+    """
+
+    def __init__(
+        self,
+        publisher: EventPublisher,
+        executor: Executor,
+        *,
+        steps: Mapping[str, Step],
+        delay_seconds: float = 0.0,
+    ) -> None:
+        self._publisher = publisher
+        self._executor = executor
+        self._steps = steps
+        self._delay = delay_seconds
+
+    async def __call__(self, event: JobRequested) -> None:
+        try:
+            step = get_step(event.step, self._steps)
+        except UnknownStep as exc:
+            raise PermanentFailure(str(exc)) from exc
+        if self._delay:
+            await asyncio.sleep(self._delay)
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(self._executor, step, event.data)
+        except Exception as exc:
+            raise PermanentFailure(
+                f"step {event.step!r} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(result, dict):
+            raise PermanentFailure(
+                f"step {event.step!r} returned {type(result).__name__}, not a dict"
+            )
+        try:
+            processed = DataProcessed(
+                job_id=event.job_id,
+                email=event.email,
+                subject=event.subject,
+                step=event.step,
+                data=event.data,
+                result=result,
+            )
+        except ValueError as exc:
+            raise PermanentFailure(
+                f"step {event.step!r} returned a result that is not JSON: {exc}"
+            ) from exc
+        await self._publisher.publish(processed)

@@ -1,0 +1,47 @@
+"""The processor's composition root and console entry point."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from pipeline_shared.events import JobRequested
+from pipeline_shared.logs import configure_logging
+from pipeline_shared.messaging import Broker
+from pipeline_shared.settings import load_settings
+from pipeline_shared.topology import PROCESSOR
+from pipeline_shared.worker import run_until_signalled, serve_stage
+from processor_service.handlers import ProcessJob
+from processor_service.settings import ProcessorSettings
+from processor_service.steps import STEPS
+
+SERVICE = "processor-service"
+
+
+async def serve(settings: ProcessorSettings, stop: asyncio.Event) -> None:
+    broker = Broker(
+        settings.rabbitmq_url,
+        app_id=SERVICE,
+        publish_timeout=settings.publish_timeout_seconds,
+        retry_delays=settings.retry_delays,
+    )
+    with ThreadPoolExecutor(settings.processing_threads, thread_name_prefix="step") as executor:
+        handler = ProcessJob(
+            broker, executor, steps=STEPS, delay_seconds=settings.processing_delay_seconds
+        )
+        await serve_stage(
+            broker,
+            PROCESSOR,
+            JobRequested,
+            handler,
+            prefetch=settings.prefetch_count,
+            max_event_bytes=settings.max_event_bytes,
+            shutdown_timeout=settings.shutdown_timeout_seconds,
+            stop=stop,
+        )
+
+
+def main() -> None:
+    settings = load_settings(ProcessorSettings, SERVICE)
+    configure_logging(settings.log_level)
+    run_until_signalled(lambda stop: serve(settings, stop))

@@ -1,0 +1,72 @@
+"""Processing steps: plain functions from a job's data to its result, registered by name.
+
+To add a step, write a function that takes the job's data (a JSON object) and
+returns a JSON object, and decorate it with ``@step("name")``; callers then ask
+for it with ``"step": "name"``. Steps run in worker threads, off the event loop,
+so they may be slow or CPU-heavy. A step that raises fails its job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from statistics import fmean
+from typing import Any
+
+Data = Mapping[str, Any]
+Result = dict[str, Any]
+Step = Callable[[Data], Result]
+
+STEPS: dict[str, Step] = {}
+"""Every registered step, by name."""
+
+
+def step(name: str) -> Callable[[Step], Step]:
+    """Register the decorated function as the processing step ``name``."""
+
+    def register(function: Step) -> Step:
+        if name in STEPS:
+            raise ValueError(f"a processing step named {name!r} is already registered")
+        STEPS[name] = function
+        return function
+
+    return register
+
+
+class UnknownStep(LookupError):
+    pass
+
+
+def get_step(name: str, registry: Mapping[str, Step] = STEPS) -> Step:
+    try:
+        return registry[name]
+    except KeyError:
+        known = ", ".join(sorted(registry)) or "none"
+        raise UnknownStep(f"unknown processing step {name!r} (known: {known})") from None
+
+
+def _is_number(value: object) -> bool:
+    # bool is an int subclass, but True is not a measurement.
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "max": max(values), "mean": fmean(values)}
+
+
+@step("summarise")
+def summarise(data: Data) -> Result:
+    """Field count, the numeric fields' min/max/mean, and list lengths."""
+    numeric = {key: float(value) for key, value in data.items() if _is_number(value)}
+    lists = {key: len(value) for key, value in data.items() if isinstance(value, list)}
+    return {
+        "field_count": len(data),
+        "numeric_fields": sorted(numeric),
+        "numeric_summary": _stats(list(numeric.values())) if numeric else None,
+        "list_lengths": lists,
+    }
+
+
+@step("echo")
+def echo(data: Data) -> Result:
+    """The data unchanged: for trying the pipeline out."""
+    return dict(data)

@@ -1,0 +1,1 @@
+"""Shared parts of the email pipeline: event contracts, topology and messaging."""

@@ -1,0 +1,174 @@
+"""Event contracts: the messages that travel between the services.
+
+A message body is one event's JSON object at the top level. Every event shares
+one envelope (``event_id``, ``event_type``, ``schema_version``, ``job_id``,
+``occurred_at``) and adds its own fields.
+
+Versioning rules, which let a producer be deployed before its consumers:
+
+* Within a schema version, only *optional* fields may be added. Consumers
+  ignore fields they do not know (a tolerant reader), so an upgraded producer
+  does not break an older consumer.
+* Anything else (removing or renaming a field, changing a type, making a
+  field required) is a new ``schema_version``.
+* A consumer rejects a version it does not know; the messaging layer
+  dead-letters such a message with the reason instead of guessing.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Literal
+from uuid import UUID, uuid4
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+
+SCHEMA_VERSION = 1
+"""The schema version this code writes and the only one it reads."""
+
+SUBJECT_MAX_LENGTH = 200
+
+_HEADER_BREAKING = re.compile(r"[\r\n\x00]")
+
+
+def _single_line(value: str) -> str:
+    # CR, LF or NUL in a header value would let a caller inject headers.
+    if _HEADER_BREAKING.search(value):
+        raise ValueError("must be a single line (no CR, LF or NUL characters)")
+    return value
+
+
+Subject = Annotated[
+    str,
+    Field(min_length=1, max_length=SUBJECT_MAX_LENGTH),
+    AfterValidator(_single_line),
+]
+"""An email subject: one line, 1 to 200 characters."""
+
+StepName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
+"""The name of a processing step, as registered in the processor."""
+
+
+def utc_now() -> datetime:
+    """The current time as an aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+class Event(BaseModel):
+    """The envelope every event carries."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    routing_key: ClassVar[str]
+
+    event_id: UUID = Field(
+        default_factory=uuid4,
+        description="Unique id of this event; also the AMQP message_id.",
+    )
+    event_type: str = Field(description="The event's class name, e.g. JobRequested.")
+    schema_version: int = Field(
+        default=SCHEMA_VERSION,
+        description="Version of this event's schema; see the versioning rules.",
+    )
+    job_id: UUID = Field(description="The job this event belongs to; also the AMQP correlation_id.")
+    occurred_at: AwareDatetime = Field(
+        default_factory=utc_now,
+        description="When the event happened, in UTC.",
+    )
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, value: int) -> int:
+        if value != SCHEMA_VERSION:
+            raise ValueError(
+                f"unsupported schema_version {value}; this consumer reads {SCHEMA_VERSION}"
+            )
+        return value
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _to_utc(cls, value: datetime) -> datetime:
+        return value.astimezone(UTC)
+
+
+class JobRequested(Event):
+    """A caller asked for its data to be processed and emailed to it."""
+
+    routing_key: ClassVar[str] = "job.requested"
+
+    event_type: Literal["JobRequested"] = "JobRequested"
+    email: EmailStr = Field(description="Recipient of the result email.")
+    subject: Subject | None = Field(default=None, description="Subject of the email.")
+    step: StepName = Field(default="summarise", description="Processing step to run.")
+    data: dict[str, Any] = Field(description="The job's input data, a JSON object.")
+
+
+class DataProcessed(Event):
+    """The processor ran the job's step; the result is ready to be emailed."""
+
+    routing_key: ClassVar[str] = "data.processed"
+
+    event_type: Literal["DataProcessed"] = "DataProcessed"
+    email: EmailStr = Field(description="Recipient of the result email.")
+    subject: Subject | None = Field(default=None, description="Subject of the email.")
+    step: StepName = Field(description="The processing step that ran.")
+    data: dict[str, Any] = Field(description="The job's input data, as it was requested.")
+    result: dict[str, Any] = Field(description="What the processing step produced.")
+
+
+class EmailSent(Event):
+    """The email provider accepted the job's email."""
+
+    routing_key: ClassVar[str] = "email.sent"
+
+    event_type: Literal["EmailSent"] = "EmailSent"
+    email: EmailStr = Field(description="Recipient of the email.")
+    transport: str = Field(description="Which transport sent it: mailtrap or outbox.")
+    provider_message_id: str | None = Field(
+        default=None, description="The provider's id for the sent message."
+    )
+
+
+class JobFailed(Event):
+    """A job could not be completed; ``reason`` says why."""
+
+    routing_key: ClassVar[str] = "job.failed"
+
+    event_type: Literal["JobFailed"] = "JobFailed"
+    stage: str = Field(description="Service whose stage failed, e.g. processor-service.")
+    reason: str = Field(description="Human-readable reason for the failure.")
+    error_type: str = Field(description="Class of the failure, e.g. PermanentFailure.")
+
+
+AnyEvent = Annotated[
+    JobRequested | DataProcessed | EmailSent | JobFailed,
+    Field(discriminator="event_type"),
+]
+
+EVENT_TYPES: tuple[type[Event], ...] = (JobRequested, DataProcessed, EmailSent, JobFailed)
+
+any_event_adapter: TypeAdapter[JobRequested | DataProcessed | EmailSent | JobFailed] = TypeAdapter(
+    AnyEvent
+)
+"""Parses a body whose event type is not known in advance (built once: it is not cheap)."""
+
+
+def describe_validation_error(exc: ValidationError, what: str) -> str:
+    """One readable line for a failed parse, e.g. ``invalid JobRequested: email: value is not
+    a valid email address``. Input values are left out: they may be personal data."""
+    problems = []
+    for error in exc.errors(include_input=False, include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "body"
+        problems.append(f"{where}: {str(error['msg']).removeprefix('Value error, ')}")
+    return f"invalid {what}: " + "; ".join(problems)

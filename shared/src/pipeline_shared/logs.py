@@ -1,0 +1,16 @@
+"""Logging set-up: one plain line per record, on stderr, for every service."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def configure_logging(level: str) -> None:
+    """Send every logger's records to stderr at ``level``; quieten chatty libraries."""
+    logging.basicConfig(level=level, format=FORMAT, stream=sys.stderr, force=True)
+    # aio-pika logs every reconnect attempt with a traceback; our own lines say enough.
+    for noisy in ("aio_pika", "aiormq"):
+        logging.getLogger(noisy).setLevel(max(logging.getLevelName(level), logging.WARNING))

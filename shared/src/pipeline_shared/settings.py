@@ -1,0 +1,120 @@
+"""Settings common to every service, and loading them with one clear error line.
+
+Each process builds one settings object at start (``load_settings``) and
+passes values down; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class PipelineSettings(BaseSettings):
+    """What every service needs: the broker, logging and shutdown bounds.
+
+    Values come from the environment and from a ``.env`` file in the working
+    directory (environment variables win).
+    """
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_ignore_empty=True,
+        extra="ignore",
+        frozen=True,
+    )
+
+    rabbitmq_url: str = Field(
+        default="amqp://guest:guest@localhost:5672/",
+        description="AMQP URL of the RabbitMQ broker (amqp:// or amqps://).",
+    )
+    log_level: LogLevel = Field(default="INFO", description="Logging level.")
+    publish_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="How long to wait for the broker to confirm a publish."
+    )
+    shutdown_timeout_seconds: float = Field(
+        default=20.0,
+        gt=0,
+        description="On SIGTERM, how long in-flight messages may take before they are returned.",
+    )
+
+    retry_delays: Annotated[tuple[float, ...], NoDecode] = Field(
+        default=(1, 5, 30, 120, 600),
+        description="Seconds to wait before each retry of a transiently failed message, "
+        "comma-separated; one retry per entry.",
+    )
+
+    @field_validator("retry_delays", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("retry_delays")
+    @classmethod
+    def _positive_delays(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(delay <= 0 for delay in value):
+            raise ValueError("every delay must be a positive number of seconds")
+        return value
+
+    @field_validator("rabbitmq_url")
+    @classmethod
+    def _amqp_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in {"amqp", "amqps"} or not parts.hostname:
+            raise ValueError("must be an amqp:// or amqps:// URL with a host")
+        return value
+
+
+class WorkerSettings(PipelineSettings):
+    """What a consuming worker needs on top of the common settings."""
+
+    max_event_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest message body a consumer accepts; bigger ones are dead-lettered.",
+    )
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load_settings(cls: type[S], service: str) -> S:
+    """Build ``cls`` from the environment, or exit with one line naming the bad variable."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        sys.exit(f"{service}: {describe_settings_error(exc)}")
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    """One line naming each invalid variable, without echoing values (they may be secrets)."""
+    problems = []
+    for error in exc.errors(include_input=False, include_url=False):
+        variable = str(error["loc"][0]).upper() if error["loc"] else "settings"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "missing":
+            message = "is required but not set"
+        problems.append(f"{variable} {message}")
+    return "invalid setting: " + "; ".join(problems)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, fit for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    if parts.port is not None:
+        netloc = f"{netloc}:{parts.port}"
+    if parts.username:
+        netloc = f"{parts.username}:***@{netloc}"
+    return urlunsplit(parts._replace(netloc=netloc))
