@@ -37,7 +37,8 @@ def main() -> int:
     server = shutil.which("rabbitmq-server")
     if host not in LOCAL_HOSTS or server is None:
         print(
-            f"No RabbitMQ answers at {redact_url(url)}; start one with: docker compose up -d rabbitmq",
+            f"No RabbitMQ answers at {redact_url(url)}; start one with `docker compose up -d "
+            "rabbitmq` and set RABBITMQ_URL=amqp://pipeline:pipeline@localhost:5672/",
             file=sys.stderr,
         )
         return 1

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+from types import FrameType
+
 import uvicorn
 
 from api_service.app import SERVICE, create_app
@@ -10,9 +13,18 @@ from pipeline_shared.logs import configure_logging
 from pipeline_shared.settings import load_settings
 
 
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
 def main() -> None:
     settings = load_settings(ApiSettings, SERVICE)
     configure_logging(settings.log_level)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal
+    # again against the handlers it found; these make that a clean exit 0,
+    # which is what process supervisors expect from a requested stop.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_cleanly)
     uvicorn.run(
         create_app(settings),
         host=settings.api_host,

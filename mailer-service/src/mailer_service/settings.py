@@ -45,7 +45,7 @@ class MailerSettings(WorkerSettings):
     mailer_concurrency: int = Field(
         default=8, ge=1, le=256, description="Emails sent at the same time (worker threads)."
     )
-    prefetch_count: int | None = Field(
+    mailer_prefetch: int | None = Field(
         default=None,
         ge=1,
         le=10_000,
@@ -86,4 +86,4 @@ class MailerSettings(WorkerSettings):
 
     @property
     def prefetch(self) -> int:
-        return self.prefetch_count or 2 * self.mailer_concurrency
+        return self.mailer_prefetch or 2 * self.mailer_concurrency

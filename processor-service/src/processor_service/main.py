@@ -34,7 +34,7 @@ async def serve(settings: ProcessorSettings, stop: asyncio.Event) -> None:
             PROCESSOR,
             JobRequested,
             handler,
-            prefetch=settings.prefetch_count,
+            prefetch=settings.processor_prefetch,
             max_event_bytes=settings.max_event_bytes,
             shutdown_timeout=settings.shutdown_timeout_seconds,
             stop=stop,

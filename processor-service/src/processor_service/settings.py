@@ -8,7 +8,7 @@ from pipeline_shared.settings import WorkerSettings
 
 
 class ProcessorSettings(WorkerSettings):
-    prefetch_count: int = Field(
+    processor_prefetch: int = Field(
         default=32, ge=1, le=10_000, description="Unacknowledged messages a processor may hold."
     )
     processing_delay_seconds: float = Field(

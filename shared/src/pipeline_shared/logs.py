@@ -11,6 +11,7 @@ FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 def configure_logging(level: str) -> None:
     """Send every logger's records to stderr at ``level``; quieten chatty libraries."""
     logging.basicConfig(level=level, format=FORMAT, stream=sys.stderr, force=True)
-    # aio-pika logs every reconnect attempt with a traceback; our own lines say enough.
+    # The AMQP libraries log each lost connection with a traceback; the
+    # messaging layer logs losing and regaining the broker in one line each.
     for noisy in ("aio_pika", "aiormq"):
-        logging.getLogger(noisy).setLevel(max(logging.getLevelName(level), logging.WARNING))
+        logging.getLogger(noisy).setLevel(max(logging.getLevelName(level), logging.ERROR))

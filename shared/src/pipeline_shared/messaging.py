@@ -225,7 +225,16 @@ class Broker:
             await connection.close()
             raise
         self._connection, self._channel, self._exchange = connection, channel, exchange
+        connection.close_callbacks.add(self._on_connection_lost)
+        connection.reconnect_callbacks.add(self._on_reconnected)
         log.info("connected to %s as %s", redact_url(self._url), self.app_id)
+
+    def _on_connection_lost(self, sender: object, exc: BaseException | None) -> None:
+        if exc is not None and not isinstance(exc, asyncio.CancelledError):
+            log.warning("lost the broker connection (%s); reconnecting", type(exc).__name__)
+
+    def _on_reconnected(self, sender: object) -> None:
+        log.info("reconnected to %s; topology and consumers restored", redact_url(self._url))
 
     async def connect_until_ready(
         self, *, first_delay: float = 0.5, max_delay: float = 10.0

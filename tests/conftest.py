@@ -1,0 +1,59 @@
+"""Shared fixtures, and test tiers by folder: tests under unit/, integration/ and e2e/
+get that marker."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from support.mailtrap_stub import MailtrapStub
+from support.rabbit import Management, new_vhost_name, url_for_vhost
+
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = Path(str(item.path)).relative_to(Path(__file__).parent).parts[0]
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
+
+
+# --- the real broker, one vhost per test -------------------------------------
+
+
+@pytest.fixture(scope="session")
+def management() -> Iterator[Management]:
+    client = Management.connect()
+    if not client.available():
+        pytest.fail(
+            "the RabbitMQ management API does not answer at RABBITMQ_MANAGEMENT_URL "
+            "(default http://127.0.0.1:15672); run `rabbitmq-plugins enable rabbitmq_management`"
+        )
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def vhost(management: Management) -> Iterator[str]:
+    """A fresh vhost for this test alone, deleted afterwards with all it holds."""
+    name = new_vhost_name()
+    management.create_vhost(name)
+    yield name
+    management.delete_vhost(name)
+
+
+@pytest.fixture
+def broker_url(vhost: str) -> str:
+    return url_for_vhost(vhost)
+
+
+@pytest.fixture
+def mailtrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MailtrapStub]:
+    """The HTTPS stand-in for Mailtrap's sending API."""
+    stub = MailtrapStub(tmp_path_factory.mktemp("mailtrap"))
+    stub.start()
+    yield stub
+    stub.stop()

@@ -1,0 +1,100 @@
+"""The three services as real subprocesses, against the real broker and the Mailtrap stand-in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pipeline_shared.topology import MAILER, PROCESSOR
+from support.mailtrap_stub import MailtrapStub
+from support.rabbit import Management
+from support.services import Api, Service, clean_environment, free_port
+from support.waiting import wait_for
+
+
+@dataclass
+class Pipeline:
+    api: Api
+    processor: Service
+    mailer: Service
+    vhost: str
+    management: Management
+
+    @property
+    def services(self) -> tuple[Service, ...]:
+        return (self.api, self.processor, self.mailer)
+
+    def start(self) -> None:
+        for service in self.services:
+            service.start()
+        self.api.wait_ready()
+        self.wait_consuming()
+
+    def wait_consuming(self, timeout: float = 30.0) -> None:
+        """Both workers say they consume their queue (since their latest start)."""
+
+        def consuming() -> bool:
+            for worker in (self.processor, self.mailer):
+                assert worker.running, f"{worker.command} exited:\n{worker.output()}"
+            return all(
+                f"consuming {stage.queue}" in worker.output().rsplit("--- start #", 1)[-1]
+                for worker, stage in ((self.processor, PROCESSOR), (self.mailer, MAILER))
+            )
+
+        wait_for(consuming, timeout=timeout, what="both workers to consume")
+
+    def output(self) -> str:
+        return "\n".join(f"== {s.command}\n{s.output()}" for s in self.services)
+
+    def stop(self) -> None:
+        for service in self.services:
+            service.stop_quietly()
+
+
+@pytest.fixture
+def pipeline_factory(
+    tmp_path: Path, broker_url: str, vhost: str, management: Management
+) -> Iterator[Callable[..., Pipeline]]:
+    """Build a pipeline with the given extra settings; every one built is stopped afterwards."""
+    built: list[Pipeline] = []
+
+    def build(**settings: str) -> Pipeline:
+        workdir = tmp_path / f"pipeline-{len(built)}"
+        workdir.mkdir()
+        defaults = {
+            "RABBITMQ_URL": broker_url,
+            "API_HOST": "127.0.0.1",
+            "API_PORT": str(free_port()),
+            "OUTBOX_DIR": str(workdir / "outbox"),
+            "RETRY_DELAYS": "0.2,0.4",
+            "SHUTDOWN_TIMEOUT_SECONDS": "10",
+        }
+        env = clean_environment(**{**defaults, **settings})
+        pipeline = Pipeline(
+            api=Api("api-service", env, workdir, port=int(env["API_PORT"])),
+            processor=Service("processor-service", env, workdir),
+            mailer=Service("mailer-service", env, workdir),
+            vhost=vhost,
+            management=management,
+        )
+        built.append(pipeline)
+        return pipeline
+
+    yield build
+    for pipeline in built:
+        pipeline.stop()
+
+
+@pytest.fixture
+def mailtrap_settings(mailtrap: MailtrapStub) -> dict[str, str]:
+    """Point the real SDK at the HTTPS stand-in, trusting its certificate authority."""
+    return {
+        "MAILTRAP_TOKEN": mailtrap.token,
+        "MAILTRAP_API_HOST": mailtrap.host,
+        "REQUESTS_CA_BUNDLE": str(mailtrap.ca_bundle),
+        "MAIL_FROM": "reports@pipeline.example.com",
+        "MAIL_FROM_NAME": "Pipeline Reports",
+    }

@@ -1,0 +1,161 @@
+"""The api-service as a real process: bad input, big bodies, and a broker that comes and goes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from e2e.conftest import Pipeline
+from support.services import Api, free_port
+from support.tcp_proxy import TcpProxy
+from support.waiting import wait_for
+
+PipelineFactory = Callable[..., Pipeline]
+
+GOOD = {"email": "ada@example.com", "data": {"a": 1}}
+
+
+@pytest.fixture
+def api(pipeline_factory: PipelineFactory) -> Api:
+    pipeline = pipeline_factory()
+    pipeline.api.start()
+    pipeline.api.wait_ready()
+    return pipeline.api
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({**GOOD, "email": "not-an-address"}, "email"),
+        ({**GOOD, "data": [1, 2]}, "data"),
+        ({**GOOD, "data": "text"}, "data"),
+        ({"email": "ada@example.com"}, "data"),
+        ({"data": {}}, "email"),
+        ({**GOOD, "subject": "Hello\r\nBcc: victim@example.com"}, "subject"),
+        ({**GOOD, "subject": "x" * 201}, "subject"),
+        ({**GOOD, "step": "Robert'); DROP"}, "step"),
+        ({**GOOD, "unexpected": True}, "unexpected"),
+    ],
+    ids=[
+        "bad-address",
+        "data-list",
+        "data-string",
+        "no-data",
+        "no-email",
+        "crlf-subject",
+        "long-subject",
+        "bad-step",
+        "unknown-field",
+    ],
+)
+def test_bad_input_gets_a_422_naming_the_field(api: Api, body: object, field: str) -> None:
+    response = httpx.post(f"{api.url}/jobs", json=body, timeout=10)
+
+    assert response.status_code == 422, response.text
+    problems = response.json()["detail"]
+    assert any(field in problem["loc"] for problem in problems), problems
+
+
+def test_a_body_that_is_not_json_gets_a_422(api: Api) -> None:
+    response = httpx.post(
+        f"{api.url}/jobs",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
+    assert response.status_code == 422
+
+
+def test_the_tutorial_endpoint_refuses_a_bad_address_and_non_object_data(api: Api) -> None:
+    bad_address = httpx.post(
+        f"{api.url}/process-and-email/", params={"email": "nope"}, json={}, timeout=10
+    )
+    not_object = httpx.post(
+        f"{api.url}/process-and-email/", params={"email": "a@example.com"}, json=[1], timeout=10
+    )
+    assert bad_address.status_code == 422
+    assert not_object.status_code == 422
+
+
+def test_empty_data_is_a_valid_job(api: Api) -> None:
+    response = httpx.post(f"{api.url}/jobs", json={**GOOD, "data": {}}, timeout=10)
+    assert response.status_code == 202
+
+
+def test_a_body_over_256_kib_gets_a_413(api: Api) -> None:
+    big = {**GOOD, "data": {"blob": "x" * (256 * 1024)}}
+    response = httpx.post(f"{api.url}/jobs", json=big, timeout=10)
+    assert response.status_code == 413
+    assert "larger than 262144 bytes" in response.json()["detail"]
+
+
+def test_a_chunked_body_over_the_limit_without_a_length_gets_a_413(api: Api) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"email": "ada@example.com", "data": {"blob": "'
+        for _ in range(40):
+            yield b"x" * 8192
+        yield b'"}}'
+
+    response = httpx.post(
+        f"{api.url}/jobs",
+        content=chunks(),
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413
+
+
+def test_the_openapi_docs_are_served(api: Api) -> None:
+    docs = httpx.get(f"{api.url}/docs", timeout=10)
+    schema = httpx.get(f"{api.url}/openapi.json", timeout=10).json()
+    assert docs.status_code == 200
+    assert {"/jobs", "/process-and-email/", "/healthz", "/readyz"} <= set(schema["paths"])
+
+
+@pytest.fixture
+def proxy(broker_url: str) -> Iterator[TcpProxy]:
+    target = urlsplit(broker_url)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672, free_port())
+    yield proxy
+    proxy.close()
+
+
+def test_the_api_starts_without_a_broker_answers_503_and_recovers_when_it_returns(
+    pipeline_factory: PipelineFactory, broker_url: str, proxy: TcpProxy
+) -> None:
+    through_proxy = urlsplit(broker_url)._replace(netloc=f"guest:guest@127.0.0.1:{proxy.port}")
+    pipeline = pipeline_factory(RABBITMQ_URL=through_proxy.geturl())
+    api = pipeline.api
+    api.start()
+    api.wait_listening()
+
+    assert httpx.get(f"{api.url}/healthz", timeout=5).status_code == 200
+    not_ready = httpx.get(f"{api.url}/readyz", timeout=5)
+    refused = httpx.post(f"{api.url}/jobs", json=GOOD, timeout=5)
+    assert not_ready.status_code == 503
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"].isdigit()
+    assert "broker" in refused.json()["detail"]
+
+    proxy.open()
+    api.wait_ready()
+    assert httpx.post(f"{api.url}/jobs", json=GOOD, timeout=5).status_code == 202
+
+    proxy.cut()
+    wait_for(
+        lambda: httpx.post(f"{api.url}/jobs", json=GOOD, timeout=15).status_code == 503,
+        what="503 while the broker is away",
+    )
+
+    proxy.open()
+    wait_for(
+        lambda: httpx.post(f"{api.url}/jobs", json=GOOD, timeout=15).status_code == 202,
+        timeout=30,
+        what="202 once the broker is back, without a restart",
+    )
+    assert api.running
+    assert "Traceback" not in api.output()

@@ -1,0 +1,175 @@
+"""A stand-in for Mailtrap's sending API, served over real HTTPS on loopback.
+
+The real ``mailtrap`` SDK talks to it: the services get
+``MAILTRAP_API_HOST=127.0.0.1:<port>`` and ``REQUESTS_CA_BUNDLE`` pointing at
+the stand-in's own certificate authority. It answers ``POST /api/send`` and
+``POST /api/send/<inbox_id>`` the way Mailtrap documents them, records every
+request, and can be told to fail the next requests with a given status.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import trustme
+
+
+@dataclass(frozen=True)
+class Received:
+    """One request the stand-in answered."""
+
+    path: str
+    authorization: str
+    payload: dict[str, Any]
+    status: int
+    message_id: str | None
+
+    @property
+    def job_id(self) -> str | None:
+        value = (self.payload.get("custom_variables") or {}).get("job_id")
+        return str(value) if value is not None else None
+
+    @property
+    def to(self) -> list[str]:
+        return [entry["email"] for entry in self.payload.get("to", [])]
+
+
+@dataclass
+class _Script:
+    failures: list[int] = field(default_factory=list)
+
+
+class MailtrapStub:
+    """Start with ``start()``; ``host`` and ``ca_bundle`` configure the client side."""
+
+    def __init__(self, directory: Path, token: str = "test-token") -> None:
+        self.token = token
+        self._directory = directory
+        self._lock = threading.Lock()
+        self._script = _Script()
+        self._received: list[Received] = []
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.ca_bundle = directory / "mailtrap-stub-ca.pem"
+
+    # --- control ---------------------------------------------------------
+
+    def start(self) -> None:
+        authority = trustme.CA()
+        authority.cert_pem.write_to_path(str(self.ca_bundle))
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        authority.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+
+        stub = self
+
+        class Handler(_Handler):
+            owner = stub
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, name="mailtrap-stub", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    @property
+    def host(self) -> str:
+        assert self._server is not None, "start() first"
+        return f"127.0.0.1:{self._server.server_address[1]}"
+
+    def fail_next(self, count: int, status: int) -> None:
+        """Answer the next ``count`` send requests with ``status``."""
+        with self._lock:
+            self._script.failures.extend([status] * count)
+
+    # --- what it saw -----------------------------------------------------
+
+    @property
+    def received(self) -> list[Received]:
+        with self._lock:
+            return list(self._received)
+
+    @property
+    def delivered(self) -> list[Received]:
+        """The requests answered 200: the emails Mailtrap would have sent."""
+        return [request for request in self.received if request.status == 200]
+
+    def deliveries_by_job(self) -> Counter[str | None]:
+        return Counter(request.job_id for request in self.delivered)
+
+    # --- serving -----------------------------------------------------------
+
+    def _answer(self, path: str, authorization: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            payload = None
+        with self._lock:
+            status = self._script.failures.pop(0) if self._script.failures else None
+            if status is None:
+                status, answer = self._validate(path, authorization, payload)
+            else:
+                answer = {"errors": [f"scripted failure {status}"]}
+            message_id = str(uuid.uuid4()) if status == 200 else None
+            if status == 200:
+                answer = {"success": True, "message_ids": [message_id]}
+            self._received.append(
+                Received(
+                    path=path,
+                    authorization=authorization,
+                    payload=payload if isinstance(payload, dict) else {},
+                    status=status,
+                    message_id=message_id,
+                )
+            )
+        return status, answer
+
+    def _validate(
+        self, path: str, authorization: str, payload: object
+    ) -> tuple[int, dict[str, Any]]:
+        if path != "/api/send" and not path.startswith("/api/send/"):
+            return 404, {"errors": ["Not Found"]}
+        if authorization != f"Bearer {self.token}":
+            return 401, {"errors": ["Unauthorized"]}
+        if not isinstance(payload, dict):
+            return 400, {"errors": ["body is not a JSON object"]}
+        missing = [key for key in ("from", "to", "subject") if not payload.get(key)]
+        if missing or not (payload.get("text") or payload.get("html")):
+            return 400, {"errors": [f"missing {', '.join(missing) or 'text or html'}"]}
+        return 200, {}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    owner: MailtrapStub
+    protocol_version = "HTTP/1.1"  # keep-alive, as the real API
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        body = self.rfile.read(length)
+        status, answer = self.owner._answer(self.path, self.headers.get("Authorization", ""), body)
+        data = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return  # keep test output quiet

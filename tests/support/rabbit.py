@@ -1,0 +1,87 @@
+"""The test broker: one throw-away vhost per test, made through the management HTTP API."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import httpx
+
+BROKER_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+MANAGEMENT_URL = os.environ.get("RABBITMQ_MANAGEMENT_URL", "http://127.0.0.1:15672")
+
+
+def _credentials() -> tuple[str, str]:
+    parts = urlsplit(BROKER_URL)
+    return parts.username or "guest", parts.password or "guest"
+
+
+@dataclass
+class Management:
+    """A small client for the parts of the management API the tests use."""
+
+    client: httpx.Client
+
+    @classmethod
+    def connect(cls) -> Management:
+        return cls(httpx.Client(base_url=MANAGEMENT_URL, auth=_credentials(), timeout=10))
+
+    def available(self) -> bool:
+        try:
+            return self.client.get("/api/overview").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def create_vhost(self, name: str) -> None:
+        self.client.put(f"/api/vhosts/{quote(name, safe='')}").raise_for_status()
+        user = _credentials()[0]
+        self.client.put(
+            f"/api/permissions/{quote(name, safe='')}/{quote(user, safe='')}",
+            json={"configure": ".*", "write": ".*", "read": ".*"},
+        ).raise_for_status()
+
+    def delete_vhost(self, name: str) -> None:
+        response = self.client.delete(f"/api/vhosts/{quote(name, safe='')}")
+        if response.status_code not in (204, 404):
+            response.raise_for_status()
+
+    def queue(self, vhost: str, queue: str) -> dict[str, Any] | None:
+        response = self.client.get(f"/api/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}")
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        info: dict[str, Any] = response.json()
+        return info
+
+    def consumers(self, vhost: str, queue: str) -> int:
+        """Consumers of ``queue`` now (the consumer list is current; the queue's
+        own ``consumers`` figure lags by the statistics interval)."""
+        response = self.client.get(f"/api/consumers/{quote(vhost, safe='')}")
+        response.raise_for_status()
+        return sum(1 for c in response.json() if c["queue"]["name"] == queue)
+
+    def peek(self, vhost: str, queue: str, count: int = 100) -> list[dict[str, Any]]:
+        """Up to ``count`` messages of ``queue``, left in place (requeued)."""
+        response = self.client.post(
+            f"/api/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}/get",
+            json={"count": count, "ackmode": "ack_requeue_true", "encoding": "auto"},
+        )
+        response.raise_for_status()
+        messages: list[dict[str, Any]] = response.json()
+        return messages
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def new_vhost_name(prefix: str = "test") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def url_for_vhost(vhost: str, base: str = BROKER_URL) -> str:
+    """``base`` with its vhost replaced by ``vhost``."""
+    parts = urlsplit(base)
+    return urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))

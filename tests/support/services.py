@@ -1,0 +1,141 @@
+"""Running the services as real subprocesses, through their console commands."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from support.waiting import wait_for
+
+BIN = Path(sys.executable).parent
+
+# Settings a developer may have exported in their shell: a test sets the ones
+# it wants and never inherits these.
+_SETTINGS_PREFIXES = (
+    "RABBITMQ_",
+    "MAILTRAP_",
+    "MAIL_",
+    "MAILER_",
+    "API_",
+    "OUTBOX_",
+    "PROCESSING_",
+)
+_SETTINGS_NAMES = {
+    "LOG_LEVEL",
+    "RETRY_DELAYS",
+    "PROCESSOR_PREFETCH",
+    "PUBLISH_TIMEOUT_SECONDS",
+    "SHUTDOWN_TIMEOUT_SECONDS",
+    "MAX_EVENT_BYTES",
+    "MAX_REQUEST_BYTES",
+    "REQUESTS_CA_BUNDLE",
+}
+
+
+def clean_environment(**settings: str) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in _SETTINGS_NAMES and not key.startswith(_SETTINGS_PREFIXES)
+    }
+    env.update(settings)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Service:
+    """One service process; its output goes to ``<cwd>/<command>.log``."""
+
+    command: str
+    env: dict[str, str]
+    cwd: Path
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    starts: int = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.cwd / f"{self.command}.log"
+
+    def start(self) -> None:
+        assert self.process is None or self.process.poll() is not None, "already running"
+        self.starts += 1
+        with self.log_path.open("ab") as log:
+            log.write(f"--- start #{self.starts}\n".encode())
+            log.flush()
+            self.process = subprocess.Popen(
+                [str(BIN / self.command)],
+                cwd=self.cwd,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then wait for the exit code."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, as in a crash."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop_quietly(self) -> None:
+        if self.running:
+            assert self.process is not None
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+@dataclass
+class Api(Service):
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        def ready() -> bool:
+            assert self.running, f"api-service exited:\n{self.output()}"
+            try:
+                return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, timeout=timeout, what="api-service /readyz")
+
+    def wait_listening(self, timeout: float = 30.0) -> None:
+        def listening() -> bool:
+            assert self.running, f"api-service exited:\n{self.output()}"
+            try:
+                httpx.get(f"{self.url}/healthz", timeout=2)
+            except httpx.HTTPError:
+                return False
+            return True
+
+        wait_for(listening, timeout=timeout, what="api-service to listen")

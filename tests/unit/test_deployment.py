@@ -1,0 +1,367 @@
+"""The container deployment (Dockerfiles, docker-compose.yml, .env.example) agrees with the code.
+
+No Docker engine is needed: the files are read and checked against the services'
+pyproject.toml files and settings classes, and the Dockerfiles are linted with
+hadolint.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from pydantic_settings import BaseSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+BROKER = "rabbitmq"
+
+# Each service folder, and the settings class its console script loads.
+SETTINGS_CLASSES = {
+    "api-service": "api_service.settings.ApiSettings",
+    "processor-service": "processor_service.settings.ProcessorSettings",
+    "mailer-service": "mailer_service.settings.MailerSettings",
+}
+SERVICES = sorted(SETTINGS_CLASSES)
+PORT_PUBLISHERS = {"api-service", BROKER}
+MAILTRAP_VARIABLES = ("MAILTRAP_TOKEN", "MAIL_FROM")
+ROOT_USERS = {"root", "0"}
+
+_VARIABLE = re.compile(
+    r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
+)
+_DOCUMENTED = re.compile(r"^\s*#?\s*(?P<name>[A-Z][A-Z0-9_]*)=", re.MULTILINE)
+
+
+# --- reading the files -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str
+    arguments: str
+
+
+def dockerfile_instructions(path: Path) -> list[Instruction]:
+    """The Dockerfile's instructions, continuation lines joined and comments dropped."""
+    instructions: list[Instruction] = []
+    pending: list[str] = []
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending.append(line[:-1].strip())
+            continue
+        keyword, _, arguments = " ".join([*pending, line]).partition(" ")
+        instructions.append(Instruction(keyword.upper(), arguments.strip()))
+        pending = []
+    assert not pending, f"{path} ends with a continuation line"
+    return instructions
+
+
+def dockerfile_of(service: str) -> Path:
+    return ROOT / service / "Dockerfile"
+
+
+def image_env(service: str) -> dict[str, str]:
+    """The variables the image's ENV instructions set."""
+    env: dict[str, str] = {}
+    for instruction in dockerfile_instructions(dockerfile_of(service)):
+        if instruction.keyword != "ENV":
+            continue
+        words = shlex.split(instruction.arguments)
+        if "=" not in words[0]:  # the legacy form: ENV NAME value
+            env[words[0]] = " ".join(words[1:])
+            continue
+        for word in words:
+            name, _, value = word.partition("=")
+            env[name] = value
+    return env
+
+
+def copy_sources(service: str) -> list[str]:
+    """Every source path of the Dockerfile's COPY instructions."""
+    sources: list[str] = []
+    for instruction in dockerfile_instructions(dockerfile_of(service)):
+        if instruction.keyword == "COPY":
+            words = [
+                word for word in shlex.split(instruction.arguments) if not word.startswith("--")
+            ]
+            sources.extend(words[:-1])
+    return sources
+
+
+def console_scripts(service: str) -> set[str]:
+    with (ROOT / service / "pyproject.toml").open("rb") as file:
+        return set(tomllib.load(file)["project"].get("scripts", {}))
+
+
+def compose() -> dict[str, Any]:
+    document = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+    assert isinstance(document, dict), "docker-compose.yml is not a mapping"
+    return document
+
+
+def compose_services() -> dict[str, dict[str, Any]]:
+    services = compose()["services"]
+    assert isinstance(services, dict)
+    return services
+
+
+def app_services() -> dict[str, dict[str, Any]]:
+    """The compose services built from this repository (everything but the broker)."""
+    return {name: spec for name, spec in compose_services().items() if "build" in spec}
+
+
+def interpolate(value: str) -> str:
+    """``value`` as Docker Compose would see it with no variables set (no .env, empty shell)."""
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        op, arg = match.group("op"), match.group("arg")
+        if op is not None and op.endswith("?"):
+            raise AssertionError(f"{match.group(0)} makes compose fail when the variable is unset")
+        return arg if op is not None else ""
+
+    return _VARIABLE.sub(substitute, value)
+
+
+def environment_of(spec: dict[str, Any]) -> dict[str, str]:
+    """A compose service's ``environment:``, in mapping form, uninterpolated."""
+    environment = spec.get("environment") or {}
+    if isinstance(environment, list):
+        pairs = (item.partition("=") for item in environment)
+        return {name: value for name, _, value in pairs}
+    return {name: "" if value is None else str(value) for name, value in environment.items()}
+
+
+def env_files_of(spec: dict[str, Any]) -> list[str]:
+    env_file = spec.get("env_file") or []
+    entries = [env_file] if isinstance(env_file, str | dict) else env_file
+    return [entry if isinstance(entry, str) else entry["path"] for entry in entries]
+
+
+def container_env(service: str) -> dict[str, str]:
+    """What the service's process sees in its container when no .env exists: the
+    image's ENV, overridden by compose's ``environment:``."""
+    compose_env = environment_of(compose_services()[service])
+    return {**image_env(service), **{name: interpolate(v) for name, v in compose_env.items()}}
+
+
+def settings_class(service: str) -> type[BaseSettings]:
+    module_name, _, class_name = SETTINGS_CLASSES[service].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    assert issubclass(cls, BaseSettings)
+    return cls
+
+
+def settings_variables(service: str) -> list[str]:
+    return [name.upper() for name in settings_class(service).model_fields]
+
+
+def documented_variables() -> set[str]:
+    return set(_DOCUMENTED.findall(ENV_EXAMPLE.read_text(encoding="utf-8")))
+
+
+def container_port(mapping: str | dict[str, Any]) -> str:
+    if isinstance(mapping, dict):
+        return str(mapping["target"])
+    return interpolate(mapping).rsplit(":", 1)[-1].split("/")[0]
+
+
+# --- the images --------------------------------------------------------------------------------
+
+
+def test_every_service_folder_is_deployed_by_compose() -> None:
+    folders = {path.parent.name for path in ROOT.glob("*-service/pyproject.toml")}
+    assert folders == set(SERVICES)
+    assert set(app_services()) == folders
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_compose_builds_the_service_from_the_repository_root_with_its_own_dockerfile(
+    service: str,
+) -> None:
+    build = compose_services()[service]["build"]
+    assert build == {"context": ".", "dockerfile": f"{service}/Dockerfile"}
+
+
+def test_every_built_service_has_a_build_context_and_a_dockerfile_that_exist() -> None:
+    for name, spec in app_services().items():
+        build = spec["build"]
+        context, dockerfile = (
+            (build, "Dockerfile")
+            if isinstance(build, str)
+            else (build["context"], build.get("dockerfile", "Dockerfile"))
+        )
+        assert (ROOT / context).is_dir(), f"{name}: build context {context} does not exist"
+        assert (ROOT / context / dockerfile).is_file(), f"{name}: {dockerfile} does not exist"
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_image_runs_a_console_script_its_pyproject_declares(service: str) -> None:
+    commands = [i for i in dockerfile_instructions(dockerfile_of(service)) if i.keyword == "CMD"]
+    assert commands, f"{service}/Dockerfile has no CMD"
+    argv = json.loads(commands[-1].arguments)  # exec form: a JSON array
+    assert isinstance(argv, list)
+    assert argv, f"{service}/Dockerfile has an empty CMD"
+    declared = sorted(console_scripts(service))
+    assert argv[0] in declared, f"CMD runs {argv[0]!r}; {service} declares {declared}"
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_image_copies_shared_and_its_own_service_folder(service: str) -> None:
+    roots = {PurePosixPath(source).parts[0] for source in copy_sources(service)}
+    assert "shared" in roots, f"{service}/Dockerfile does not COPY shared/"
+    assert service in roots, f"{service}/Dockerfile does not COPY {service}/"
+    assert roots <= {"shared", service}, f"{service}/Dockerfile copies more: {sorted(roots)}"
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_image_ends_running_as_a_non_root_user(service: str) -> None:
+    users = [
+        i.arguments for i in dockerfile_instructions(dockerfile_of(service)) if i.keyword == "USER"
+    ]
+    assert users, f"{service}/Dockerfile has no USER: it would run as root"
+    user = users[-1].split(":")[0]
+    assert user not in ROOT_USERS, f"{service}/Dockerfile ends as USER {users[-1]}"
+
+
+def hadolint() -> str:
+    beside_python = Path(sys.executable).parent / "hadolint"
+    if beside_python.is_file():
+        return str(beside_python)
+    found = shutil.which("hadolint")
+    if found is None:
+        pytest.fail("hadolint not found: it is a dev dependency, install requirements-dev.txt")
+    return found
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_hadolint_finds_nothing_at_warning_level_or_above(service: str) -> None:
+    result = subprocess.run(
+        [hadolint(), "--no-color", "--failure-threshold", "warning", str(dockerfile_of(service))],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the compose file --------------------------------------------------------------------------
+
+
+def test_no_service_has_a_fixed_container_name() -> None:
+    named = [name for name, spec in compose_services().items() if "container_name" in spec]
+    assert not named, f"container_name stops `docker compose up --scale`: {named}"
+
+
+def test_only_the_api_and_the_broker_publish_ports_so_workers_scale() -> None:
+    publishing = {name for name, spec in compose_services().items() if spec.get("ports")}
+    assert publishing <= PORT_PUBLISHERS, f"workers must not publish ports: {publishing}"
+    assert "api-service" in publishing
+
+
+def test_every_app_service_waits_for_a_healthy_broker() -> None:
+    for name, spec in app_services().items():
+        depends_on = spec.get("depends_on")
+        assert isinstance(depends_on, dict), f"{name}: depends_on must be the long form"
+        assert depends_on.get(BROKER, {}).get("condition") == "service_healthy", name
+
+
+def test_the_broker_has_a_healthcheck() -> None:
+    healthcheck = compose_services()[BROKER].get("healthcheck", {})
+    assert healthcheck.get("test"), "rabbitmq has no healthcheck"
+    assert not healthcheck.get("disable", False)
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_service_reaches_the_broker_by_its_compose_name(service: str) -> None:
+    url = container_env(service).get("RABBITMQ_URL")
+    assert url is not None, f"{service}: RABBITMQ_URL is not set in the container"
+    assert urlsplit(url).hostname == BROKER, url
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_service_logs_in_with_the_user_the_broker_creates(service: str) -> None:
+    broker_env = {k: interpolate(v) for k, v in environment_of(compose_services()[BROKER]).items()}
+    url = urlsplit(container_env(service)["RABBITMQ_URL"])
+    assert url.username == broker_env["RABBITMQ_DEFAULT_USER"]
+    assert url.password == broker_env["RABBITMQ_DEFAULT_PASS"]
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_service_settings_load_from_its_container_environment(
+    service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cls = settings_class(service)
+    for name in settings_variables(service):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in container_env(service).items():
+        monkeypatch.setenv(name, value)
+    cls(_env_file=None)  # raises ValidationError naming the bad variable
+
+
+def test_the_api_listens_on_all_interfaces_at_the_port_compose_publishes_and_checks() -> None:
+    api = compose_services()["api-service"]
+    env = container_env("api-service")
+    assert env.get("API_HOST") == "0.0.0.0"
+    assert {container_port(mapping) for mapping in api["ports"]} == {env["API_PORT"]}
+    assert f"127.0.0.1:{env['API_PORT']}/healthz" in " ".join(api["healthcheck"]["test"])
+
+
+def test_the_mailer_writes_its_outbox_into_the_mounted_volume() -> None:
+    mailer = compose_services()["mailer-service"]
+    outbox = container_env("mailer-service").get("OUTBOX_DIR")
+    assert outbox is not None
+    assert outbox.startswith("/"), "a relative OUTBOX_DIR lands in /app, which is not writable"
+    targets = {
+        volume["target"] if isinstance(volume, dict) else volume.split(":")[1]
+        for volume in mailer.get("volumes", [])
+    }
+    assert outbox in targets, f"OUTBOX_DIR {outbox} is not a mounted volume: {sorted(targets)}"
+    # A fresh named volume takes the owner of the image's folder: the service's user.
+    instructions = dockerfile_instructions(dockerfile_of("mailer-service"))
+    runs = [i.arguments for i in instructions if i.keyword == "RUN"]
+    assert any(outbox in run and "chown" in run for run in runs), (
+        f"mailer-service/Dockerfile does not create {outbox} for its user"
+    )
+
+
+# --- the variables -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_setting_of_the_service_is_documented_in_env_example(service: str) -> None:
+    missing = sorted(set(settings_variables(service)) - documented_variables())
+    assert not missing, f".env.example does not mention {missing} ({service})"
+
+
+@pytest.mark.parametrize("variable", MAILTRAP_VARIABLES)
+def test_the_mailer_container_receives_what_it_needs_for_mailtrap(variable: str) -> None:
+    mailer = compose_services()["mailer-service"]
+    from_environment = variable in environment_of(mailer)
+    from_env_file = ".env" in env_files_of(mailer) and variable in documented_variables()
+    assert from_environment or from_env_file, f"{variable} does not reach the mailer container"
+
+
+def test_app_services_load_the_optional_env_file() -> None:
+    for name, spec in app_services().items():
+        entries = spec.get("env_file")
+        assert entries == [{"path": ".env", "required": False}], name
