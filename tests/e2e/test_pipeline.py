@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from email import message_from_bytes
 from email import policy as email_policy
 
 import httpx
+import pytest
 
 from e2e.conftest import Pipeline
 from pipeline_shared.topology import MAILER, PROCESSOR
@@ -155,12 +157,25 @@ def test_mailtrap_outages_are_retried_until_the_email_goes_out(
     assert "retrying in" in pipeline.mailer.output()
 
 
-def test_every_service_exits_0_on_sigterm(
-    pipeline_factory: PipelineFactory, mailtrap_settings: dict[str, str]
+@pytest.mark.parametrize(
+    "signals",
+    [(signal.SIGTERM,), (signal.SIGINT, signal.SIGTERM)],
+    ids=["sigterm", "ctrl-c-then-sigterm"],
+)
+def test_every_service_exits_0_when_asked_to_stop(
+    pipeline_factory: PipelineFactory,
+    mailtrap_settings: dict[str, str],
+    signals: tuple[signal.Signals, ...],
 ) -> None:
     pipeline = pipeline_factory(**mailtrap_settings)
     pipeline.start()
 
+    # The second case is what a process manager does on Ctrl-C: the terminal
+    # sends SIGINT to everyone, then the manager sends SIGTERM as well.
+    for service in pipeline.services:
+        assert service.process is not None
+        for signum in signals:
+            service.process.send_signal(signum)
     codes = {service.command: service.terminate(timeout=20) for service in pipeline.services}
 
     assert codes == {"api-service": 0, "processor-service": 0, "mailer-service": 0}, (

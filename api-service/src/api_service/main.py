@@ -11,9 +11,11 @@ from api_service.app import SERVICE, create_app
 from api_service.settings import ApiSettings
 from pipeline_shared.logs import configure_logging
 from pipeline_shared.settings import load_settings
+from pipeline_shared.worker import STOP_SIGNALS, ignore_stop_signals
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    ignore_stop_signals()
     raise SystemExit(0)
 
 
@@ -23,7 +25,7 @@ def main() -> None:
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal
     # again against the handlers it found; these make that a clean exit 0,
     # which is what process supervisors expect from a requested stop.
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, _exit_cleanly)
     uvicorn.run(
         create_app(settings),

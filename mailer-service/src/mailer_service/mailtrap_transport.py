@@ -34,6 +34,8 @@ def classify(exc: BaseException) -> HandlerFailure:
         if is_transient_status(exc.status):
             return TransientFailure(reason)
         return PermanentFailure(reason)
+    if isinstance(exc, requests.exceptions.InvalidURL | requests.exceptions.InvalidHeader):
+        return PermanentFailure(f"Mailtrap request is malformed: {type(exc).__name__}: {exc}")
     if isinstance(exc, requests.Timeout):
         return TransientFailure(f"Mailtrap did not answer in time: {type(exc).__name__}")
     if isinstance(exc, requests.RequestException):

@@ -12,7 +12,7 @@ from pipeline_shared.settings import WorkerSettings
 
 Transport = Literal["mailtrap", "outbox"]
 
-_HOST_PORT = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
+_HOST_PORT = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?")
 
 
 class MailerSettings(WorkerSettings):
@@ -67,7 +67,7 @@ class MailerSettings(WorkerSettings):
     @field_validator("mailtrap_api_host")
     @classmethod
     def _host_port(cls, value: str | None) -> str | None:
-        if value is not None and not _HOST_PORT.match(value):
+        if value is not None and not _HOST_PORT.fullmatch(value):
             raise ValueError("must be host or host:port, without a scheme or path")
         return value
 

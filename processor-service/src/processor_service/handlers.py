@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from collections.abc import Mapping
 from concurrent.futures import Executor
@@ -49,7 +50,8 @@ class ProcessJob:
             await asyncio.sleep(self._delay)
         loop = asyncio.get_running_loop()
         try:
-            result = await loop.run_in_executor(self._executor, step, event.data)
+            # A copy: a step that changes its input must not change the data emailed.
+            result = await loop.run_in_executor(self._executor, step, copy.deepcopy(event.data))
         except Exception as exc:
             raise PermanentFailure(
                 f"step {event.step!r} failed: {type(exc).__name__}: {exc}"

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 from uuid import UUID, uuid4
 
 from pydantic import (
@@ -29,6 +29,7 @@ from pydantic import (
     ConfigDict,
     EmailStr,
     Field,
+    JsonValue,
     TypeAdapter,
     ValidationError,
     field_validator,
@@ -46,6 +47,8 @@ def _single_line(value: str) -> str:
     # CR, LF or NUL in a header value would let a caller inject headers.
     if _HEADER_BREAKING.search(value):
         raise ValueError("must be a single line (no CR, LF or NUL characters)")
+    if not value.strip():
+        raise ValueError("must not be blank")
     return value
 
 
@@ -111,7 +114,7 @@ class JobRequested(Event):
     email: EmailStr = Field(description="Recipient of the result email.")
     subject: Subject | None = Field(default=None, description="Subject of the email.")
     step: StepName = Field(default="summarise", description="Processing step to run.")
-    data: dict[str, Any] = Field(description="The job's input data, a JSON object.")
+    data: dict[str, JsonValue] = Field(description="The job's input data, a JSON object.")
 
 
 class DataProcessed(Event):
@@ -123,8 +126,8 @@ class DataProcessed(Event):
     email: EmailStr = Field(description="Recipient of the result email.")
     subject: Subject | None = Field(default=None, description="Subject of the email.")
     step: StepName = Field(description="The processing step that ran.")
-    data: dict[str, Any] = Field(description="The job's input data, as it was requested.")
-    result: dict[str, Any] = Field(description="What the processing step produced.")
+    data: dict[str, JsonValue] = Field(description="The job's input data, as it was requested.")
+    result: dict[str, JsonValue] = Field(description="What the processing step produced.")
 
 
 class EmailSent(Event):

@@ -71,6 +71,10 @@ class PipelineSettings(BaseSettings):
         parts = urlsplit(value)
         if parts.scheme not in {"amqp", "amqps"} or not parts.hostname:
             raise ValueError("must be an amqp:// or amqps:// URL with a host")
+        try:
+            parts.port  # noqa: B018 (reading it validates it)
+        except ValueError:
+            raise ValueError("has an invalid port") from None
         return value
 
 
@@ -110,11 +114,8 @@ def describe_settings_error(exc: ValidationError) -> str:
 def redact_url(url: str) -> str:
     """The URL with any password replaced by ``***``, fit for logs."""
     parts = urlsplit(url)
-    if parts.password is None:
+    userinfo, at, host_port = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    netloc = parts.hostname or ""
-    if parts.port is not None:
-        netloc = f"{netloc}:{parts.port}"
-    if parts.username:
-        netloc = f"{parts.username}:***@{netloc}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    username = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{username}:***@{host_port}"))

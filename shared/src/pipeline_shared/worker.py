@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from types import FrameType
 from typing import TypeVar
 
 from pipeline_shared.events import Event
@@ -16,21 +17,37 @@ log = logging.getLogger("pipeline.worker")
 
 E = TypeVar("E", bound=Event)
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
 
 def run_until_signalled(service: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Run ``service(stop)`` in a fresh event loop; SIGTERM/SIGINT set ``stop``.
 
-    This is the process's only ``asyncio.run``.
+    This is the process's only ``asyncio.run``. Once the service has stopped,
+    further signals are ignored: a supervisor that sends SIGINT and then
+    SIGTERM must still see the exit code 0 of a clean stop.
     """
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+
+        def request_stop(signum: int, frame: FrameType | None) -> None:
+            loop.call_soon_threadsafe(stop.set)
+
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, request_stop)
         await service(stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        ignore_stop_signals()
+
+
+def ignore_stop_signals() -> None:
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 async def serve_stage(

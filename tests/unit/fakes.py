@@ -1,0 +1,72 @@
+"""Small recording fakes and event builders shared by the unit tests."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID, uuid4
+
+from mailer_service.compose import OutgoingEmail
+from mailer_service.transport import Receipt
+from pipeline_shared.events import DataProcessed, Event, JobRequested
+
+
+class FakePublisher:
+    """Records every event it is asked to publish, serialised as the broker would."""
+
+    def __init__(self) -> None:
+        self.published: list[Event] = []
+
+    async def publish(self, event: Event) -> None:
+        # The real broker serialises the event before confirming it: do the same,
+        # so an event that could never reach the wire is not recorded as published.
+        event.model_dump_json()
+        self.published.append(event)
+
+
+class FakeTransport:
+    """An email transport that records what it sends, or raises ``failure`` if given one."""
+
+    name = "fake"
+
+    def __init__(
+        self, *, message_id: str | None = "fake-message-1", failure: Exception | None = None
+    ) -> None:
+        self.sent: list[OutgoingEmail] = []
+        self.closed = False
+        self._message_id = message_id
+        self._failure = failure
+
+    async def send(self, email: OutgoingEmail) -> Receipt:
+        if self._failure is not None:
+            raise self._failure
+        self.sent.append(email)
+        return Receipt(message_id=self._message_id)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def job_requested(**overrides: Any) -> JobRequested:
+    fields: dict[str, Any] = {
+        "job_id": uuid4(),
+        "email": "ada@example.com",
+        "subject": "Your report",
+        "step": "summarise",
+        "data": {"visits": [3, 5, 8], "score": 7},
+    }
+    return JobRequested(**{**fields, **overrides})
+
+
+def data_processed(**overrides: Any) -> DataProcessed:
+    fields: dict[str, Any] = {
+        "job_id": uuid4(),
+        "email": "ada@example.com",
+        "subject": "Your report",
+        "step": "summarise",
+        "data": {"name": "Ada", "score": 7},
+        "result": {"field_count": 2},
+    }
+    return DataProcessed(**{**fields, **overrides})
+
+
+FIXED_JOB_ID = UUID("3f2b8c1e-0d4a-4f6b-9a57-2c1e8d9b7a60")

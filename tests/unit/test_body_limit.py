@@ -1,0 +1,304 @@
+"""The api's request-body limit (an ASGI middleware) and its JobRequest schema."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import ValidationError
+from starlette.types import Message, Receive, Scope, Send
+
+from api_service.body_limit import BodySizeLimit
+from api_service.schemas import JobRequest
+
+LIMIT = 64
+
+
+class RecordingApp:
+    """An ASGI app that reads the whole body, records it, and answers 200 with it."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.scopes: list[Scope] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scopes.append(scope)
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        self.bodies.append(body)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/octet-stream")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture
+def app() -> RecordingApp:
+    return RecordingApp()
+
+
+@pytest.fixture
+async def client(app: RecordingApp) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=BodySizeLimit(app, max_bytes=LIMIT))
+    async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as client:
+        yield client
+
+
+async def chunks(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+# --- passing through --------------------------------------------------------
+
+
+async def test_a_body_at_the_limit_passes_through_intact(
+    client: httpx.AsyncClient, app: RecordingApp
+) -> None:
+    body = bytes(range(LIMIT))
+
+    response = await client.post("/jobs", content=body)
+
+    assert response.status_code == 200
+    assert response.content == body
+    assert app.bodies == [body]
+
+
+async def test_a_chunked_body_under_the_limit_reaches_the_app_whole(
+    client: httpx.AsyncClient, app: RecordingApp
+) -> None:
+    response = await client.post("/jobs", content=chunks(b"a" * 20, b"b" * 20, b"c" * 24))
+
+    assert response.status_code == 200
+    assert app.bodies == [b"a" * 20 + b"b" * 20 + b"c" * 24]
+    assert b"content-length" not in dict(app.scopes[0]["headers"])
+
+
+async def test_a_get_without_a_body_passes_through(
+    client: httpx.AsyncClient, app: RecordingApp
+) -> None:
+    response = await client.get("/healthz")
+
+    assert response.status_code == 200
+    assert app.bodies == [b""]
+
+
+async def test_an_empty_post_passes_through(client: httpx.AsyncClient, app: RecordingApp) -> None:
+    response = await client.post("/jobs", content=b"")
+
+    assert response.status_code == 200
+    assert app.bodies == [b""]
+
+
+# --- refusing ---------------------------------------------------------------
+
+
+async def test_a_declared_length_over_the_limit_is_refused_with_413_before_the_app(
+    client: httpx.AsyncClient, app: RecordingApp
+) -> None:
+    response = await client.post("/jobs", content=b"x" * (LIMIT + 1))
+
+    assert response.status_code == 413
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"detail": f"request body larger than {LIMIT} bytes"}
+    assert app.scopes == []
+
+
+async def test_a_chunked_body_over_the_limit_is_refused_with_413(
+    client: httpx.AsyncClient, app: RecordingApp
+) -> None:
+    response = await client.post("/jobs", content=chunks(b"a" * 40, b"b" * 40, b"c" * 40))
+
+    assert response.status_code == 413
+    assert response.json() == {"detail": f"request body larger than {LIMIT} bytes"}
+    assert app.scopes == []
+
+
+async def test_a_body_longer_than_its_small_declared_length_is_still_refused(
+    app: RecordingApp,
+) -> None:
+    sent: list[Message] = []
+    incoming: list[Message] = [
+        {"type": "http.request", "body": b"x" * 40, "more_body": True},
+        {"type": "http.request", "body": b"x" * 40, "more_body": False},
+    ]
+
+    async def receive() -> Message:
+        return incoming.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = http_scope(headers=[(b"content-length", b"10")])
+    await BodySizeLimit(app, max_bytes=LIMIT)(scope, receive, send)
+
+    assert sent[0]["status"] == 413
+    assert app.scopes == []
+
+
+@pytest.mark.parametrize("declared", ["abc", "-1", "1e3", " 12", ""])
+async def test_a_content_length_that_is_not_a_number_is_refused_with_400(
+    declared: str, client: httpx.AsyncClient, app: RecordingApp
+) -> None:
+    response = await client.post("/jobs", content=b"{}", headers={"Content-Length": declared})
+
+    assert response.status_code == 400
+    assert response.json() == {"detail": "invalid Content-Length header"}
+    assert app.scopes == []
+
+
+async def test_a_refusal_asks_the_client_to_close_the_connection(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.post("/jobs", content=b"x" * (LIMIT * 2))
+
+    assert response.headers["connection"] == "close"
+    assert int(response.headers["content-length"]) == len(response.content)
+
+
+# --- other ASGI traffic -----------------------------------------------------
+
+
+def http_scope(headers: list[tuple[bytes, bytes]] | None = None) -> Scope:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/jobs",
+        "raw_path": b"/jobs",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers or [],
+        "server": ("api.test", 80),
+        "client": ("127.0.0.1", 50000),
+    }
+
+
+async def test_a_non_http_scope_goes_straight_to_the_app() -> None:
+    seen: list[str] = []
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope["type"])
+        message = await receive()
+        seen.append(message["type"])
+
+    async def receive() -> Message:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: Message) -> None:
+        raise AssertionError("nothing should be sent")
+
+    await BodySizeLimit(inner, max_bytes=LIMIT)({"type": "lifespan"}, receive, send)
+
+    assert seen == ["lifespan", "lifespan.startup"]
+
+
+async def test_a_client_that_goes_away_mid_body_lets_the_app_see_the_disconnect() -> None:
+    seen: list[dict[str, Any]] = []
+    incoming: list[Message] = [
+        {"type": "http.request", "body": b"partial", "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(dict(await receive()))
+
+    async def receive() -> Message:
+        return incoming.pop(0)
+
+    async def send(message: Message) -> None:
+        raise AssertionError("nothing should be sent")
+
+    await BodySizeLimit(inner, max_bytes=LIMIT)(http_scope(), receive, send)
+
+    assert seen == [{"type": "http.disconnect"}]
+
+
+async def test_after_the_body_the_app_receives_from_the_server_again() -> None:
+    seen: list[str] = []
+    incoming: list[Message] = [
+        {"type": "http.request", "body": b"{}", "more_body": False},
+        {"type": "http.disconnect"},
+    ]
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append((await receive())["type"])
+        seen.append((await receive())["type"])
+
+    async def receive() -> Message:
+        return incoming.pop(0)
+
+    async def send(message: Message) -> None:
+        pass
+
+    await BodySizeLimit(inner, max_bytes=LIMIT)(http_scope(), receive, send)
+
+    assert seen == ["http.request", "http.disconnect"]
+
+
+# --- the JobRequest schema --------------------------------------------------
+
+
+def job_request(**overrides: Any) -> dict[str, Any]:
+    return {"email": "ada@example.com", "data": {"visits": [3, 5, 8]}, **overrides}
+
+
+def test_a_minimal_job_request_gets_the_default_step_and_no_subject() -> None:
+    job = JobRequest.model_validate(job_request())
+
+    assert job.step == "summarise"
+    assert job.subject is None
+    assert job.data == {"visits": [3, 5, 8]}
+
+
+def test_a_job_request_may_have_empty_data() -> None:
+    assert JobRequest.model_validate(job_request(data={})).data == {}
+
+
+@pytest.mark.parametrize("data", [[1, 2, 3], "text", 42, None])
+def test_a_job_request_whose_data_is_not_an_object_is_rejected(data: object) -> None:
+    with pytest.raises(ValidationError) as caught:
+        JobRequest.model_validate(job_request(data=data))
+
+    assert caught.value.errors()[0]["loc"] == ("data",)
+
+
+def test_a_job_request_with_an_unknown_field_is_rejected() -> None:
+    with pytest.raises(ValidationError) as caught:
+        JobRequest.model_validate(job_request(priority="high"))
+
+    assert [(error["loc"], error["type"]) for error in caught.value.errors()] == [
+        (("priority",), "extra_forbidden")
+    ]
+
+
+@pytest.mark.parametrize("subject", ["Hi\r\nBcc: eve@example.com", "Hi\nthere", "Hi\x00"])
+def test_a_job_request_subject_with_a_line_break_is_rejected(subject: str) -> None:
+    with pytest.raises(ValidationError, match="must be a single line"):
+        JobRequest.model_validate(job_request(subject=subject))
+
+
+def test_a_job_request_with_an_invalid_email_is_rejected() -> None:
+    with pytest.raises(ValidationError) as caught:
+        JobRequest.model_validate(job_request(email="ada-at-example.com"))
+
+    assert caught.value.errors()[0]["loc"] == ("email",)
+
+
+def test_a_job_request_with_an_unknown_step_name_shape_is_rejected() -> None:
+    with pytest.raises(ValidationError) as caught:
+        JobRequest.model_validate(job_request(step="Drop Table"))
+
+    assert caught.value.errors()[0]["loc"] == ("step",)

@@ -1,0 +1,189 @@
+"""Translating Mailtrap SDK failures, building the SDK's Mail, and the SendEmail handler."""
+
+from __future__ import annotations
+
+import mailtrap
+import pytest
+import requests
+from mailtrap.exceptions import APIError, AuthorizationError, ClientConfigurationError
+
+from mailer_service.compose import OutgoingEmail, Sender, compose_email
+from mailer_service.handlers import SendEmail
+from mailer_service.mailtrap_transport import classify, is_transient_status, to_mail
+from pipeline_shared.errors import PermanentFailure, TransientFailure
+from pipeline_shared.events import EmailSent
+from unit.fakes import FakePublisher, FakeTransport, data_processed
+
+SENDER = Sender(email="pipeline@example.com", name="Email Pipeline", category="background-job")
+
+# --- status codes -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
+def test_a_status_that_may_pass_later_is_transient(status: int) -> None:
+    assert is_transient_status(status) is True
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 413, 422])
+def test_any_other_client_error_status_is_not_transient(status: int) -> None:
+    assert is_transient_status(status) is False
+
+
+# --- classify ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 422])
+def test_an_api_error_with_a_client_status_is_permanent_and_names_the_status(
+    status: int,
+) -> None:
+    failure = classify(APIError(status, ["'from' address is not verified", "bad domain"]))
+
+    assert type(failure) is PermanentFailure
+    assert failure.reason == (
+        f"Mailtrap answered {status}: 'from' address is not verified; bad domain"
+    )
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 503])
+def test_an_api_error_with_a_passing_status_is_transient_and_names_the_status(
+    status: int,
+) -> None:
+    failure = classify(APIError(status, ["try again later"]))
+
+    assert type(failure) is TransientFailure
+    assert failure.reason == f"Mailtrap answered {status}: try again later"
+
+
+def test_an_authorization_error_is_permanent_with_status_401() -> None:
+    failure = classify(AuthorizationError(["Unauthorized"]))
+
+    assert type(failure) is PermanentFailure
+    assert failure.reason == "Mailtrap answered 401: Unauthorized"
+
+
+def test_an_api_error_without_details_still_names_the_status() -> None:
+    failure = classify(APIError(502, []))
+
+    assert type(failure) is TransientFailure
+    assert "502" in failure.reason
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [requests.ConnectionError("refused"), requests.exceptions.SSLError("bad certificate")],
+    ids=["ConnectionError", "SSLError"],
+)
+def test_a_connection_error_is_transient(exc: Exception) -> None:
+    failure = classify(exc)
+
+    assert type(failure) is TransientFailure
+    assert failure.reason == f"could not reach Mailtrap: {type(exc).__name__}"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [requests.Timeout(), requests.exceptions.ReadTimeout(), requests.exceptions.ConnectTimeout()],
+    ids=["Timeout", "ReadTimeout", "ConnectTimeout"],
+)
+def test_a_timeout_is_transient(exc: Exception) -> None:
+    failure = classify(exc)
+
+    assert type(failure) is TransientFailure
+    assert failure.reason == f"Mailtrap did not answer in time: {type(exc).__name__}"
+
+
+def test_a_client_configuration_error_is_permanent() -> None:
+    failure = classify(ClientConfigurationError("Please provide inbox_id for sandbox mode"))
+
+    assert type(failure) is PermanentFailure
+    assert failure.reason == "Mailtrap client error: Please provide inbox_id for sandbox mode"
+
+
+def test_an_unexpected_exception_is_transient_and_named() -> None:
+    failure = classify(RuntimeError("connection pool is full"))
+
+    assert type(failure) is TransientFailure
+    assert failure.reason == (
+        "unexpected error sending through Mailtrap: RuntimeError: connection pool is full"
+    )
+
+
+# --- to_mail ----------------------------------------------------------------
+
+
+def test_the_mailtrap_mail_carries_everything_the_api_needs() -> None:
+    event = data_processed(email="grace@example.org", subject="Weekly visits")
+    composed = compose_email(event, SENDER)
+
+    mail = to_mail(composed)
+
+    assert isinstance(mail, mailtrap.Mail)
+    assert mail.api_data == {
+        "from": {"email": "pipeline@example.com", "name": "Email Pipeline"},
+        "to": [{"email": "grace@example.org"}],
+        "subject": "Weekly visits",
+        "text": composed.text,
+        "category": "background-job",
+        "custom_variables": {"job_id": str(event.job_id)},
+    }
+
+
+def test_the_mailtrap_mail_has_no_html_part() -> None:
+    mail = to_mail(compose_email(data_processed(), SENDER))
+
+    assert "html" not in mail.api_data
+    assert mail.html is None
+
+
+# --- SendEmail --------------------------------------------------------------
+
+
+async def test_sending_an_email_publishes_email_sent_with_the_receipt() -> None:
+    transport = FakeTransport(message_id="mt-0001")
+    publisher = FakePublisher()
+    event = data_processed(email="grace@example.org")
+
+    await SendEmail(transport, publisher, SENDER)(event)
+
+    [sent] = publisher.published
+    assert isinstance(sent, EmailSent)
+    assert sent.job_id == event.job_id
+    assert sent.email == "grace@example.org"
+    assert sent.transport == "fake"
+    assert sent.provider_message_id == "mt-0001"
+
+
+async def test_the_transport_is_given_the_composed_email() -> None:
+    transport = FakeTransport()
+    event = data_processed(subject=None)
+
+    await SendEmail(transport, FakePublisher(), SENDER)(event)
+
+    [email] = transport.sent
+    assert isinstance(email, OutgoingEmail)
+    assert email == compose_email(event, SENDER)
+
+
+async def test_a_receipt_without_a_message_id_publishes_none() -> None:
+    publisher = FakePublisher()
+
+    await SendEmail(FakeTransport(message_id=None), publisher, SENDER)(data_processed())
+
+    assert publisher.published[0].provider_message_id is None  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [TransientFailure("Mailtrap answered 503: busy"), PermanentFailure("Mailtrap answered 422: x")],
+    ids=["transient", "permanent"],
+)
+async def test_a_transport_failure_propagates_and_nothing_is_published(
+    failure: Exception,
+) -> None:
+    publisher = FakePublisher()
+
+    with pytest.raises(type(failure)) as caught:
+        await SendEmail(FakeTransport(failure=failure), publisher, SENDER)(data_processed())
+
+    assert caught.value is failure
+    assert publisher.published == []

@@ -1,0 +1,301 @@
+"""Processing steps, their registry, and the processor's ProcessJob handler."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from pipeline_shared.errors import PermanentFailure
+from pipeline_shared.events import DataProcessed
+from processor_service.handlers import ProcessJob
+from processor_service.steps import STEPS, Step, UnknownStep, echo, get_step, step, summarise
+from unit.fakes import FakePublisher, job_requested
+
+# --- summarise --------------------------------------------------------------
+
+
+def test_summarise_counts_fields_and_summarises_the_numeric_ones() -> None:
+    result = summarise({"a": 1, "b": 2.5, "name": "Ada", "visits": [3, 5, 8]})
+
+    assert result == {
+        "field_count": 4,
+        "numeric_fields": ["a", "b"],
+        "numeric_summary": {"min": 1.0, "max": 2.5, "mean": 1.75},
+        "list_lengths": {"visits": 3},
+    }
+
+
+def test_summarise_does_not_count_booleans_as_numbers() -> None:
+    result = summarise({"ok": True, "failed": False, "n": 10})
+
+    assert result["numeric_fields"] == ["n"]
+    assert result["numeric_summary"] == {"min": 10.0, "max": 10.0, "mean": 10.0}
+    assert result["field_count"] == 3
+
+
+def test_summarise_without_numbers_has_no_numeric_summary() -> None:
+    result = summarise({"ok": True, "name": "Ada", "nothing": None})
+
+    assert result["numeric_fields"] == []
+    assert result["numeric_summary"] is None
+
+
+def test_summarise_of_empty_data_is_an_empty_summary() -> None:
+    assert summarise({}) == {
+        "field_count": 0,
+        "numeric_fields": [],
+        "numeric_summary": None,
+        "list_lengths": {},
+    }
+
+
+def test_summarise_reports_the_length_of_every_list_including_empty_ones() -> None:
+    result = summarise({"empty": [], "three": [1, 2, 3], "nested": [[1], [2]]})
+
+    assert result["list_lengths"] == {"empty": 0, "three": 3, "nested": 2}
+    assert result["numeric_summary"] is None
+
+
+def test_summarise_handles_negative_numbers_in_its_statistics() -> None:
+    result = summarise({"a": -4, "b": 0, "c": 10})
+
+    assert result["numeric_summary"] == {"min": -4.0, "max": 10.0, "mean": 2.0}
+
+
+def test_echo_returns_a_copy_of_the_data() -> None:
+    data = {"name": "Ada", "visits": [3, 5]}
+
+    result = echo(data)
+
+    assert result == data
+    assert result is not data
+
+
+# --- the registry -----------------------------------------------------------
+
+
+@pytest.fixture
+def restore_steps() -> Iterator[None]:
+    """Let a test register steps in the global registry and take them out again."""
+    before = dict(STEPS)
+    try:
+        yield
+    finally:
+        STEPS.clear()
+        STEPS.update(before)
+
+
+def test_the_built_in_steps_are_registered_by_name() -> None:
+    assert STEPS["summarise"] is summarise
+    assert STEPS["echo"] is echo
+
+
+@pytest.mark.usefixtures("restore_steps")
+def test_the_step_decorator_registers_the_function_and_returns_it_unchanged() -> None:
+    def count_keys(data: Mapping[str, Any]) -> dict[str, Any]:
+        return {"keys": len(data)}
+
+    decorated = step("count_keys")(count_keys)
+
+    assert decorated is count_keys
+    assert get_step("count_keys") is count_keys
+
+
+@pytest.mark.usefixtures("restore_steps")
+def test_registering_a_second_step_under_a_taken_name_is_refused() -> None:
+    def impostor(data: Mapping[str, Any]) -> dict[str, Any]:
+        return {}
+
+    with pytest.raises(
+        ValueError, match="a processing step named 'summarise' is already registered"
+    ):
+        step("summarise")(impostor)
+
+    assert STEPS["summarise"] is summarise
+
+
+def test_get_step_looks_up_a_given_registry() -> None:
+    def local(data: Mapping[str, Any]) -> dict[str, Any]:
+        return {}
+
+    assert get_step("local", {"local": local}) is local
+
+
+def test_an_unknown_step_is_refused_listing_the_known_names_in_order() -> None:
+    def noop(data: Mapping[str, Any]) -> dict[str, Any]:
+        return {}
+
+    with pytest.raises(UnknownStep) as caught:
+        get_step("nope", {"zeta": noop, "alpha": noop})
+
+    assert str(caught.value) == "unknown processing step 'nope' (known: alpha, zeta)"
+
+
+def test_an_unknown_step_in_an_empty_registry_says_none_are_known() -> None:
+    with pytest.raises(UnknownStep, match=r"\(known: none\)"):
+        get_step("summarise", {})
+
+
+def test_an_unknown_step_in_the_default_registry_lists_the_built_in_steps() -> None:
+    with pytest.raises(UnknownStep, match="echo, summarise"):
+        get_step("translate")
+
+
+# --- ProcessJob -------------------------------------------------------------
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(2, thread_name_prefix="step") as pool:
+        yield pool
+
+
+def returns_a_list(data: Mapping[str, Any]) -> Any:
+    return [1, 2, 3]
+
+
+def explodes(data: Mapping[str, Any]) -> dict[str, Any]:
+    raise ZeroDivisionError("division by zero in the report")
+
+
+class NotJson:
+    pass
+
+
+def returns_an_object(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {"when": NotJson()}
+
+
+def returns_non_string_keys(data: Mapping[str, Any]) -> dict[Any, Any]:
+    return {1: "one"}
+
+
+TEST_STEPS: dict[str, Step] = {
+    "summarise": summarise,
+    "echo": echo,
+    "explodes": explodes,
+    "returns_a_list": returns_a_list,
+    "returns_an_object": returns_an_object,
+    "returns_non_string_keys": returns_non_string_keys,
+}
+
+
+async def test_a_job_is_processed_and_data_processed_is_published(
+    executor: ThreadPoolExecutor,
+) -> None:
+    publisher = FakePublisher()
+    job = job_requested(data={"a": 1, "b": 3, "tags": ["x"]}, step="summarise")
+
+    await ProcessJob(publisher, executor, steps=TEST_STEPS)(job)
+
+    assert len(publisher.published) == 1
+    processed = publisher.published[0]
+    assert isinstance(processed, DataProcessed)
+    assert processed.job_id == job.job_id
+    assert processed.email == job.email
+    assert processed.subject == job.subject
+    assert processed.step == "summarise"
+    assert processed.data == {"a": 1, "b": 3, "tags": ["x"]}
+    assert processed.result == summarise(job.data)
+    assert processed.event_id != job.event_id
+
+
+async def test_the_step_runs_in_the_executor_not_on_the_event_loop(
+    executor: ThreadPoolExecutor,
+) -> None:
+    threads: list[str] = []
+
+    def records_thread(data: Mapping[str, Any]) -> dict[str, Any]:
+        threads.append(threading.current_thread().name)
+        return {}
+
+    publisher = FakePublisher()
+    await ProcessJob(publisher, executor, steps={"records": records_thread})(
+        job_requested(step="records")
+    )
+
+    assert len(threads) == 1
+    assert threads[0].startswith("step")
+    assert threads[0] != threading.current_thread().name
+
+
+async def test_the_step_is_taken_from_the_given_registry(executor: ThreadPoolExecutor) -> None:
+    publisher = FakePublisher()
+
+    await ProcessJob(publisher, executor, steps=TEST_STEPS)(
+        job_requested(step="echo", data={"name": "Ada"})
+    )
+
+    assert publisher.published[0].result == {"name": "Ada"}  # type: ignore[attr-defined]
+
+
+async def test_an_unknown_step_is_a_permanent_failure_and_nothing_is_published(
+    executor: ThreadPoolExecutor,
+) -> None:
+    publisher = FakePublisher()
+
+    with pytest.raises(PermanentFailure) as caught:
+        await ProcessJob(publisher, executor, steps={"echo": echo})(job_requested(step="nope"))
+
+    assert caught.value.reason == "unknown processing step 'nope' (known: echo)"
+    assert isinstance(caught.value.__cause__, UnknownStep)
+    assert publisher.published == []
+
+
+async def test_a_step_that_raises_is_a_permanent_failure_with_the_reason(
+    executor: ThreadPoolExecutor,
+) -> None:
+    publisher = FakePublisher()
+
+    with pytest.raises(PermanentFailure) as caught:
+        await ProcessJob(publisher, executor, steps=TEST_STEPS)(job_requested(step="explodes"))
+
+    assert caught.value.reason == (
+        "step 'explodes' failed: ZeroDivisionError: division by zero in the report"
+    )
+    assert isinstance(caught.value.__cause__, ZeroDivisionError)
+    assert publisher.published == []
+
+
+async def test_a_step_that_returns_something_other_than_a_dict_is_a_permanent_failure(
+    executor: ThreadPoolExecutor,
+) -> None:
+    publisher = FakePublisher()
+
+    with pytest.raises(PermanentFailure) as caught:
+        await ProcessJob(publisher, executor, steps=TEST_STEPS)(
+            job_requested(step="returns_a_list")
+        )
+
+    assert caught.value.reason == "step 'returns_a_list' returned list, not a dict"
+    assert publisher.published == []
+
+
+async def test_a_result_with_non_string_keys_is_a_permanent_failure(
+    executor: ThreadPoolExecutor,
+) -> None:
+    publisher = FakePublisher()
+
+    with pytest.raises(PermanentFailure, match="returned a result that is not JSON"):
+        await ProcessJob(publisher, executor, steps=TEST_STEPS)(
+            job_requested(step="returns_non_string_keys")
+        )
+
+    assert publisher.published == []
+
+
+async def test_a_result_that_cannot_be_serialised_to_json_is_a_permanent_failure(
+    executor: ThreadPoolExecutor,
+) -> None:
+    publisher = FakePublisher()
+
+    with pytest.raises(PermanentFailure, match="returned a result that is not JSON"):
+        await ProcessJob(publisher, executor, steps=TEST_STEPS)(
+            job_requested(step="returns_an_object")
+        )
+
+    assert publisher.published == []
