@@ -69,7 +69,9 @@ def pipeline_factory(
             "API_HOST": "127.0.0.1",
             "API_PORT": str(free_port()),
             "OUTBOX_DIR": str(workdir / "outbox"),
-            "RETRY_DELAYS": "0.2,0.4",
+            "RETRY_DELAYS": "0.2,0.4,0.8",
+            "SEND_LEASE_SECONDS": "1",
+            "DATABASE_URL": f"sqlite:///{workdir / 'ledger.sqlite3'}",
             "SHUTDOWN_TIMEOUT_SECONDS": "10",
         }
         env = clean_environment(**{**defaults, **settings})

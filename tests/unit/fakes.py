@@ -6,6 +6,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from mailer_service.compose import OutgoingEmail
+from mailer_service.ledger import Claim, ClaimState
 from mailer_service.transport import Receipt
 from pipeline_shared.events import DataProcessed, Event, JobRequested
 
@@ -70,3 +71,30 @@ def data_processed(**overrides: Any) -> DataProcessed:
 
 
 FIXED_JOB_ID = UUID("3f2b8c1e-0d4a-4f6b-9a57-2c1e8d9b7a60")
+
+
+class FakeLedger:
+    """The ledger's protocol in memory: ``rows`` maps job id to (state, claim token)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[str, str]] = {}
+        self.sent: dict[str, tuple[str, str | None]] = {}
+
+    async def claim(self, job_id: str) -> Claim:
+        token = str(uuid4())
+        state, _ = self.rows.get(job_id, ("", ""))
+        if state == "sent":
+            transport, message_id = self.sent[job_id]
+            return Claim(ClaimState.ALREADY_SENT, token, transport, message_id)
+        if state == "sending":
+            return Claim(ClaimState.BUSY, token)
+        self.rows[job_id] = ("sending", token)
+        return Claim(ClaimState.CLAIMED, token)
+
+    async def mark_sent(self, job_id: str, transport: str, provider_message_id: str | None) -> None:
+        self.rows[job_id] = ("sent", self.rows[job_id][1])
+        self.sent[job_id] = (transport, provider_message_id)
+
+    async def release(self, job_id: str, claim: Claim) -> None:
+        if self.rows.get(job_id) == ("sending", claim.token):
+            del self.rows[job_id]

@@ -20,7 +20,7 @@ from mailer_service.handlers import SendEmail
 from mailer_service.outbox import OutboxTransport, to_mime
 from pipeline_shared.errors import TransientFailure
 from pipeline_shared.events import EmailSent
-from unit.fakes import FIXED_JOB_ID, FakePublisher, data_processed
+from unit.fakes import FIXED_JOB_ID, FakeLedger, FakePublisher, data_processed
 
 SENDER = Sender(email="pipeline@example.com", name="Email Pipeline", category="background-job")
 
@@ -207,7 +207,7 @@ async def test_the_mailer_handler_through_the_outbox_publishes_the_files_message
     publisher = FakePublisher()
     event = data_processed(subject="Weekly visits")
 
-    await SendEmail(OutboxTransport(tmp_path), publisher, SENDER)(event)
+    await SendEmail(OutboxTransport(tmp_path), publisher, FakeLedger(), SENDER)(event)
 
     written = parse((tmp_path / f"{event.job_id}.eml").read_bytes())
     [sent] = publisher.published

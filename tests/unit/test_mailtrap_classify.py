@@ -12,7 +12,7 @@ from mailer_service.handlers import SendEmail
 from mailer_service.mailtrap_transport import classify, is_transient_status, to_mail
 from pipeline_shared.errors import PermanentFailure, TransientFailure
 from pipeline_shared.events import EmailSent
-from unit.fakes import FakePublisher, FakeTransport, data_processed
+from unit.fakes import FakeLedger, FakePublisher, FakeTransport, data_processed
 
 SENDER = Sender(email="pipeline@example.com", name="Email Pipeline", category="background-job")
 
@@ -143,7 +143,7 @@ async def test_sending_an_email_publishes_email_sent_with_the_receipt() -> None:
     publisher = FakePublisher()
     event = data_processed(email="grace@example.org")
 
-    await SendEmail(transport, publisher, SENDER)(event)
+    await SendEmail(transport, publisher, FakeLedger(), SENDER)(event)
 
     [sent] = publisher.published
     assert isinstance(sent, EmailSent)
@@ -157,7 +157,7 @@ async def test_the_transport_is_given_the_composed_email() -> None:
     transport = FakeTransport()
     event = data_processed(subject=None)
 
-    await SendEmail(transport, FakePublisher(), SENDER)(event)
+    await SendEmail(transport, FakePublisher(), FakeLedger(), SENDER)(event)
 
     [email] = transport.sent
     assert isinstance(email, OutgoingEmail)
@@ -167,7 +167,9 @@ async def test_the_transport_is_given_the_composed_email() -> None:
 async def test_a_receipt_without_a_message_id_publishes_none() -> None:
     publisher = FakePublisher()
 
-    await SendEmail(FakeTransport(message_id=None), publisher, SENDER)(data_processed())
+    await SendEmail(FakeTransport(message_id=None), publisher, FakeLedger(), SENDER)(
+        data_processed()
+    )
 
     assert publisher.published[0].provider_message_id is None  # type: ignore[attr-defined]
 
@@ -183,7 +185,9 @@ async def test_a_transport_failure_propagates_and_nothing_is_published(
     publisher = FakePublisher()
 
     with pytest.raises(type(failure)) as caught:
-        await SendEmail(FakeTransport(failure=failure), publisher, SENDER)(data_processed())
+        await SendEmail(FakeTransport(failure=failure), publisher, FakeLedger(), SENDER)(
+            data_processed()
+        )
 
     assert caught.value is failure
     assert publisher.published == []

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from mailer_service.compose import Sender
 from mailer_service.handlers import SendEmail
+from mailer_service.ledger import SqlLedger
 from mailer_service.mailtrap_transport import MailtrapTransport
 from mailer_service.outbox import OutboxTransport
 from mailer_service.settings import MailerSettings
@@ -14,11 +18,12 @@ from mailer_service.transport import EmailTransport
 from pipeline_shared.events import DataProcessed
 from pipeline_shared.logs import configure_logging
 from pipeline_shared.messaging import Broker
-from pipeline_shared.settings import load_settings
+from pipeline_shared.settings import load_settings, redact_url
 from pipeline_shared.topology import MAILER
 from pipeline_shared.worker import run_until_signalled, serve_stage
 
 SERVICE = "mailer-service"
+PURGE_INTERVAL_SECONDS = 3600
 log = logging.getLogger("mailer")
 
 
@@ -45,7 +50,35 @@ def build_transport(settings: MailerSettings) -> EmailTransport:
     return OutboxTransport(settings.outbox_dir)
 
 
+async def open_ledger(settings: MailerSettings) -> SqlLedger:
+    try:
+        ledger = await asyncio.to_thread(
+            SqlLedger.open, settings.database_url, lease_seconds=settings.send_lease_seconds
+        )
+    except SQLAlchemyError as exc:
+        raise SystemExit(
+            f"{SERVICE}: cannot open the ledger at {redact_url(settings.database_url)}: "
+            f"{type(exc).__name__}"
+        ) from exc
+    log.info("ledger of sent emails at %s", redact_url(settings.database_url))
+    return ledger
+
+
+async def purge_ledger(ledger: SqlLedger, retention_days: float) -> None:
+    """Forget sent emails older than the retention, now and then every hour."""
+    while True:
+        try:
+            purged = await ledger.purge_sent_before(time.time() - retention_days * 86400)
+            if purged:
+                log.info("forgot %d sent email(s) older than %g days", purged, retention_days)
+        except SQLAlchemyError as exc:
+            log.warning("could not purge the ledger: %s", type(exc).__name__)
+        await asyncio.sleep(PURGE_INTERVAL_SECONDS)
+
+
 async def serve(settings: MailerSettings, stop: asyncio.Event) -> None:
+    ledger = await open_ledger(settings)
+    purging = asyncio.create_task(purge_ledger(ledger, settings.ledger_retention_days))
     broker = Broker(
         settings.rabbitmq_url,
         app_id=SERVICE,
@@ -59,14 +92,16 @@ async def serve(settings: MailerSettings, stop: asyncio.Event) -> None:
             broker,
             MAILER,
             DataProcessed,
-            SendEmail(transport, broker, sender),
+            SendEmail(transport, broker, ledger, sender),
             prefetch=settings.prefetch,
             max_event_bytes=settings.max_event_bytes,
             shutdown_timeout=settings.shutdown_timeout_seconds,
             stop=stop,
         )
     finally:
+        purging.cancel()
         await transport.close()
+        await ledger.close()
 
 
 def main() -> None:

@@ -53,6 +53,38 @@ class MailerSettings(WorkerSettings):
         "by default twice MAILER_CONCURRENCY.",
     )
 
+    database_url: str = Field(
+        default="sqlite:///pipeline-state.sqlite3",
+        description="The ledger of sent emails: a SQLite file for one host, or a "
+        "postgresql:// URL that replicas on several hosts share.",
+    )
+    send_lease_seconds: float = Field(
+        default=90.0,
+        gt=0,
+        description="How long a mailer's claim on a job protects it from a second send; "
+        "must exceed the provider's timeout (30 s) and be shorter than all RETRY_DELAYS together.",
+    )
+    ledger_retention_days: float = Field(
+        default=7.0, gt=0, description="How long the ledger remembers a sent email."
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if not value.startswith(("sqlite://", "postgresql://", "postgres://", "postgresql+")):
+            raise ValueError("must be a sqlite:// or postgresql:// URL")
+        return value
+
+    @field_validator("send_lease_seconds")
+    @classmethod
+    def _lease_within_retries(cls, value: float, info: ValidationInfo) -> float:
+        delays = info.data.get("retry_delays")
+        if delays is not None and value >= sum(delays):
+            # Otherwise a job whose mailer died could use up its retries
+            # waiting for the lease and be dead-lettered unsent.
+            raise ValueError(f"must be shorter than all RETRY_DELAYS together ({sum(delays):g} s)")
+        return value
+
     @field_validator("mailtrap_token")
     @classmethod
     def _token_when_mailtrap(

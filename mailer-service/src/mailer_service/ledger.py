@@ -1,0 +1,200 @@
+"""The mailer's ledger: which jobs have had their email sent, shared by every replica.
+
+Before sending, a mailer *claims* the job: it writes a ``sending`` row with a
+claim token of its own, unless the job is already ``sent`` or another mailer
+holds a claim younger than the lease. After the provider accepted the email,
+the row becomes ``sent`` (with the provider's message id) before the message
+is acknowledged. So a redelivered or re-published ``DataProcessed`` finds
+``sent`` and sends nothing.
+
+The one window left: a mailer that dies (or is stopped past its grace period)
+while its email is at the provider leaves a ``sending`` claim behind. Once the
+lease has passed, another attempt takes the claim over and sends again, which
+duplicates the email if the provider had accepted the first one. At most the
+emails in flight at that moment (``MAILER_CONCURRENCY`` per mailer) are
+exposed to this.
+
+SQLite (the default) serves the mailers of one host; PostgreSQL, named by
+``DATABASE_URL``, serves replicas on any number of hosts. Both run the same
+SQL through SQLAlchemy Core; the calls are blocking and are made in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Engine,
+    Float,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    event,
+    text,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+
+metadata = MetaData()
+
+sent_emails = Table(
+    "mailer_sent_emails",
+    metadata,
+    Column("job_id", String(36), primary_key=True),
+    Column("state", String(16), nullable=False),  # sending | sent
+    Column("claim_token", String(36), nullable=False),
+    Column("claimed_at", Float, nullable=False),
+    Column("sent_at", Float, nullable=True),
+    Column("transport", String(32), nullable=True),
+    Column("provider_message_id", String(255), nullable=True),
+)
+
+# One statement, the same in SQLite and PostgreSQL: insert a claim, or take
+# over one whose lease has passed; a sent row or a live claim is left alone.
+_CLAIM = text(
+    """
+    INSERT INTO mailer_sent_emails (job_id, state, claim_token, claimed_at)
+    VALUES (:job_id, 'sending', :token, :now)
+    ON CONFLICT (job_id) DO UPDATE
+        SET claim_token = excluded.claim_token, claimed_at = excluded.claimed_at
+        WHERE mailer_sent_emails.state = 'sending'
+          AND mailer_sent_emails.claimed_at < :stale_before
+    """
+)
+_READ = text(
+    "SELECT state, claim_token, transport, provider_message_id "
+    "FROM mailer_sent_emails WHERE job_id = :job_id"
+)
+_MARK_SENT = text(
+    """
+    UPDATE mailer_sent_emails
+    SET state = 'sent', sent_at = :now, transport = :transport,
+        provider_message_id = :message_id
+    WHERE job_id = :job_id
+    """
+)
+_RELEASE = text(
+    "DELETE FROM mailer_sent_emails "
+    "WHERE job_id = :job_id AND claim_token = :token AND state = 'sending'"
+)
+_PURGE = text("DELETE FROM mailer_sent_emails WHERE state = 'sent' AND sent_at < :before")
+
+
+class ClaimState(enum.Enum):
+    CLAIMED = "claimed"
+    ALREADY_SENT = "already-sent"
+    BUSY = "busy"
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    state: ClaimState
+    token: str
+    transport: str | None = None
+    provider_message_id: str | None = None
+
+
+def engine_url(database_url: str) -> str:
+    """``postgresql://`` and ``postgres://`` URLs use psycopg 3; others stay as they are."""
+    for prefix in ("postgresql://", "postgres://"):
+        if database_url.startswith(prefix):
+            return "postgresql+psycopg://" + database_url.removeprefix(prefix)
+    return database_url
+
+
+def build_engine(database_url: str) -> Engine:
+    url = make_url(engine_url(database_url))
+    if url.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, connect_args={"timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(connection: Any, record: Any) -> None:
+        # WAL lets mailers on one host read while another writes; FULL sync
+        # makes a committed "sent" survive a power cut, not just a crash.
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    return engine
+
+
+class SqlLedger:
+    """The ledger in SQLite or PostgreSQL. Its async methods run the SQL in threads."""
+
+    def __init__(self, engine: Engine, *, lease_seconds: float) -> None:
+        self._engine = engine
+        self._lease = lease_seconds
+
+    @classmethod
+    def open(cls, database_url: str, *, lease_seconds: float) -> SqlLedger:
+        ledger = cls(build_engine(database_url), lease_seconds=lease_seconds)
+        ledger.create_schema()
+        return ledger
+
+    def create_schema(self) -> None:
+        try:
+            metadata.create_all(self._engine)
+        except DBAPIError:
+            # Two replicas creating the table at once: one wins, both go on.
+            metadata.create_all(self._engine)
+
+    async def claim(self, job_id: str) -> Claim:
+        return await asyncio.to_thread(self._claim, job_id)
+
+    async def mark_sent(self, job_id: str, transport: str, provider_message_id: str | None) -> None:
+        """Record the email as sent. Whoever holds the claim now, it was sent: say so."""
+        await asyncio.to_thread(self._mark_sent, job_id, transport, provider_message_id)
+
+    async def release(self, job_id: str, claim: Claim) -> None:
+        await asyncio.to_thread(self._release, job_id, claim)
+
+    async def purge_sent_before(self, before: float) -> int:
+        return await asyncio.to_thread(self._purge, before)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._engine.dispose)
+
+    def _claim(self, job_id: str) -> Claim:
+        token = str(uuid.uuid4())
+        now = time.time()
+        with self._engine.begin() as connection:
+            connection.execute(
+                _CLAIM,
+                {"job_id": job_id, "token": token, "now": now, "stale_before": now - self._lease},
+            )
+            row = connection.execute(_READ, {"job_id": job_id}).one()
+        if row.state == "sent":
+            return Claim(ClaimState.ALREADY_SENT, token, row.transport, row.provider_message_id)
+        if row.claim_token != token:
+            return Claim(ClaimState.BUSY, token)
+        return Claim(ClaimState.CLAIMED, token)
+
+    def _mark_sent(self, job_id: str, transport: str, provider_message_id: str | None) -> None:
+        with self._engine.begin() as connection:
+            connection.execute(
+                _MARK_SENT,
+                {
+                    "job_id": job_id,
+                    "now": time.time(),
+                    "transport": transport,
+                    "message_id": provider_message_id,
+                },
+            )
+
+    def _release(self, job_id: str, claim: Claim) -> None:
+        with self._engine.begin() as connection:
+            connection.execute(_RELEASE, {"job_id": job_id, "token": claim.token})
+
+    def _purge(self, before: float) -> int:
+        with self._engine.begin() as connection:
+            return connection.execute(_PURGE, {"before": before}).rowcount
