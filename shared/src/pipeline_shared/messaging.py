@@ -377,14 +377,16 @@ class Consumer(Generic[E]):
             await self._channel.close()
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._in_flight.add(task)
-        try:
-            await self._handle(message)
-        finally:
-            if task is not None:
-                self._in_flight.discard(task)
+        # The AMQP library cancels its delivery tasks when the connection
+        # drops. A handler stopped half-way (an email at the provider, its
+        # ledger entry unwritten) would turn the redelivery into a duplicate,
+        # so the handling runs in a task of its own that only ``stop`` cancels;
+        # its ack then fails and the broker redelivers, which the handlers'
+        # idempotency makes harmless.
+        handling = asyncio.create_task(self._handle(message))
+        self._in_flight.add(handling)
+        handling.add_done_callback(self._in_flight.discard)
+        await asyncio.shield(handling)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         started = time.perf_counter()
