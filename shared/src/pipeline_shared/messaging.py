@@ -30,7 +30,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 from uuid import UUID
@@ -138,11 +138,15 @@ def attempts_of(message: AbstractIncomingMessage) -> int:
     return value if isinstance(value, int) and value >= 1 else 1
 
 
-def copy_message(message: AbstractIncomingMessage, headers: HeadersType) -> aio_pika.Message:
-    """A persistent copy of ``message`` with the same body and properties, plus ``headers``."""
+def copy_message(
+    message: AbstractIncomingMessage, headers: HeadersType, *, without: Collection[str] = ()
+) -> aio_pika.Message:
+    """A persistent copy of ``message`` with the same body and properties, plus
+    ``headers`` and less the headers named in ``without``."""
+    kept = {k: v for k, v in (message.headers or {}).items() if k not in without}
     return aio_pika.Message(
         body=message.body,
-        headers={**(message.headers or {}), **headers},
+        headers={**kept, **headers},
         content_type=message.content_type,
         content_encoding=message.content_encoding,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
