@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
+import aio_pika
 import httpx
 import pytest
 
 from e2e.conftest import Pipeline
+from pipeline_shared.topology import EXCHANGE, PROCESSOR
 from support.services import Api, free_port
 from support.tcp_proxy import TcpProxy
 from support.waiting import wait_for
@@ -159,3 +162,22 @@ def test_the_api_starts_without_a_broker_answers_503_and_recovers_when_it_return
     )
     assert api.running
     assert "Traceback" not in api.output()
+
+
+def test_a_job_the_broker_cannot_route_gets_a_503_not_a_silent_202(
+    api: Api, broker_url: str
+) -> None:
+    async def unbind() -> None:
+        connection = await aio_pika.connect(broker_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.get_queue(PROCESSOR.queue, ensure=True)
+            await queue.unbind(EXCHANGE, PROCESSOR.routing_key)
+
+    asyncio.run(unbind())
+
+    response = httpx.post(f"{api.url}/jobs", json=GOOD, timeout=10)
+
+    assert response.status_code == 503
+    assert "no queue is bound" in response.json()["detail"]
+    assert response.headers["retry-after"].isdigit()

@@ -15,7 +15,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from pipeline_shared.errors import BrokerUnavailable, PermanentFailure, TransientFailure
 from pipeline_shared.events import DataProcessed, JobFailed, JobRequested
 from pipeline_shared.messaging import Broker
-from pipeline_shared.topology import EXCHANGE, MAILER, PROCESSOR, STAGES
+from pipeline_shared.topology import DELIVERY_LIMIT, EXCHANGE, MAILER, PROCESSOR, STAGES
 from support.rabbit import Management
 from support.waiting import async_wait_for
 
@@ -342,3 +342,23 @@ async def test_a_message_still_running_when_the_grace_period_ends_is_returned_to
         return info is not None and info.get("messages_ready") == 1
 
     await async_wait_for(back_in_queue, what="the message to be requeued")
+
+
+async def test_a_message_that_keeps_coming_back_is_dead_lettered_by_the_delivery_limit(
+    broker: Broker, channel: AbstractChannel, management: Management, vhost: str
+) -> None:
+    # What a consumer that crashes on a message looks like to the broker: the
+    # message is delivered, never settled, and requeued, again and again.
+    info = management.queue(vhost, PROCESSOR.queue)
+    assert info is not None
+    assert info["arguments"]["x-delivery-limit"] == DELIVERY_LIMIT
+    await broker.publish(job())
+    queue = await channel.get_queue(PROCESSOR.queue, ensure=True)
+    for _ in range(DELIVERY_LIMIT + 1):
+        message = await queue.get(no_ack=False, fail=False)
+        if message is None:
+            break
+        await message.nack(requeue=True)
+
+    dead = await get(channel, PROCESSOR.dead_letter_queue)
+    assert (dead.headers or {})["x-first-death-reason"] == "delivery_limit"
