@@ -38,7 +38,7 @@ def main() -> int:
     if host not in LOCAL_HOSTS or server is None:
         print(
             f"No RabbitMQ answers at {redact_url(url)}; start one with `docker compose up -d "
-            "rabbitmq` and set RABBITMQ_URL=amqp://pipeline:pipeline@localhost:5672/",
+            "rabbitmq` and set RABBITMQ_URL=amqp://admin:admin-dev@localhost:5672/",
             file=sys.stderr,
         )
         return 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,10 +58,16 @@ class Pipeline:
 def pipeline_factory(
     tmp_path: Path, broker_url: str, vhost: str, management: Management
 ) -> Iterator[Callable[..., Pipeline]]:
-    """Build a pipeline with the given extra settings; every one built is stopped afterwards."""
+    """Build a pipeline with the given extra settings; every one built is stopped afterwards.
+
+    ``per_service`` adds settings for one service only, by command name, e.g.
+    ``{"processor-service": {"RABBITMQ_URL": ...}}``.
+    """
     built: list[Pipeline] = []
 
-    def build(**settings: str) -> Pipeline:
+    def build(
+        *, per_service: Mapping[str, Mapping[str, str]] | None = None, **settings: str
+    ) -> Pipeline:
         workdir = tmp_path / f"pipeline-{len(built)}"
         workdir.mkdir()
         defaults = {
@@ -75,10 +81,14 @@ def pipeline_factory(
             "SHUTDOWN_TIMEOUT_SECONDS": "10",
         }
         env = clean_environment(**{**defaults, **settings})
+
+        def env_of(command: str) -> dict[str, str]:
+            return {**env, **(per_service or {}).get(command, {})}
+
         pipeline = Pipeline(
-            api=Api("api-service", env, workdir, port=int(env["API_PORT"])),
-            processor=Service("processor-service", env, workdir),
-            mailer=Service("mailer-service", env, workdir),
+            api=Api("api-service", env_of("api-service"), workdir, port=int(env["API_PORT"])),
+            processor=Service("processor-service", env_of("processor-service"), workdir),
+            mailer=Service("mailer-service", env_of("mailer-service"), workdir),
             vhost=vhost,
             management=management,
         )

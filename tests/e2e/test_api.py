@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from e2e.conftest import Pipeline
-from pipeline_shared.topology import EXCHANGE, PROCESSOR
+from pipeline_shared.topology import EXCHANGE, PROCESSOR, STATUS
 from support.services import Api, free_port
 from support.tcp_proxy import TcpProxy
 from support.waiting import wait_for
@@ -171,8 +171,9 @@ def test_a_job_the_broker_cannot_route_gets_a_503_not_a_silent_202(
         connection = await aio_pika.connect(broker_url)
         async with connection:
             channel = await connection.channel()
-            queue = await channel.get_queue(PROCESSOR.queue, ensure=True)
-            await queue.unbind(EXCHANGE, PROCESSOR.routing_key)
+            for stage in (PROCESSOR, STATUS):
+                queue = await channel.get_queue(stage.queue, ensure=True)
+                await queue.unbind(EXCHANGE, "job.requested")
 
     asyncio.run(unbind())
 

@@ -13,7 +13,8 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
-from mailer_service.ledger import ClaimState, SqlLedger, engine_url
+from mailer_service.ledger import ClaimState, SqlLedger
+from pipeline_shared.database import engine_url
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"

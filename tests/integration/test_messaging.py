@@ -15,7 +15,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from pipeline_shared.errors import BrokerUnavailable, PermanentFailure, TransientFailure
 from pipeline_shared.events import DataProcessed, JobFailed, JobRequested
 from pipeline_shared.messaging import Broker
-from pipeline_shared.topology import DELIVERY_LIMIT, EXCHANGE, MAILER, PROCESSOR, STAGES
+from pipeline_shared.topology import DELIVERY_LIMIT, EXCHANGE, MAILER, PROCESSOR, STAGES, STATUS
 from support.rabbit import Management
 from support.waiting import async_wait_for
 
@@ -83,6 +83,10 @@ async def test_every_stage_has_durable_quorum_queues_bound_to_its_routing_key(
     assert {(b["destination"], b["routing_key"]) for b in bindings} == {
         (PROCESSOR.queue, "job.requested"),
         (MAILER.queue, "data.processed"),
+        (STATUS.queue, "job.requested"),
+        (STATUS.queue, "data.processed"),
+        (STATUS.queue, "email.sent"),
+        (STATUS.queue, "job.failed"),
     }
 
 
@@ -120,8 +124,9 @@ async def test_publishing_without_a_connection_raises_broker_unavailable(broker_
 async def test_an_event_nobody_is_bound_to_is_refused_not_dropped(
     broker: Broker, channel: AbstractChannel
 ) -> None:
-    work = await channel.get_queue(PROCESSOR.queue, ensure=True)
-    await work.unbind(EXCHANGE, PROCESSOR.routing_key)
+    for stage in (PROCESSOR, STATUS):
+        queue = await channel.get_queue(stage.queue, ensure=True)
+        await queue.unbind(EXCHANGE, "job.requested")
 
     with pytest.raises(BrokerUnavailable, match="no queue is bound"):
         await broker.publish(job())

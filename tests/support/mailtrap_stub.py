@@ -4,7 +4,9 @@ The real ``mailtrap`` SDK talks to it: the services get
 ``MAILTRAP_API_HOST=127.0.0.1:<port>`` and ``REQUESTS_CA_BUNDLE`` pointing at
 the stand-in's own certificate authority. It answers ``POST /api/send`` and
 ``POST /api/send/<inbox_id>`` the way Mailtrap documents them, records every
-request, and can be told to fail the next requests with a given status.
+request (with the ``time.monotonic()`` it arrived at), and can be told to
+fail the next requests with a given status, or to take ``latency`` seconds
+over each answer, as a real provider does.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import ssl
 import threading
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,6 +34,8 @@ class Received:
     payload: dict[str, Any]
     status: int
     message_id: str | None
+    received_at: float = field(default_factory=time.monotonic)
+    """``time.monotonic()`` when the request reached the stand-in."""
 
     @property
     def job_id(self) -> str | None:
@@ -48,10 +53,14 @@ class _Script:
 
 
 class MailtrapStub:
-    """Start with ``start()``; ``host`` and ``ca_bundle`` configure the client side."""
+    """Start with ``start()``; ``host`` and ``ca_bundle`` configure the client side.
 
-    def __init__(self, directory: Path, token: str = "test-token") -> None:
+    ``latency`` (seconds) delays every answer, in the request's own thread.
+    """
+
+    def __init__(self, directory: Path, token: str = "test-token", latency: float = 0.0) -> None:
         self.token = token
+        self.latency = latency
         self._directory = directory
         self._lock = threading.Lock()
         self._script = _Script()
@@ -116,7 +125,9 @@ class MailtrapStub:
 
     # --- serving -----------------------------------------------------------
 
-    def _answer(self, path: str, authorization: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    def _answer(
+        self, path: str, authorization: str, body: bytes, received_at: float | None = None
+    ) -> tuple[int, dict[str, Any]]:
         try:
             payload = json.loads(body)
         except ValueError:
@@ -137,6 +148,7 @@ class MailtrapStub:
                     payload=payload if isinstance(payload, dict) else {},
                     status=status,
                     message_id=message_id,
+                    received_at=time.monotonic() if received_at is None else received_at,
                 )
             )
         return status, answer
@@ -163,7 +175,12 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", "0"))
         body = self.rfile.read(length)
-        status, answer = self.owner._answer(self.path, self.headers.get("Authorization", ""), body)
+        received_at = time.monotonic()
+        if self.owner.latency > 0:
+            time.sleep(self.owner.latency)
+        status, answer = self.owner._answer(
+            self.path, self.headers.get("Authorization", ""), body, received_at
+        )
         data = json.dumps(answer).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")

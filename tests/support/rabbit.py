@@ -73,6 +73,55 @@ class Management:
         messages: list[dict[str, Any]] = response.json()
         return messages
 
+    def definitions(self, vhost: str) -> dict[str, Any]:
+        """The vhost's exchanges, queues, bindings and policies, as RabbitMQ exports them."""
+        response = self.client.get(f"/api/definitions/{quote(vhost, safe='')}")
+        response.raise_for_status()
+        exported: dict[str, Any] = response.json()
+        return exported
+
+    def load_definitions(self, vhost: str, definitions: dict[str, Any]) -> None:
+        """Import exchanges, queues and bindings into ``vhost`` (their own ``vhost`` is ignored)."""
+        self.client.post(
+            f"/api/definitions/{quote(vhost, safe='')}", json=definitions
+        ).raise_for_status()
+
+    def create_user(self, name: str, password_hash: str, hashing_algorithm: str) -> None:
+        self.client.put(
+            f"/api/users/{quote(name, safe='')}",
+            json={
+                "password_hash": password_hash,
+                "hashing_algorithm": hashing_algorithm,
+                "tags": [],
+            },
+        ).raise_for_status()
+
+    def delete_user(self, name: str) -> None:
+        response = self.client.delete(f"/api/users/{quote(name, safe='')}")
+        if response.status_code not in (204, 404):
+            response.raise_for_status()
+
+    def set_permissions(self, vhost: str, user: str, configure: str, write: str, read: str) -> None:
+        self.client.put(
+            f"/api/permissions/{quote(vhost, safe='')}/{quote(user, safe='')}",
+            json={"configure": configure, "write": write, "read": read},
+        ).raise_for_status()
+
+    def set_topic_permissions(
+        self, vhost: str, user: str, exchange: str, write: str, read: str
+    ) -> None:
+        self.client.put(
+            f"/api/topic-permissions/{quote(vhost, safe='')}/{quote(user, safe='')}",
+            json={"exchange": exchange, "write": write, "read": read},
+        ).raise_for_status()
+
+    def topic_permissions(self, vhost: str, user: str) -> list[dict[str, Any]]:
+        response = self.client.get(
+            f"/api/users/{quote(user, safe='')}/topic-permissions",
+        )
+        response.raise_for_status()
+        return [p for p in response.json() if p["vhost"] == vhost]
+
     def close(self) -> None:
         self.client.close()
 

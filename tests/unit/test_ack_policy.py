@@ -17,7 +17,7 @@ from pipeline_shared.errors import (
     PermanentFailure,
     TransientFailure,
 )
-from pipeline_shared.events import DataProcessed, JobRequested
+from pipeline_shared.events import EVENT_TYPES, DataProcessed, JobRequested
 from pipeline_shared.messaging import (
     ATTEMPTS_HEADER,
     DEFAULT_RETRY_DELAYS,
@@ -34,6 +34,7 @@ from pipeline_shared.topology import (
     MAILER,
     PROCESSOR,
     STAGES,
+    STATUS,
     format_delay,
     retry_queue_arguments,
 )
@@ -314,6 +315,7 @@ def test_a_work_queue_dead_letters_to_its_own_dlq_after_the_delivery_limit() -> 
 
 
 def test_each_stage_is_bound_to_the_routing_key_of_the_event_it_consumes() -> None:
-    assert STAGES == {"processor": PROCESSOR, "mailer": MAILER}
-    assert PROCESSOR.routing_key == JobRequested.routing_key
-    assert MAILER.routing_key == DataProcessed.routing_key
+    assert STAGES == {"processor": PROCESSOR, "mailer": MAILER, "status": STATUS}
+    assert PROCESSOR.routing_keys == (JobRequested.routing_key,)
+    assert MAILER.routing_keys == (DataProcessed.routing_key,)
+    assert set(STATUS.routing_keys) == {e.routing_key for e in EVENT_TYPES}

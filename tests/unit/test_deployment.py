@@ -1,4 +1,5 @@
-"""The container deployment (Dockerfiles, docker-compose.yml, .env.example) agrees with the code.
+"""The container deployment (Dockerfiles, docker-compose.yml, rabbitmq/, .env.example) agrees
+with the code.
 
 No Docker engine is needed: the files are read and checked against the services'
 pyproject.toml files and settings classes, and the Dockerfiles are linted with
@@ -18,16 +19,23 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import pytest
 import yaml
 from pydantic_settings import BaseSettings
 
+from pipeline_shared.definitions import password_matches, password_variables
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 BROKER = "rabbitmq"
+DEFINITIONS_FILE = ROOT / "rabbitmq" / "definitions.json"
+BROKER_CONFIG_FILE = ROOT / "rabbitmq" / "rabbitmq.conf"
+DEFINITIONS_IN_CONTAINER = "/etc/rabbitmq/definitions.json"
+BROKER_CONFIG_IN_CONTAINER = "/etc/rabbitmq/rabbitmq.conf"
+DEFINITIONS_FILE_VARIABLE = "RABBITMQ_DEFINITIONS_FILE"
 
 # Each service folder, and the settings class its console script loads.
 SETTINGS_CLASSES = {
@@ -38,6 +46,9 @@ SETTINGS_CLASSES = {
 SERVICES = sorted(SETTINGS_CLASSES)
 PORT_PUBLISHERS = {"api-service", BROKER}
 MAILTRAP_VARIABLES = ("MAILTRAP_TOKEN", "MAIL_FROM")
+# Secrets compose must refuse to start without (``${VAR:?message}``), with the
+# value a deployer would set.
+REQUIRED_SECRETS = {"API_KEYS": "a-deployers-api-key-0123456789"}
 ROOT_USERS = {"root", "0"}
 
 _VARIABLE = re.compile(
@@ -128,12 +139,14 @@ def app_services() -> dict[str, dict[str, Any]]:
 
 
 def interpolate(value: str) -> str:
-    """``value`` as Docker Compose would see it with no variables set (no .env, empty shell)."""
+    """``value`` as Docker Compose would see it with only the required secrets set."""
 
     def substitute(match: re.Match[str]) -> str:
         if match.group(0) == "$$":
             return "$"
-        op, arg = match.group("op"), match.group("arg")
+        name, op, arg = match.group("name"), match.group("op"), match.group("arg")
+        if name in REQUIRED_SECRETS:
+            return REQUIRED_SECRETS[name]
         if op is not None and op.endswith("?"):
             raise AssertionError(f"{match.group(0)} makes compose fail when the variable is unset")
         return arg if op is not None else ""
@@ -176,6 +189,41 @@ def settings_variables(service: str) -> list[str]:
 
 def documented_variables() -> set[str]:
     return set(_DOCUMENTED.findall(ENV_EXAMPLE.read_text(encoding="utf-8")))
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str
+    read_only: bool
+
+
+def mounts_of(spec: dict[str, Any]) -> dict[str, Mount]:
+    """A compose service's volumes by container path, sources interpolated."""
+    mounts: dict[str, Mount] = {}
+    for volume in spec.get("volumes", []):
+        if isinstance(volume, dict):
+            mount = Mount(interpolate(str(volume["source"])), bool(volume.get("read_only")))
+            mounts[volume["target"]] = mount
+            continue
+        source, target, *mode = interpolate(volume).split(":")
+        mounts[target] = Mount(source, "ro" in (mode[0].split(",") if mode else []))
+    return mounts
+
+
+def definitions() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(DEFINITIONS_FILE.read_text(encoding="utf-8"))
+    return loaded
+
+
+def broker_config() -> dict[str, str]:
+    """rabbitmq.conf's settings (``key = value`` lines)."""
+    settings: dict[str, str] = {}
+    for raw in BROKER_CONFIG_FILE.read_text(encoding="utf-8").splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            key, _, value = line.partition("=")
+            settings[key.strip()] = value.strip()
+    return settings
 
 
 def container_port(mapping: str | dict[str, Any]) -> str:
@@ -299,11 +347,47 @@ def test_the_service_reaches_the_broker_by_its_compose_name(service: str) -> Non
 
 
 @pytest.mark.parametrize("service", SERVICES)
-def test_the_service_logs_in_with_the_user_the_broker_creates(service: str) -> None:
-    broker_env = {k: interpolate(v) for k, v in environment_of(compose_services()[BROKER]).items()}
+def test_the_service_logs_in_as_its_own_user_of_the_definitions_file(service: str) -> None:
     url = urlsplit(container_env(service)["RABBITMQ_URL"])
-    assert url.username == broker_env["RABBITMQ_DEFAULT_USER"]
-    assert url.password == broker_env["RABBITMQ_DEFAULT_PASS"]
+    assert url.username == service
+    users = {user["name"]: user for user in definitions()["users"]}
+    assert service in users, f"{DEFINITIONS_FILE.name} has no user {service}"
+    assert url.password is not None
+    assert password_matches(users[service]["password_hash"], unquote(url.password)), (
+        f"{service}'s default password in compose is not the one of {DEFINITIONS_FILE.name}"
+    )
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_services_password_comes_from_the_variable_the_render_script_reads(
+    service: str,
+) -> None:
+    raw = environment_of(compose_services()[service])["RABBITMQ_URL"]
+    assert f"${{{password_variables()[service]}:-" in raw, raw
+
+
+def test_the_broker_loads_the_definitions_file_at_boot() -> None:
+    mounts = mounts_of(compose_services()[BROKER])
+    for target, source in (
+        (DEFINITIONS_IN_CONTAINER, DEFINITIONS_FILE),
+        (BROKER_CONFIG_IN_CONTAINER, BROKER_CONFIG_FILE),
+    ):
+        assert target in mounts, f"{target} is not mounted"
+        assert (ROOT / mounts[target].source).resolve() == source, mounts[target]
+        assert mounts[target].read_only, f"{target} is not mounted read-only"
+    assert broker_config().get("load_definitions") == DEFINITIONS_IN_CONTAINER
+    raw = [v for v in compose_services()[BROKER]["volumes"] if DEFINITIONS_IN_CONTAINER in str(v)]
+    assert f"${{{DEFINITIONS_FILE_VARIABLE}:-" in str(raw), "the definitions file is not choosable"
+
+
+def test_the_broker_creates_no_default_user() -> None:
+    environment = environment_of(compose_services()[BROKER])
+    assert not {"RABBITMQ_DEFAULT_USER", "RABBITMQ_DEFAULT_PASS"} & set(environment)
+    assert not {"default_user", "default_pass"} & set(broker_config())
+
+
+def test_guest_appears_nowhere_in_the_compose_file() -> None:
+    assert "guest" not in COMPOSE_FILE.read_text(encoding="utf-8").lower()
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -326,22 +410,33 @@ def test_the_api_listens_on_all_interfaces_at_the_port_compose_publishes_and_che
     assert f"127.0.0.1:{env['API_PORT']}/healthz" in " ".join(api["healthcheck"]["test"])
 
 
-def test_the_mailer_writes_its_outbox_into_the_mounted_volume() -> None:
-    mailer = compose_services()["mailer-service"]
-    outbox = container_env("mailer-service").get("OUTBOX_DIR")
-    assert outbox is not None
-    assert outbox.startswith("/"), "a relative OUTBOX_DIR lands in /app, which is not writable"
+def assert_writable_volume(service: str, folder: str, variable: str) -> None:
+    assert folder.startswith("/"), f"a relative {variable} lands in /app, which is not writable"
     targets = {
         volume["target"] if isinstance(volume, dict) else volume.split(":")[1]
-        for volume in mailer.get("volumes", [])
+        for volume in compose_services()[service].get("volumes", [])
     }
-    assert outbox in targets, f"OUTBOX_DIR {outbox} is not a mounted volume: {sorted(targets)}"
+    assert folder in targets, f"{variable} {folder} is not a mounted volume: {sorted(targets)}"
     # A fresh named volume takes the owner of the image's folder: the service's user.
-    instructions = dockerfile_instructions(dockerfile_of("mailer-service"))
+    instructions = dockerfile_instructions(dockerfile_of(service))
     runs = [i.arguments for i in instructions if i.keyword == "RUN"]
-    assert any(outbox in run and "chown" in run for run in runs), (
-        f"mailer-service/Dockerfile does not create {outbox} for its user"
+    assert any(folder in run and "chown" in run for run in runs), (
+        f"{service}/Dockerfile does not create {folder} for its user"
     )
+
+
+def test_the_mailer_writes_its_outbox_into_the_mounted_volume() -> None:
+    outbox = container_env("mailer-service").get("OUTBOX_DIR")
+    assert outbox is not None
+    assert_writable_volume("mailer-service", outbox, "OUTBOX_DIR")
+
+
+@pytest.mark.parametrize("service", ["api-service", "mailer-service"])
+def test_a_sqlite_database_lives_in_a_mounted_volume_the_service_can_write(service: str) -> None:
+    url = container_env(service).get("DATABASE_URL", "")
+    assert url.startswith("sqlite:////"), f"{service}: DATABASE_URL {url!r} is not an absolute path"
+    folder = url.removeprefix("sqlite:///").rsplit("/", 1)[0]
+    assert_writable_volume(service, folder, "DATABASE_URL")
 
 
 # --- the variables -----------------------------------------------------------------------------
@@ -361,7 +456,20 @@ def test_the_mailer_container_receives_what_it_needs_for_mailtrap(variable: str)
     assert from_environment or from_env_file, f"{variable} does not reach the mailer container"
 
 
+def test_the_broker_passwords_and_the_definitions_file_are_documented_in_env_example() -> None:
+    expected = {*password_variables().values(), DEFINITIONS_FILE_VARIABLE}
+    missing = sorted(expected - documented_variables())
+    assert not missing, f".env.example does not mention {missing}"
+
+
 def test_app_services_load_the_optional_env_file() -> None:
     for name, spec in app_services().items():
         entries = spec.get("env_file")
         assert entries == [{"path": ".env", "required": False}], name
+
+
+def test_compose_refuses_to_start_the_api_without_api_keys() -> None:
+    # The api listens on 0.0.0.0 in its container, where it would refuse to
+    # start without keys anyway; compose says so before anything starts.
+    raw = environment_of(compose_services()["api-service"])["API_KEYS"]
+    assert raw.startswith("${API_KEYS:?"), raw

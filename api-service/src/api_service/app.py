@@ -3,36 +3,77 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
-from fastapi import Body, Depends, FastAPI, Query, Request
+from fastapi import Body, Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import EmailStr
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
+from api_service.auth import ApiKeys
 from api_service.body_limit import BodySizeLimit
-from api_service.schemas import Health, JobAccepted, JobRequest, Problem, TaskAccepted
+from api_service.read_model import JobEvent, Status
+from api_service.schemas import (
+    Health,
+    JobAccepted,
+    JobPage,
+    JobRequest,
+    JobView,
+    Problem,
+    TaskAccepted,
+)
 from api_service.settings import ApiSettings
-from pipeline_shared.errors import BrokerUnavailable
-from pipeline_shared.events import JobRequested
-from pipeline_shared.messaging import Broker
+from api_service.store import InvalidCursor, JobStore, KeyOutcome
+from pipeline_shared.errors import BrokerUnavailable, TopologyMissing
+from pipeline_shared.events import JobRequested, any_event_adapter
+from pipeline_shared.messaging import Broker, Consumer
+from pipeline_shared.settings import redact_url
+from pipeline_shared.topology import STATUS
 
 SERVICE = "api-service"
 RETRY_AFTER_SECONDS = 5
+PURGE_INTERVAL_SECONDS = 3600
 
 log = logging.getLogger("api")
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
+_UNAVAILABLE = {
+    "model": Problem,
+    "description": "The message broker or the job store is unavailable; retry after "
+    "``Retry-After`` seconds.",
+}
+_UNAUTHORIZED = {"model": Problem, "description": "Missing or invalid API key."}
+_SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "The body could not be read as JSON."},
+    401: _UNAUTHORIZED,
     413: {"model": Problem, "description": "The request body is larger than the limit."},
     422: {"description": "The request is invalid; ``detail`` says which field and why."},
-    503: {
-        "model": Problem,
-        "description": "The message broker is unavailable; retry after ``Retry-After`` seconds.",
-    },
+    503: _UNAVAILABLE,
 }
+
+bearer = HTTPBearer(auto_error=False, description="An API key from API_KEYS.")
+
+
+class RecordJobEvent:
+    """The read model's handler: fold each job event into its job's record."""
+
+    def __init__(self, store: JobStore) -> None:
+        self._store = store
+
+    async def __call__(self, event: JobEvent) -> None:
+        await self._store.record(event)
 
 
 def get_broker(request: Request) -> Broker:
@@ -40,43 +81,96 @@ def get_broker(request: Request) -> Broker:
     return broker
 
 
+def get_store(request: Request) -> JobStore:
+    store: JobStore = request.app.state.store
+    return store
+
+
+def authenticate(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> str:
+    """The caller's id, or 401."""
+    keys: ApiKeys = request.app.state.api_keys
+    header = f"{credentials.scheme} {credentials.credentials}" if credentials else None
+    caller = keys.caller_of(header)
+    if caller is None:
+        raise HTTPException(
+            401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"}
+        )
+    return caller
+
+
 BrokerDep = Annotated[Broker, Depends(get_broker)]
+StoreDep = Annotated[JobStore, Depends(get_store)]
+CallerDep = Annotated[str, Depends(authenticate)]
 
 
-async def publish_job(broker: Broker, request: JobRequest) -> JobRequested:
-    """Publish the job and return once the broker has confirmed it."""
-    event = JobRequested(
-        job_id=uuid4(),
-        email=request.email,
-        subject=request.subject,
-        step=request.step,
-        data=request.data,
-    )
-    await broker.publish(event)
-    log.info("job %s: JobRequested published (step %s)", event.job_id, event.step)
-    return event
+def request_hash(job: JobRequest) -> str:
+    return hashlib.sha256(job.model_dump_json().encode()).hexdigest()
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
+
+    async def follow_jobs(broker: Broker, store: JobStore) -> Consumer[Any]:
+        try:
+            await broker.connect_until_ready()
+        except TopologyMissing as exc:
+            # A configuration error, not retried: /readyz answers 503 until it is fixed.
+            log.error("%s: %s", SERVICE, exc)
+            raise
+        return await broker.consume(
+            STATUS, any_event_adapter, RecordJobEvent(store), prefetch=settings.status_prefetch
+        )
+
+    async def purge_periodically(store: JobStore) -> None:
+        """Job records hold personal data: keep them only JOB_RETENTION_DAYS."""
+        while True:
+            now = datetime.now(UTC)
+            try:
+                purged, keys_purged = await store.purge(
+                    now - timedelta(days=settings.job_retention_days),
+                    now - timedelta(hours=settings.idempotency_key_hours),
+                )
+                if purged or keys_purged:
+                    log.info("purged %d job record(s), %d idempotency key(s)", purged, keys_purged)
+            except SQLAlchemyError as exc:
+                log.warning("could not purge old job records: %s", type(exc).__name__)
+            await asyncio.sleep(PURGE_INTERVAL_SECONDS)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = await asyncio.to_thread(JobStore.open, settings.database_url)
+        log.info("job records at %s", redact_url(settings.database_url))
+        if not settings.keys.required:
+            log.warning(
+                "API_KEYS is not set: anyone who can reach %s:%d may submit jobs "
+                "(allowed on a loopback address only)",
+                settings.api_host,
+                settings.api_port,
+            )
         broker = Broker(
             settings.rabbitmq_url,
             app_id=SERVICE,
             publish_timeout=settings.publish_timeout_seconds,
             retry_delays=settings.retry_delays,
         )
-        app.state.broker = broker
+        app.state.broker, app.state.store = broker, store
         # Connect in the background: the api answers /healthz (and 503s)
         # while the broker is away, and the robust connection takes over once
         # the first connection is made.
-        connecting = asyncio.create_task(broker.connect_until_ready())
+        following = asyncio.create_task(follow_jobs(broker, store))
+        purging = asyncio.create_task(purge_periodically(store))
         try:
             yield
         finally:
-            connecting.cancel()
-            await asyncio.gather(connecting, return_exceptions=True)
+            purging.cancel()
+            if following.done() and not following.cancelled() and following.exception() is None:
+                await following.result().stop(settings.shutdown_timeout_seconds)
+            following.cancel()
+            await asyncio.gather(following, purging, return_exceptions=True)
             await broker.close()
+            await store.close()
 
     app = FastAPI(
         title="Email pipeline API",
@@ -85,6 +179,80 @@ def create_app(settings: ApiSettings) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.state.api_keys = settings.keys
+
+    async def accept(
+        broker: Broker, store: JobStore, job: JobRequest, caller: str, job_id: UUID
+    ) -> None:
+        """Publish the job, and record it so that GET /jobs/{id} knows it at once."""
+        event = JobRequested(
+            job_id=job_id,
+            email=job.email,
+            subject=job.subject,
+            step=job.step,
+            data=job.data,
+            submitted_by=caller,
+        )
+        await broker.publish(event)
+        log.info("job %s: JobRequested published (step %s)", event.job_id, event.step)
+        try:
+            await store.record(event)
+        except SQLAlchemyError as exc:
+            # The job is safe with the broker; the read model will record it
+            # from the event itself.
+            log.warning("job %s: not recorded yet (%s)", event.job_id, type(exc).__name__)
+
+    async def accept_once(
+        broker: Broker, store: JobStore, job: JobRequest, caller: str, key: str
+    ) -> tuple[UUID, bool]:
+        """Accept the job unless this caller's key was used before; (job id, replayed)."""
+        job_id = uuid4()
+        fingerprint = request_hash(job)
+        stale_after = 3 * settings.publish_timeout_seconds
+        deadline = time.monotonic() + settings.publish_timeout_seconds + 5
+        while True:
+            reservation = await store.reserve_key(
+                caller, key, fingerprint, str(job_id), stale_after
+            )
+            if reservation.outcome is KeyOutcome.NEW:
+                try:
+                    await accept(broker, store, job, caller, job_id)
+                except BaseException:
+                    with suppress(SQLAlchemyError):
+                        await store.settle_key(caller, key, accepted=False)
+                    raise
+                await store.settle_key(caller, key, accepted=True)
+                return job_id, False
+            if reservation.outcome is KeyOutcome.REPLAY:
+                return UUID(reservation.job_id), True
+            if reservation.outcome is KeyOutcome.CONFLICT:
+                raise HTTPException(
+                    409, "this Idempotency-Key was already used with a different request"
+                )
+            # The same request is being accepted by another call: wait for it.
+            if time.monotonic() > deadline:
+                raise HTTPException(
+                    409, "a request with this Idempotency-Key is still in progress; retry later"
+                )
+            await asyncio.sleep(0.05)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code != 405:
+            return await http_exception_handler(request, exc)
+        # Starlette names only the first route that matched the path; a path
+        # served by several routes (GET and POST /jobs) allows all their methods.
+        allowed = sorted(
+            {
+                method
+                for route in app.routes
+                if isinstance(route, APIRoute) and route.matches(request.scope)[0] is not Match.NONE
+                for method in route.methods or ()
+            }
+        )
+        return JSONResponse(
+            {"detail": exc.detail}, status_code=405, headers={"Allow": ", ".join(allowed)}
+        )
 
     @app.exception_handler(BrokerUnavailable)
     async def broker_unavailable(request: Request, exc: BrokerUnavailable) -> JSONResponse:
@@ -95,29 +263,134 @@ def create_app(settings: ApiSettings) -> FastAPI:
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
 
+    @app.exception_handler(SQLAlchemyError)
+    async def store_unavailable(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        log.warning(
+            "answering 503 to %s %s: job store error %s",
+            request.method,
+            request.url.path,
+            type(exc).__name__,
+        )
+        return JSONResponse(
+            {"detail": "the job store is unavailable; retry later"},
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+
     @app.post(
-        "/jobs", status_code=202, response_model=JobAccepted, responses=_ERRORS, tags=["jobs"]
+        "/jobs",
+        status_code=202,
+        response_model=JobAccepted,
+        responses={
+            **_SUBMIT_ERRORS,
+            200: {
+                "model": JobAccepted,
+                "description": "The job this Idempotency-Key already created.",
+            },
+            409: {
+                "model": Problem,
+                "description": "The Idempotency-Key was used for another request.",
+            },
+        },
+        tags=["jobs"],
     )
-    async def submit_job(job: JobRequest, broker: BrokerDep) -> JobAccepted:
+    async def submit_job(
+        job: JobRequest,
+        response: Response,
+        broker: BrokerDep,
+        store: StoreDep,
+        caller: CallerDep,
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                min_length=1,
+                max_length=255,
+                pattern=r"^[\x21-\x7e]+$",
+                description="Makes retries safe: the same key and body return the first job.",
+            ),
+        ] = None,
+    ) -> JobAccepted:
         """Accept a job. Answers once the job is safely with the broker."""
-        event = await publish_job(broker, job)
-        return JobAccepted(job_id=event.job_id)
+        if idempotency_key is None:
+            job_id = uuid4()
+            await accept(broker, store, job, caller, job_id)
+            return JobAccepted(job_id=job_id)
+        job_id, replayed = await accept_once(broker, store, job, caller, idempotency_key)
+        if replayed:
+            response.status_code = 200
+            response.headers["Idempotent-Replayed"] = "true"
+        return JobAccepted(job_id=job_id)
+
+    @app.get(
+        "/jobs/{job_id}",
+        response_model=JobView,
+        responses={
+            401: _UNAUTHORIZED,
+            404: {"model": Problem, "description": "No such job."},
+            503: _UNAVAILABLE,
+        },
+        tags=["jobs"],
+    )
+    async def get_job(job_id: UUID, store: StoreDep, caller: CallerDep) -> JobView:
+        """A job's status and timeline. 404 means the job was never accepted (for this caller)."""
+        record = await store.get(str(job_id), caller)
+        if record is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return JobView.of(record)
+
+    @app.get(
+        "/jobs",
+        response_model=JobPage,
+        responses={401: _UNAUTHORIZED, 503: _UNAVAILABLE},
+        tags=["jobs"],
+    )
+    async def list_jobs(
+        store: StoreDep,
+        caller: CallerDep,
+        status: Annotated[Status | None, Query(description="Only jobs in this status.")] = None,
+        limit: Annotated[int, Query(ge=1, le=200, description="Page size.")] = 50,
+        cursor: Annotated[
+            str | None,
+            Query(
+                min_length=1, max_length=200, description="``next_cursor`` of the previous page."
+            ),
+        ] = None,
+    ) -> JobPage:
+        """The caller's jobs, newest created first, a page at a time."""
+        try:
+            records, next_cursor = await store.list_jobs(caller, status, limit, cursor)
+        except InvalidCursor as exc:
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "value_error",
+                        "loc": ("query", "cursor"),
+                        "msg": str(exc),
+                        "input": cursor,
+                    }
+                ]
+            ) from exc
+        return JobPage(items=[JobView.of(r) for r in records], next_cursor=next_cursor)
 
     @app.post(
         "/process-and-email/",
         status_code=202,
         response_model=TaskAccepted,
-        responses=_ERRORS,
+        responses=_SUBMIT_ERRORS,
         tags=["jobs"],
     )
     async def process_and_email(
         email: Annotated[EmailStr, Query(description="Where to send the result.")],
         data: Annotated[dict[str, Any], Body(description="The data to process, a JSON object.")],
         broker: BrokerDep,
+        store: StoreDep,
+        caller: CallerDep,
     ) -> TaskAccepted:
-        """The tutorial's endpoint, kept for people coming from it; prefer ``POST /jobs``."""
-        event = await publish_job(broker, JobRequest(email=email, data=data))
-        return TaskAccepted(task_id=event.job_id)
+        """The tutorial's endpoint, kept for people coming from it; prefer ``POST /jobs``.
+        Its ``task_id`` works with ``GET /jobs/{job_id}``."""
+        job_id = uuid4()
+        await accept(broker, store, JobRequest(email=email, data=data), caller, job_id)
+        return TaskAccepted(task_id=job_id)
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     async def healthz() -> Health:

@@ -21,7 +21,11 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 
 def main() -> None:
     settings = load_settings(ApiSettings, SERVICE)
-    configure_logging(settings.log_level)
+    configure_logging(
+        settings.log_level,
+        secrets=settings.secret_values(),
+        show_addresses=settings.log_show_addresses,
+    )
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal
     # again against the handlers it found; these make that a clean exit 0,
     # which is what process supervisors expect from a requested stop.

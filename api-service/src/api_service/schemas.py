@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
+from api_service.read_model import JobRecord, Status
 from pipeline_shared.events import StepName, Subject
 
 
@@ -48,6 +50,44 @@ class Problem(BaseModel):
     """An error answer."""
 
     detail: str
+
+
+class TimelineItem(BaseModel):
+    event: str = Field(description="The event's type, e.g. DataProcessed.")
+    at: datetime = Field(description="When it happened (UTC).")
+
+
+class JobView(BaseModel):
+    """What the pipeline knows about one job."""
+
+    job_id: UUID
+    status: Status = Field(description="queued, processed, sent or failed.")
+    created_at: datetime
+    updated_at: datetime
+    attempts: int = Field(description="Delivery attempts the last stage needed (0 until then).")
+    error: str | None = Field(description="Why the job failed, while it is failed.")
+    provider_message_id: str | None = Field(description="Mailtrap's message id, once sent.")
+    timeline: list[TimelineItem]
+
+    @classmethod
+    def of(cls, record: JobRecord) -> JobView:
+        return cls(
+            job_id=UUID(record.job_id),
+            status=record.status,
+            created_at=record.created_at,
+            updated_at=record.updated_at,
+            attempts=record.attempts,
+            error=record.error,
+            provider_message_id=record.provider_message_id,
+            timeline=[TimelineItem(event=e.event, at=e.at) for e in record.timeline],
+        )
+
+
+class JobPage(BaseModel):
+    items: list[JobView]
+    next_cursor: str | None = Field(
+        description="Pass as ``cursor`` for the next page; null at the end."
+    )
 
 
 class Health(BaseModel):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
-from pipeline_shared.settings import PipelineSettings
+from api_service.auth import ApiKeys, InvalidApiKeySetting, is_loopback, parse_api_keys
+from pipeline_shared.database import is_database_url
+from pipeline_shared.settings import PipelineSettings, url_secrets
 
 
 class ApiSettings(PipelineSettings):
@@ -13,3 +15,60 @@ class ApiSettings(PipelineSettings):
     max_request_bytes: int = Field(
         default=256 * 1024, ge=1024, description="Largest request body accepted; bigger gets 413."
     )
+    api_keys: SecretStr | None = Field(
+        default=None,
+        validate_default=True,
+        description="Comma-separated API keys, each plain or sha256:<hex digest>; required "
+        "unless API_HOST is a loopback address.",
+    )
+    database_url: str = Field(
+        default="sqlite:///pipeline-state.sqlite3",
+        description="Where job records and idempotency keys live: a SQLite file for one "
+        "host, or a postgresql:// URL that api replicas share.",
+    )
+    job_retention_days: float = Field(
+        default=30.0, gt=0, description="Job records older than this are deleted."
+    )
+    idempotency_key_hours: float = Field(
+        default=24.0, ge=24, description="How long an Idempotency-Key is remembered."
+    )
+    status_prefetch: int = Field(
+        default=64, ge=1, le=10_000, description="Job events the read model holds unacked."
+    )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_unless_loopback(
+        cls, value: SecretStr | None, info: ValidationInfo
+    ) -> SecretStr | None:
+        raw = value.get_secret_value() if value is not None else ""
+        try:
+            digests = parse_api_keys(raw)
+        except InvalidApiKeySetting as exc:
+            raise ValueError(str(exc)) from None
+        host = info.data.get("api_host", "127.0.0.1")
+        if not digests and not is_loopback(host):
+            raise ValueError(
+                f"is required when API_HOST ({host}) is not a loopback address: "
+                "an open api would be an open email relay"
+            )
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if not is_database_url(value):
+            raise ValueError("must be a sqlite:// or postgresql:// URL")
+        return value
+
+    def secret_values(self) -> list[str]:
+        raw = self.api_keys.get_secret_value() if self.api_keys is not None else ""
+        plain = [
+            k.strip() for k in raw.split(",") if k.strip() and not k.strip().startswith("sha256:")
+        ]
+        return [*super().secret_values(), *plain, *url_secrets(self.database_url)]
+
+    @property
+    def keys(self) -> ApiKeys:
+        raw = self.api_keys.get_secret_value() if self.api_keys is not None else ""
+        return ApiKeys(parse_api_keys(raw))

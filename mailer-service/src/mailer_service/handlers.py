@@ -11,6 +11,7 @@ from mailer_service.ledger import Claim, ClaimState
 from mailer_service.transport import EmailTransport
 from pipeline_shared.errors import TransientFailure
 from pipeline_shared.events import DataProcessed, EmailSent, Event
+from pipeline_shared.messaging import delivery_attempt
 
 log = logging.getLogger("mailer.handlers")
 
@@ -82,5 +83,6 @@ class SendEmail:
                 email=event.email,
                 transport=transport or self._transport.name,
                 provider_message_id=message_id,
+                attempts=delivery_attempt.get(),
             )
         )

@@ -26,21 +26,11 @@ import enum
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import (
-    Column,
-    Engine,
-    Float,
-    MetaData,
-    String,
-    Table,
-    create_engine,
-    event,
-    text,
-)
-from sqlalchemy.engine import make_url
+from sqlalchemy import Column, Engine, Float, MetaData, String, Table, text
 from sqlalchemy.exc import DBAPIError
+
+from pipeline_shared.database import build_engine
 
 metadata = MetaData()
 
@@ -99,33 +89,6 @@ class Claim:
     token: str
     transport: str | None = None
     provider_message_id: str | None = None
-
-
-def engine_url(database_url: str) -> str:
-    """``postgresql://`` and ``postgres://`` URLs use psycopg 3; others stay as they are."""
-    for prefix in ("postgresql://", "postgres://"):
-        if database_url.startswith(prefix):
-            return "postgresql+psycopg://" + database_url.removeprefix(prefix)
-    return database_url
-
-
-def build_engine(database_url: str) -> Engine:
-    url = make_url(engine_url(database_url))
-    if url.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
-    engine = create_engine(url, connect_args={"timeout": 30})
-
-    @event.listens_for(engine, "connect")
-    def _sqlite_pragmas(connection: Any, record: Any) -> None:
-        # WAL lets mailers on one host read while another writes; FULL sync
-        # makes a committed "sent" survive a power cut, not just a crash.
-        cursor = connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.close()
-
-    return engine
 
 
 class SqlLedger:

@@ -8,7 +8,8 @@ from typing import Literal
 
 from pydantic import EmailStr, Field, SecretStr, ValidationInfo, field_validator
 
-from pipeline_shared.settings import WorkerSettings
+from pipeline_shared.database import is_database_url
+from pipeline_shared.settings import WorkerSettings, url_secrets
 
 Transport = Literal["mailtrap", "outbox"]
 
@@ -71,7 +72,7 @@ class MailerSettings(WorkerSettings):
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str) -> str:
-        if not value.startswith(("sqlite://", "postgresql://", "postgres://", "postgresql+")):
+        if not is_database_url(value):
             raise ValueError("must be a sqlite:// or postgresql:// URL")
         return value
 
@@ -109,6 +110,10 @@ class MailerSettings(WorkerSettings):
         if re.search(r"[\r\n\x00]", value):
             raise ValueError("must be a single line")
         return value
+
+    def secret_values(self) -> list[str]:
+        token = [self.mailtrap_token.get_secret_value()] if self.mailtrap_token else []
+        return [*super().secret_values(), *token, *url_secrets(self.database_url)]
 
     @property
     def transport(self) -> Transport:

@@ -43,5 +43,9 @@ async def serve(settings: ProcessorSettings, stop: asyncio.Event) -> None:
 
 def main() -> None:
     settings = load_settings(ProcessorSettings, SERVICE)
-    configure_logging(settings.log_level)
+    configure_logging(
+        settings.log_level,
+        secrets=settings.secret_values(),
+        show_addresses=settings.log_show_addresses,
+    )
     run_until_signalled(lambda stop: serve(settings, stop))

@@ -30,7 +30,7 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelNotFoundEntity
 from pipeline_shared.logs import configure_logging
 from pipeline_shared.messaging import ATTEMPTS_HEADER, copy_message
 from pipeline_shared.settings import PipelineSettings, load_settings, redact_url
-from pipeline_shared.topology import STAGES, Stage
+from pipeline_shared.topology import QUEUE_EXCHANGE, STAGES, Stage
 
 PROGRAM = "pipeline-admin"
 DEFAULT_LIMIT = 1000
@@ -160,12 +160,13 @@ async def replay_dead(
     channel: AbstractChannel, stage: Stage, job_id: str | None, limit: int, out: TextIO
 ) -> int:
     queue = await _dead_letter_queue(channel, stage)
+    queues = await channel.get_exchange(QUEUE_EXCHANGE, ensure=False)
     replayed = 0
     for message in await _browse(queue, limit):
         if job_id is not None and message.correlation_id != job_id:
             continue
         copy = copy_message(message, {}, without=_FAILURE_HEADERS)
-        await channel.default_exchange.publish(copy, routing_key=stage.queue, mandatory=True)
+        await queues.publish(copy, routing_key=stage.queue, mandatory=True)
         await message.ack()
         replayed += 1
         print(f"replayed {message.correlation_id} to {stage.queue}", file=out)

@@ -7,6 +7,8 @@ policy (see ``pipeline_shared.messaging``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class HandlerFailure(Exception):
     """Base class: a handler could not complete its message."""
@@ -27,3 +29,33 @@ class TransientFailure(HandlerFailure):
 class BrokerUnavailable(Exception):
     """The broker cannot take a message right now: not connected, the publish
     was nacked, returned as unroutable, or not confirmed in time."""
+
+
+class TopologyMissing(Exception):
+    """Exchanges or queues the service needs are not on the broker, and its broker
+    user may only check them, not declare them.
+
+    A configuration error rather than a passing outage: the services report it
+    once and do not retry (the workers exit, the api stays unready).
+    """
+
+    def __init__(self, missing: Sequence[str], vhost: str) -> None:
+        self.missing = tuple(missing)
+        self.vhost = vhost
+        shown = ", ".join(self.missing[:_SHOWN_MISSING])
+        more = len(self.missing) - _SHOWN_MISSING
+        if more > 0:
+            shown += f" and {more} more"
+        hint = (
+            "load rabbitmq/definitions.json into the broker (docker compose does at boot), "
+            "or start once a service whose broker user may configure them"
+        )
+        if all(".retry." in name for name in self.missing):
+            hint += "; do RETRY_DELAYS match the delays the definitions were rendered with?"
+        super().__init__(
+            f"the broker lacks {shown} in vhost {vhost!r}, and this service's user "
+            f"may not declare them: {hint}"
+        )
+
+
+_SHOWN_MISSING = 3

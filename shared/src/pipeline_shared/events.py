@@ -115,6 +115,11 @@ class JobRequested(Event):
     subject: Subject | None = Field(default=None, description="Subject of the email.")
     step: StepName = Field(default="summarise", description="Processing step to run.")
     data: dict[str, JsonValue] = Field(description="The job's input data, a JSON object.")
+    submitted_by: str | None = Field(
+        default=None,
+        max_length=64,
+        description="Opaque id of the API caller that submitted the job; scopes who may see it.",
+    )
 
 
 class DataProcessed(Event):
@@ -141,6 +146,9 @@ class EmailSent(Event):
     provider_message_id: str | None = Field(
         default=None, description="The provider's id for the sent message."
     )
+    attempts: int | None = Field(
+        default=None, ge=1, description="On which delivery attempt the email was sent."
+    )
 
 
 class JobFailed(Event):
@@ -152,6 +160,9 @@ class JobFailed(Event):
     stage: str = Field(description="Service whose stage failed, e.g. processor-service.")
     reason: str = Field(description="Human-readable reason for the failure.")
     error_type: str = Field(description="Class of the failure, e.g. PermanentFailure.")
+    attempts: int | None = Field(
+        default=None, ge=1, description="Delivery attempts made before giving up."
+    )
 
 
 AnyEvent = Annotated[

@@ -1,16 +1,57 @@
-"""Logging set-up: one plain line per record, on stderr, for every service."""
+"""Logging set-up: one plain line per record, on stderr, with nothing private in it.
+
+Every line goes through ``PrivateDataFormatter``: the values of the
+service's secrets (tokens, API keys, passwords inside URLs) are replaced by
+``***`` wherever they appear, tracebacks included, and email addresses are
+masked (``a***@example.com``) unless ``LOG_SHOW_ADDRESSES`` is on.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from collections.abc import Iterable
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
+# An address as it appears in text or in a URL's query string (%40 for @).
+_ADDRESS = re.compile(
+    r"(?P<first>[A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*(?P<at>@|%40)(?P<domain>[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)"
+)
+_SHORTEST_SECRET = 4
 
-def configure_logging(level: str) -> None:
-    """Send every logger's records to stderr at ``level``; quieten chatty libraries."""
-    logging.basicConfig(level=level, format=FORMAT, stream=sys.stderr, force=True)
+
+def mask_addresses(text: str) -> str:
+    """``ada@example.com`` -> ``a***@example.com``."""
+    return _ADDRESS.sub(r"\g<first>***\g<at>\g<domain>", text)
+
+
+class PrivateDataFormatter(logging.Formatter):
+    """A formatter that removes secrets and (optionally) addresses from the finished line."""
+
+    def __init__(self, fmt: str, secrets: Iterable[str], show_addresses: bool) -> None:
+        super().__init__(fmt)
+        # Longest first, so a secret that contains another is replaced whole.
+        self._secrets = sorted(
+            {s for s in secrets if len(s) >= _SHORTEST_SECRET}, key=len, reverse=True
+        )
+        self._show_addresses = show_addresses
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text if self._show_addresses else mask_addresses(text)
+
+
+def configure_logging(
+    level: str, *, secrets: Iterable[str] = (), show_addresses: bool = False
+) -> None:
+    """Send every logger's records to stderr at ``level``, through the private-data formatter."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PrivateDataFormatter(FORMAT, secrets, show_addresses))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     # The AMQP libraries log each lost connection with a traceback; the
     # messaging layer logs losing and regaining the broker in one line each.
     for noisy in ("aio_pika", "aiormq"):

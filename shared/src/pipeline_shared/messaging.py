@@ -1,6 +1,7 @@
 """The messaging layer over aio-pika that every service uses.
 
-``Broker`` owns one robust connection: it declares the topology, publishes
+``Broker`` owns one robust connection: it declares the topology (or, when
+its broker user may not configure, only checks that it exists), publishes
 events with publisher confirms and the ``mandatory`` flag, and starts
 consumers. A ``Consumer`` decodes each delivery into an event, calls the
 service's handler and applies the acknowledgement policy (``settle``):
@@ -31,13 +32,16 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
+from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
 import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
@@ -47,20 +51,31 @@ from aio_pika.abc import (
 from aio_pika.exceptions import (
     CONNECTION_EXCEPTIONS,
     ChannelInvalidStateError,
+    ChannelNotFoundEntity,
     DeliveryError,
     PublishError,
 )
-from pydantic import ValidationError
+from aiormq.exceptions import (
+    ChannelAccessRefused,
+    ConnectionClosed,
+    ProbableAuthenticationError,
+)
+from pydantic import TypeAdapter, ValidationError
 
-from pipeline_shared.errors import BrokerUnavailable, PermanentFailure, TransientFailure
+from pipeline_shared.errors import (
+    BrokerUnavailable,
+    PermanentFailure,
+    TopologyMissing,
+    TransientFailure,
+)
 from pipeline_shared.events import Event, JobFailed, describe_validation_error, utc_now
 from pipeline_shared.settings import redact_url
 from pipeline_shared.topology import (
-    DEAD_LETTER_QUEUE_ARGUMENTS,
     EXCHANGE,
+    QUEUE_EXCHANGE,
     STAGES,
     Stage,
-    retry_queue_arguments,
+    stage_queues,
 )
 
 log = logging.getLogger("pipeline.messaging")
@@ -69,12 +84,16 @@ E = TypeVar("E", bound=Event)
 Handler = Callable[[E], Awaitable[None]]
 
 ATTEMPTS_HEADER = "x-attempts"
+
+delivery_attempt: ContextVar[int] = ContextVar("delivery_attempt", default=1)
+"""Which attempt the message being handled is (1 for the first), for handlers
+that report it; set by the consumer before each handler call."""
 DEFAULT_RETRY_DELAYS: tuple[float, ...] = (1, 5, 30, 120, 600)
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 
 # Routing keys some queue is bound to: publishing to one of them must reach a
 # queue (mandatory). Other events are notifications that may have no listener.
-_BOUND_ROUTING_KEYS = frozenset(stage.routing_key for stage in STAGES.values())
+_BOUND_ROUTING_KEYS = frozenset(key for stage in STAGES.values() for key in stage.routing_keys)
 
 _SETTLE_ERRORS = (BrokerUnavailable, ChannelInvalidStateError, *CONNECTION_EXCEPTIONS)
 
@@ -108,14 +127,18 @@ class PoisonMessage(Exception):
     """A body that cannot be an event for this queue: too big, not JSON, wrong schema."""
 
 
-def decode_event(body: bytes, model: type[E], max_bytes: int) -> E:
-    """Parse ``body`` as ``model``, or raise ``PoisonMessage`` saying why not."""
+def decode_event(body: bytes, model: type[E] | TypeAdapter[E], max_bytes: int) -> E:
+    """Parse ``body`` as ``model`` (an event class, or an adapter for a union of
+    them), or raise ``PoisonMessage`` saying why not."""
     if len(body) > max_bytes:
         raise PoisonMessage(f"body of {len(body)} bytes exceeds the limit of {max_bytes} bytes")
     try:
+        if isinstance(model, TypeAdapter):
+            return model.validate_json(body)
         return model.model_validate_json(body)
     except ValidationError as exc:
-        raise PoisonMessage(describe_validation_error(exc, model.__name__)) from exc
+        what = "event" if isinstance(model, TypeAdapter) else model.__name__
+        raise PoisonMessage(describe_validation_error(exc, what)) from exc
 
 
 def event_message(event: Event, app_id: str) -> aio_pika.Message:
@@ -160,26 +183,73 @@ def copy_message(
     )
 
 
-async def declare_topology(
-    channel: AbstractChannel, retry_delays: Sequence[float]
-) -> AbstractExchange:
-    """Declare the exchange and every stage's queues (idempotent) and return the exchange."""
+async def declare_topology(channel: AbstractChannel, retry_delays: Sequence[float]) -> None:
+    """Declare both exchanges and every stage's queues and bindings (idempotent).
+
+    Needs a broker user that may configure them all; ``rabbitmq/definitions.json``
+    holds the same topology for brokers that load it instead.
+    """
     exchange = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    queues = await channel.declare_exchange(
+        QUEUE_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+    )
     for stage in STAGES.values():
-        queue = await channel.declare_queue(
-            stage.queue, durable=True, arguments=stage.queue_arguments()
-        )
-        await queue.bind(exchange, stage.routing_key)
-        await channel.declare_queue(
-            stage.dead_letter_queue, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS
-        )
-        for delay in retry_delays:
-            await channel.declare_queue(
-                stage.retry_queue(delay),
-                durable=True,
-                arguments=retry_queue_arguments(stage, delay),
-            )
-    return exchange
+        for spec in stage_queues(stage, retry_delays):
+            queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+            if spec.name == stage.queue:
+                for routing_key in stage.routing_keys:
+                    await queue.bind(exchange, routing_key)
+            await queue.bind(queues, spec.name)
+
+
+def topology_names(retry_delays: Sequence[float]) -> list[tuple[str, str]]:
+    """``(kind, name)`` of both exchanges and every stage's queues, in declaration order."""
+    names = [("exchange", EXCHANGE), ("exchange", QUEUE_EXCHANGE)]
+    for stage in STAGES.values():
+        names.extend(("queue", spec.name) for spec in stage_queues(stage, retry_delays))
+    return names
+
+
+async def verify_topology(
+    connection: AbstractConnection, retry_delays: Sequence[float], vhost: str
+) -> None:
+    """Check, without declaring anything, that both exchanges and every stage's
+    queues exist; raise ``TopologyMissing`` naming those that do not.
+
+    Passive declarations need no permission at all, so this works for a broker
+    user that may not configure. (Bindings cannot be checked passively; the
+    ``mandatory`` flag on publishing catches a missing one.)
+    """
+    missing: list[str] = []
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        for kind, name in topology_names(retry_delays):
+            try:
+                if kind == "exchange":
+                    await channel.get_exchange(name, ensure=True)
+                else:
+                    await channel.get_queue(name, ensure=True)
+            except ChannelNotFoundEntity:
+                # The broker closes the channel on a failed passive declaration.
+                missing.append(f"{kind} {name!r}")
+                await _close_quietly(channel)
+                channel = await connection.channel(publisher_confirms=False)
+    finally:
+        await _close_quietly(channel)
+    if missing:
+        raise TopologyMissing(missing, vhost)
+
+
+async def _close_quietly(channel: AbstractChannel) -> None:
+    try:
+        await channel.close()
+    except (ChannelInvalidStateError, *CONNECTION_EXCEPTIONS):
+        pass
+
+
+def vhost_of(url: str) -> str:
+    """The virtual host an AMQP URL names (``/`` when it names none)."""
+    return unquote(urlsplit(url).path[1:]) or "/"
 
 
 class Broker:
@@ -204,6 +274,10 @@ class Broker:
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
+        self._queue_exchange: AbstractExchange | None = None
+        self.passive = False
+        """Whether the broker user may not configure, so the topology is only
+        checked (``verify_topology``), never declared; set by ``connect``."""
 
     @property
     def is_ready(self) -> bool:
@@ -216,22 +290,49 @@ class Broker:
         )
 
     async def connect(self) -> None:
-        """Connect once and declare the topology; raises if the broker cannot be reached."""
+        """Connect once and declare the topology, or, if the broker user may not
+        configure it, check that it exists.
+
+        Raises if the broker cannot be reached, and ``TopologyMissing`` if the
+        topology is not there and may not be declared.
+        """
         connection = await aio_pika.connect_robust(
             self._url,
             client_properties={"connection_name": self.app_id},
             timeout=self._publish_timeout,
         )
         try:
-            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            exchange = await declare_topology(channel, self.retry_delays)
+            channel = await self._prepare_topology(connection)
+            self._exchange = await channel.get_exchange(EXCHANGE, ensure=False)
+            self._queue_exchange = await channel.get_exchange(QUEUE_EXCHANGE, ensure=False)
         except BaseException:
             await connection.close()
             raise
-        self._connection, self._channel, self._exchange = connection, channel, exchange
+        self._connection, self._channel = connection, channel
         connection.close_callbacks.add(self._on_connection_lost)
         connection.reconnect_callbacks.add(self._on_reconnected)
-        log.info("connected to %s as %s", redact_url(self._url), self.app_id)
+        log.info(
+            "connected to %s as %s%s",
+            redact_url(self._url),
+            self.app_id,
+            " (topology checked: the broker user may not configure)" if self.passive else "",
+        )
+
+    async def _prepare_topology(self, connection: AbstractConnection) -> AbstractChannel:
+        """The publishing channel, once the topology is declared or found."""
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        try:
+            # Declared on the publishing channel, the topology is declared
+            # again whenever the robust connection reconnects.
+            await declare_topology(channel, self.retry_delays)
+            self.passive = False
+            return channel
+        except ChannelAccessRefused as exc:
+            log.debug("may not declare the topology (%s); checking it instead", exc)
+        await _close_quietly(channel)
+        await verify_topology(connection, self.retry_delays, vhost_of(self._url))
+        self.passive = True
+        return await connection.channel(publisher_confirms=True, on_return_raises=True)
 
     def _on_connection_lost(self, sender: object, exc: BaseException | None) -> None:
         if exc is not None and not isinstance(exc, asyncio.CancelledError):
@@ -243,12 +344,24 @@ class Broker:
     async def connect_until_ready(
         self, *, first_delay: float = 0.5, max_delay: float = 10.0
     ) -> None:
-        """Keep trying to connect, with growing pauses, until it works or the task is cancelled."""
+        """Keep trying to connect, with growing pauses, until it works or the task is cancelled.
+
+        ``TopologyMissing`` is not retried but raised: it needs an operator.
+        """
         delay = first_delay
         while True:
             try:
                 await self.connect()
                 return
+            except (ProbableAuthenticationError, ConnectionClosed) as exc:
+                # Refused credentials or vhost access are retried too: a broker
+                # still importing its definitions at boot refuses them for a while.
+                log.warning(
+                    "broker at %s closed the connection (%s); retrying in %.1f s",
+                    redact_url(self._url),
+                    _reply_text(exc),
+                    delay,
+                )
             except (TimeoutError, *CONNECTION_EXCEPTIONS) as exc:
                 log.warning(
                     "broker at %s not reachable (%s); retrying in %.1f s",
@@ -262,13 +375,14 @@ class Broker:
     async def close(self) -> None:
         if self._connection is not None:
             await self._connection.close()
-        self._connection = self._channel = self._exchange = None
+        self._connection = self._channel = self._exchange = self._queue_exchange = None
 
     async def publish(self, event: Event) -> None:
         """Publish ``event`` on the exchange and wait for the broker's confirm.
 
         Raises ``BrokerUnavailable`` when not connected, or when the broker
-        nacks the message, cannot route it, or does not confirm in time.
+        nacks the message, cannot route it, refuses it (the broker user may not
+        publish this routing key), or does not confirm in time.
         """
         if self._exchange is None:
             raise BrokerUnavailable("not connected to the message broker")
@@ -278,10 +392,10 @@ class Broker:
         )
 
     async def send_to_queue(self, queue: str, message: aio_pika.Message) -> None:
-        """Put ``message`` straight into ``queue`` (default exchange), confirmed."""
-        if self._channel is None:
+        """Put ``message`` into one of the stages' queues, by name, confirmed."""
+        if self._queue_exchange is None:
             raise BrokerUnavailable("not connected to the message broker")
-        await self._publish(self._channel.default_exchange, message, queue, mandatory=True)
+        await self._publish(self._queue_exchange, message, queue, mandatory=True)
 
     async def _publish(
         self,
@@ -304,13 +418,19 @@ class Broker:
             raise BrokerUnavailable(
                 f"the broker did not confirm the message within {self._publish_timeout:g} s"
             ) from exc
+        except ChannelAccessRefused as exc:
+            # The broker closes the channel; the robust connection reopens it.
+            raise BrokerUnavailable(
+                f"the broker refused to let this service publish to {exchange.name!r} "
+                f"with routing key {routing_key!r} ({_reply_text(exc)})"
+            ) from exc
         except (ChannelInvalidStateError, *CONNECTION_EXCEPTIONS) as exc:
             raise BrokerUnavailable(f"lost the broker connection ({type(exc).__name__})") from exc
 
     async def consume(
         self,
         stage: Stage,
-        model: type[E],
+        model: type[E] | TypeAdapter[E],
         handler: Handler[E],
         *,
         prefetch: int,
@@ -321,9 +441,12 @@ class Broker:
             raise BrokerUnavailable("not connected to the message broker")
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
-        queue = await channel.declare_queue(
-            stage.queue, durable=True, arguments=stage.queue_arguments()
-        )
+        if self.passive:
+            queue = await channel.get_queue(stage.queue, ensure=True)
+        else:
+            queue = await channel.declare_queue(
+                stage.queue, durable=True, arguments=stage.queue_arguments()
+            )
         consumer = Consumer(self, channel, queue, stage, model, handler, max_event_bytes)
         await consumer.start()
         return consumer
@@ -344,7 +467,7 @@ class Consumer(Generic[E]):
         channel: AbstractChannel,
         queue: AbstractQueue,
         stage: Stage,
-        model: type[E],
+        model: type[E] | TypeAdapter[E],
         handler: Handler[E],
         max_event_bytes: int,
     ) -> None:
@@ -399,6 +522,7 @@ class Consumer(Generic[E]):
         failure: BaseException | None = None
         try:
             event = decode_event(message.body, self._model, self._max_event_bytes)
+            delivery_attempt.set(attempts)
             await self._handler(event)
         except asyncio.CancelledError:
             await self._return(message)
@@ -415,7 +539,7 @@ class Consumer(Generic[E]):
         try:
             if disposition is Disposition.ACK:
                 await message.ack()
-                log.info("job %s: %s handled in %.0f ms", job, self._model.__name__, elapsed_ms)
+                log.info("job %s: %s handled in %.0f ms", job, message.type or "event", elapsed_ms)
                 return
             assert failure is not None
             details = _describe(failure)
@@ -475,13 +599,14 @@ class Consumer(Generic[E]):
             self._stage.dead_letter_queue, copy_message(message, headers)
         )
         job_id = event.job_id if event is not None else _job_id_hint(message)
-        if job_id is not None:
+        if job_id is not None and self._stage.reports_failures:
             await self._broker.publish(
                 JobFailed(
                     job_id=job_id,
                     stage=self._broker.app_id,
                     reason=failure.reason,
                     error_type=failure.error_type,
+                    attempts=attempts,
                 )
             )
         await message.ack()
@@ -495,6 +620,12 @@ class Consumer(Generic[E]):
             await message.nack(requeue=True)
         except (ChannelInvalidStateError, *CONNECTION_EXCEPTIONS):
             pass
+
+
+def _reply_text(exc: BaseException) -> str:
+    """The broker's own words from an AMQP error, e.g. ``ACCESS_REFUSED - ...``."""
+    texts = [arg for arg in exc.args if isinstance(arg, str)]
+    return texts[-1] if texts else type(exc).__name__
 
 
 def _describe(failure: BaseException) -> _Failure:

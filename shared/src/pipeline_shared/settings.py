@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from typing import Annotated, Any, Literal, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -36,6 +36,10 @@ class PipelineSettings(BaseSettings):
         description="AMQP URL of the RabbitMQ broker (amqp:// or amqps://).",
     )
     log_level: LogLevel = Field(default="INFO", description="Logging level.")
+    log_show_addresses: bool = Field(
+        default=False,
+        description="Show recipient addresses in logs (development); masked otherwise.",
+    )
     publish_timeout_seconds: float = Field(
         default=10.0, gt=0, description="How long to wait for the broker to confirm a publish."
     )
@@ -50,6 +54,10 @@ class PipelineSettings(BaseSettings):
         description="Seconds to wait before each retry of a transiently failed message, "
         "comma-separated; one retry per entry.",
     )
+
+    def secret_values(self) -> list[str]:
+        """Values that must never appear in logs; services add their own."""
+        return url_secrets(self.rabbitmq_url)
 
     @field_validator("retry_delays", mode="before")
     @classmethod
@@ -109,6 +117,12 @@ def describe_settings_error(exc: ValidationError) -> str:
             message = "is required but not set"
         problems.append(f"{variable} {message}")
     return "invalid setting: " + "; ".join(problems)
+
+
+def url_secrets(url: str) -> list[str]:
+    """The password inside ``url``, if any, as written and as decoded."""
+    password = urlsplit(url).password
+    return [password, unquote(password)] if password else []
 
 
 def redact_url(url: str) -> str:

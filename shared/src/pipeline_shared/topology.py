@@ -1,7 +1,11 @@
 """The RabbitMQ topology: one exchange, and per consuming stage its queues.
 
 Every service declares all of it at start, so services may start in any order
-and no event is published before the queue that will carry it exists.
+and no event is published before the queue that will carry it exists. Where
+the services' broker users may not configure anything (docker compose), the
+broker imports the same topology from ``rabbitmq/definitions.json`` at boot,
+rendered from this module by ``scripts/render_definitions.py``, and each
+service only checks that it is there.
 
 Queue arguments are part of a queue's identity: RabbitMQ refuses to redeclare
 a queue with different ones. They are therefore constants here, never
@@ -10,11 +14,19 @@ settings; operators tune a running system through policies instead.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 EXCHANGE = "events"
 """The durable topic exchange every event is published to."""
+
+QUEUE_EXCHANGE = "pipeline.queues"
+"""A durable topic exchange to which each stage's work, retry and dead-letter
+queues are bound under their own names: retries, dead letters and replays
+are put into a queue through it. A topic exchange rather than the default
+one, so RabbitMQ's topic permissions can confine each service's user to its
+own stage's queues."""
 
 DELIVERY_LIMIT = 10
 """Quorum-queue backstop: a message redelivered this often (a consumer that
@@ -23,11 +35,14 @@ keeps crashing on it) is dead-lettered by the broker itself."""
 
 @dataclass(frozen=True, slots=True)
 class Stage:
-    """A consuming stage: its work queue, what it is bound to, and its dead letters."""
+    """A consuming stage: its work queue, the events it is bound to, and its dead letters."""
 
     name: str
     queue: str
-    routing_key: str
+    routing_keys: tuple[str, ...]
+    reports_failures: bool = True
+    """Whether a message it gives up on fails its job (``JobFailed``): true for
+    the stages doing a job's work, false for observers such as the read model."""
 
     @property
     def dead_letter_queue(self) -> str:
@@ -49,11 +64,20 @@ class Stage:
         }
 
 
-PROCESSOR = Stage(name="processor", queue="processor.job.requested", routing_key="job.requested")
-MAILER = Stage(name="mailer", queue="mailer.data.processed", routing_key="data.processed")
+PROCESSOR = Stage(
+    name="processor", queue="processor.job.requested", routing_keys=("job.requested",)
+)
+MAILER = Stage(name="mailer", queue="mailer.data.processed", routing_keys=("data.processed",))
+STATUS = Stage(
+    name="status",
+    queue="api.job.status",
+    routing_keys=("job.requested", "data.processed", "email.sent", "job.failed"),
+    reports_failures=False,
+)
+"""The api's read model of every job, fed by all job events."""
 
-STAGES: dict[str, Stage] = {stage.name: stage for stage in (PROCESSOR, MAILER)}
-"""Every consuming stage, by name (``processor``, ``mailer``)."""
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (PROCESSOR, MAILER, STATUS)}
+"""Every consuming stage, by name (``processor``, ``mailer``, ``status``)."""
 
 DEAD_LETTER_QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum"}
 
@@ -71,6 +95,27 @@ def retry_queue_arguments(stage: Stage, delay_seconds: float) -> dict[str, Any]:
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
     }
+
+
+class QueueSpec(NamedTuple):
+    """A queue as it is declared: its name and its arguments."""
+
+    name: str
+    arguments: dict[str, Any]
+
+
+def stage_queues(stage: Stage, retry_delays: Sequence[float]) -> list[QueueSpec]:
+    """Every queue of ``stage``: its work queue, its dead-letter queue and one retry
+    queue per distinct delay, each bound to ``QUEUE_EXCHANGE`` under its own name."""
+    specs = [
+        QueueSpec(stage.queue, stage.queue_arguments()),
+        QueueSpec(stage.dead_letter_queue, dict(DEAD_LETTER_QUEUE_ARGUMENTS)),
+    ]
+    for delay in retry_delays:
+        name = stage.retry_queue(delay)
+        if all(spec.name != name for spec in specs):
+            specs.append(QueueSpec(name, retry_queue_arguments(stage, delay)))
+    return specs
 
 
 def format_delay(seconds: float) -> str:

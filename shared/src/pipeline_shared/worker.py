@@ -9,6 +9,10 @@ from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import TypeVar
 
+from aiormq.exceptions import ChannelAccessRefused
+from pydantic import TypeAdapter
+
+from pipeline_shared.errors import TopologyMissing
 from pipeline_shared.events import Event
 from pipeline_shared.messaging import Broker, Handler
 from pipeline_shared.topology import Stage
@@ -53,7 +57,7 @@ def ignore_stop_signals() -> None:
 async def serve_stage(
     broker: Broker,
     stage: Stage,
-    model: type[E],
+    model: type[E] | TypeAdapter[E],
     handler: Handler[E],
     *,
     prefetch: int,
@@ -62,7 +66,11 @@ async def serve_stage(
     stop: asyncio.Event,
 ) -> None:
     """Connect (waiting for the broker if need be), consume ``stage`` until ``stop``
-    is set, then shut down within ``shutdown_timeout``."""
+    is set, then shut down within ``shutdown_timeout``.
+
+    A broker that lacks the topology, or refuses the service's user its queue,
+    is a configuration error: the process exits with one line saying so.
+    """
     connecting = asyncio.create_task(broker.connect_until_ready())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -73,9 +81,19 @@ async def serve_stage(
         return
     stopping.cancel()
     try:
-        consumer = await broker.consume(
-            stage, model, handler, prefetch=prefetch, max_event_bytes=max_event_bytes
-        )
+        connecting.result()
+    except TopologyMissing as exc:
+        raise SystemExit(f"{broker.app_id}: {exc}") from None
+    try:
+        try:
+            consumer = await broker.consume(
+                stage, model, handler, prefetch=prefetch, max_event_bytes=max_event_bytes
+            )
+        except ChannelAccessRefused as exc:
+            reason = exc.args[-1] if exc.args else "access refused"
+            raise SystemExit(
+                f"{broker.app_id}: the broker refused to let it consume {stage.queue} ({reason})"
+            ) from None
         log.info("consuming %s (prefetch %d)", stage.queue, prefetch)
         await stop.wait()
         log.info("stopping: no new messages from %s", stage.queue)

@@ -1,12 +1,15 @@
 """The api's routes, driven in-process with a fake broker in place of RabbitMQ.
 
 ``httpx.ASGITransport`` does not run the app's lifespan, so no real broker is
-made; each test puts a recording fake on ``app.state.broker`` instead.
+made; each test puts a recording fake on ``app.state.broker`` instead, and a
+real job store on a SQLite file of its own on ``app.state.store``.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from uuid import UUID
 
 import httpx
@@ -15,6 +18,7 @@ from fastapi import FastAPI
 
 from api_service.app import RETRY_AFTER_SECONDS, create_app
 from api_service.settings import ApiSettings
+from api_service.store import JobStore
 from pipeline_shared.errors import BrokerUnavailable
 from pipeline_shared.events import Event, JobRequested
 from unit.fakes import FakePublisher
@@ -40,11 +44,14 @@ def broker() -> FakeBroker:
 
 
 @pytest.fixture
-def app(broker: FakeBroker) -> FastAPI:
+def app(broker: FakeBroker, tmp_path: Path) -> Iterator[FastAPI]:
     settings = ApiSettings(_env_file=None, max_request_bytes=2048)  # type: ignore[call-arg]
     application = create_app(settings)
     application.state.broker = broker
-    return application
+    store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    application.state.store = store
+    yield application
+    asyncio.run(store.close())
 
 
 @pytest.fixture

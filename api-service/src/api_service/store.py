@@ -1,0 +1,304 @@
+"""The api's state in SQL: the job read model and the idempotency keys.
+
+SQLite by default (one host), PostgreSQL when ``DATABASE_URL`` names it, so
+several api replicas share one view; one code path for both (SQLAlchemy
+Core). The tables are created at start if missing. Calls are blocking and
+are made in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from enum import Enum
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Index,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    and_,
+    delete,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import DBAPIError
+
+from api_service.read_model import Entry, JobEvent, JobRecord, Status, apply
+from pipeline_shared.database import build_engine
+
+metadata = MetaData()
+
+jobs = Table(
+    "api_jobs",
+    metadata,
+    Column("job_id", String(36), primary_key=True),
+    Column("caller", String(64), nullable=True),
+    Column("status", String(16), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("timeline", Text, nullable=False),
+    Index("api_jobs_caller_created", "caller", "created_at"),
+    Index("api_jobs_status_created", "status", "created_at"),
+)
+
+idempotency_keys = Table(
+    "api_idempotency_keys",
+    metadata,
+    Column("caller", String(64), nullable=False),
+    Column("key", String(255), nullable=False),
+    Column("request_hash", String(64), nullable=False),
+    Column("job_id", String(36), nullable=False),
+    Column("state", String(16), nullable=False),  # pending | done
+    Column("created_at", Float, nullable=False),
+    PrimaryKeyConstraint("caller", "key"),
+)
+
+_INSERT_JOB = text(
+    "INSERT INTO api_jobs (job_id, caller, status, created_at, updated_at, timeline) "
+    "VALUES (:job_id, :caller, :status, :created_at, :updated_at, :timeline) "
+    "ON CONFLICT (job_id) DO NOTHING"
+)
+_RESERVE_KEY = text(
+    "INSERT INTO api_idempotency_keys (caller, key, request_hash, job_id, state, created_at) "
+    "VALUES (:caller, :key, :request_hash, :job_id, 'pending', :now) "
+    "ON CONFLICT (caller, key) DO NOTHING"
+)
+
+
+def _timeline_json(timeline: Sequence[Entry]) -> str:
+    return json.dumps([{**asdict(e), "at": e.at.isoformat()} for e in timeline])
+
+
+def _timeline_of(raw: str) -> tuple[Entry, ...]:
+    return tuple(
+        Entry(**{**item, "at": datetime.fromisoformat(item["at"])}) for item in json.loads(raw)
+    )
+
+
+def _row_values(record: JobRecord) -> dict[str, Any]:
+    return {
+        "job_id": record.job_id,
+        "caller": record.caller,
+        "status": record.status,
+        "created_at": record.created_at.timestamp(),
+        "updated_at": record.updated_at.timestamp(),
+        "timeline": _timeline_json(record.timeline),
+    }
+
+
+def encode_cursor(created_at: float, job_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([created_at, job_id]).encode()).decode()
+
+
+class InvalidCursor(ValueError):
+    pass
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        created_at, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return float(created_at), str(UUID(job_id))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise InvalidCursor("cursor is not one this api handed out") from exc
+
+
+class KeyOutcome(Enum):
+    NEW = "new"  # this request owns the key: publish the job
+    REPLAY = "replay"  # the same request was accepted before: answer its job
+    CONFLICT = "conflict"  # the key was used for a different request
+    PENDING = "pending"  # the same request is being accepted right now
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    outcome: KeyOutcome
+    job_id: str
+
+
+class JobStore:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    @classmethod
+    def open(cls, database_url: str) -> JobStore:
+        store = cls(build_engine(database_url))
+        store.create_schema()
+        return store
+
+    def create_schema(self) -> None:
+        try:
+            metadata.create_all(self._engine)
+        except DBAPIError:
+            # Two replicas creating the tables at once: one wins, both go on.
+            metadata.create_all(self._engine)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._engine.dispose)
+
+    # --- the read model -------------------------------------------------
+
+    async def record(self, event: JobEvent) -> JobRecord:
+        """Fold ``event`` into its job's record (idempotent) and return the record."""
+        return await asyncio.to_thread(self._record, event)
+
+    def _record(self, event: JobEvent) -> JobRecord:
+        with self._engine.begin() as connection:
+            existing = self._locked(connection, str(event.job_id))
+            updated = apply(existing, event)
+            if existing is None:
+                inserted = connection.execute(_INSERT_JOB, _row_values(updated)).rowcount
+                if inserted:
+                    return updated
+                # Another replica inserted it first: fold into theirs.
+                existing = self._locked(connection, str(event.job_id))
+                updated = apply(existing, event)
+            if updated != existing:
+                connection.execute(
+                    update(jobs).where(jobs.c.job_id == updated.job_id).values(_row_values(updated))
+                )
+            return updated
+
+    @staticmethod
+    def _locked(connection: Connection, job_id: str) -> JobRecord | None:
+        row = connection.execute(
+            select(jobs.c.job_id, jobs.c.caller, jobs.c.timeline)
+            .where(jobs.c.job_id == job_id)
+            .with_for_update()
+        ).one_or_none()
+        if row is None:
+            return None
+        return JobRecord(job_id=row.job_id, caller=row.caller, timeline=_timeline_of(row.timeline))
+
+    async def get(self, job_id: str, caller: str) -> JobRecord | None:
+        return await asyncio.to_thread(self._get, job_id, caller)
+
+    def _get(self, job_id: str, caller: str) -> JobRecord | None:
+        with self._engine.connect() as connection:
+            row = connection.execute(
+                select(jobs.c.job_id, jobs.c.caller, jobs.c.timeline).where(
+                    jobs.c.job_id == job_id, jobs.c.caller == caller
+                )
+            ).one_or_none()
+        if row is None:
+            return None
+        return JobRecord(job_id=row.job_id, caller=row.caller, timeline=_timeline_of(row.timeline))
+
+    async def list_jobs(
+        self, caller: str, status: Status | None, limit: int, cursor: str | None
+    ) -> tuple[list[JobRecord], str | None]:
+        """Newest created first; the cursor continues after the last item of a page."""
+        return await asyncio.to_thread(self._list_jobs, caller, status, limit, cursor)
+
+    def _list_jobs(
+        self, caller: str, status: Status | None, limit: int, cursor: str | None
+    ) -> tuple[list[JobRecord], str | None]:
+        query = select(jobs.c.job_id, jobs.c.caller, jobs.c.timeline, jobs.c.created_at).where(
+            jobs.c.caller == caller
+        )
+        if status is not None:
+            query = query.where(jobs.c.status == status)
+        if cursor is not None:
+            created_at, job_id = decode_cursor(cursor)
+            query = query.where(
+                or_(
+                    jobs.c.created_at < created_at,
+                    and_(jobs.c.created_at == created_at, jobs.c.job_id < job_id),
+                )
+            )
+        query = query.order_by(jobs.c.created_at.desc(), jobs.c.job_id.desc()).limit(limit + 1)
+        with self._engine.connect() as connection:
+            rows = connection.execute(query).all()
+        page = rows[:limit]
+        records = [
+            JobRecord(job_id=r.job_id, caller=r.caller, timeline=_timeline_of(r.timeline))
+            for r in page
+        ]
+        more = len(rows) > limit
+        return records, encode_cursor(page[-1].created_at, page[-1].job_id) if more else None
+
+    # --- idempotency keys -------------------------------------------------
+
+    async def reserve_key(
+        self, caller: str, key: str, request_hash: str, job_id: str, stale_after: float
+    ) -> Reservation:
+        return await asyncio.to_thread(
+            self._reserve_key, caller, key, request_hash, job_id, stale_after
+        )
+
+    def _reserve_key(
+        self, caller: str, key: str, request_hash: str, job_id: str, stale_after: float
+    ) -> Reservation:
+        where = and_(idempotency_keys.c.caller == caller, idempotency_keys.c.key == key)
+        values = {"caller": caller, "key": key, "request_hash": request_hash, "job_id": job_id}
+        while True:
+            now = time.time()
+            with self._engine.begin() as connection:
+                # A pending reservation whose request died with its api is void.
+                connection.execute(
+                    delete(idempotency_keys).where(
+                        where,
+                        idempotency_keys.c.state == "pending",
+                        idempotency_keys.c.created_at < now - stale_after,
+                    )
+                )
+                if connection.execute(_RESERVE_KEY, {**values, "now": now}).rowcount:
+                    return Reservation(KeyOutcome.NEW, job_id)
+                row = connection.execute(
+                    select(
+                        idempotency_keys.c.request_hash,
+                        idempotency_keys.c.job_id,
+                        idempotency_keys.c.state,
+                    ).where(where)
+                ).one_or_none()
+            if row is None:
+                continue  # freed between our insert and our look: try to take it again
+            if row.request_hash != request_hash:
+                return Reservation(KeyOutcome.CONFLICT, row.job_id)
+            if row.state == "pending":
+                return Reservation(KeyOutcome.PENDING, row.job_id)
+            return Reservation(KeyOutcome.REPLAY, row.job_id)
+
+    async def settle_key(self, caller: str, key: str, *, accepted: bool) -> None:
+        """Mark the reservation done once the job is accepted, or drop it if it was not."""
+        await asyncio.to_thread(self._settle_key, caller, key, accepted)
+
+    def _settle_key(self, caller: str, key: str, accepted: bool) -> None:
+        where = and_(idempotency_keys.c.caller == caller, idempotency_keys.c.key == key)
+        with self._engine.begin() as connection:
+            if accepted:
+                connection.execute(update(idempotency_keys).where(where).values(state="done"))
+            else:
+                connection.execute(delete(idempotency_keys).where(where))
+
+    # --- retention ----------------------------------------------------------
+
+    async def purge(self, jobs_before: datetime, keys_before: datetime) -> tuple[int, int]:
+        return await asyncio.to_thread(self._purge, jobs_before, keys_before)
+
+    def _purge(self, jobs_before: datetime, keys_before: datetime) -> tuple[int, int]:
+        with self._engine.begin() as connection:
+            purged_jobs = connection.execute(
+                delete(jobs).where(jobs.c.created_at < jobs_before.timestamp())
+            ).rowcount
+            purged_keys = connection.execute(
+                delete(idempotency_keys).where(
+                    idempotency_keys.c.created_at < keys_before.timestamp()
+                )
+            ).rowcount
+        return purged_jobs, purged_keys

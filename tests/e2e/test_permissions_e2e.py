@@ -1,0 +1,144 @@
+"""The three services, each logged in as its own least-privilege broker user.
+
+As under docker compose: the broker holds the topology of rabbitmq/definitions.json
+(loaded into the test's vhost), and each service's user has the file's
+permissions, so no service may declare anything; it only checks the topology.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from e2e.conftest import Pipeline
+from pipeline_shared.messaging import DEFAULT_RETRY_DELAYS
+from support.broker_users import ServiceUsers, committed_definitions, topology_of
+from support.mailtrap_stub import MailtrapStub
+from support.rabbit import Management
+from support.waiting import wait_for
+
+PipelineFactory = Callable[..., Pipeline]
+SERVICES = ("api-service", "processor-service", "mailer-service")
+# The file's retry queues are those of the default delays.
+FILE_RETRY_DELAYS = ",".join(f"{delay:g}" for delay in DEFAULT_RETRY_DELAYS)
+
+
+@pytest.fixture
+def definitions() -> dict[str, Any]:
+    return committed_definitions()
+
+
+@pytest.fixture
+def users(
+    management: Management, definitions: dict[str, Any], vhost: str
+) -> Iterator[ServiceUsers]:
+    """The file's service users, granted the file's permissions on the test's vhost.
+
+    Tests ask for it before ``pipeline_factory``, so the users are deleted only
+    after the services have stopped.
+    """
+    created = ServiceUsers.create(management, definitions)
+    created.grant(vhost)
+    yield created
+    created.delete()
+
+
+def restricted(users: ServiceUsers, vhost: str) -> dict[str, dict[str, str]]:
+    return {service: {"RABBITMQ_URL": users.url(service, vhost)} for service in SERVICES}
+
+
+def output_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip() and not line.startswith("--- ")]
+
+
+def test_a_job_reaches_mailtrap_with_every_service_as_its_own_restricted_user(
+    users: ServiceUsers,
+    pipeline_factory: PipelineFactory,
+    definitions: dict[str, Any],
+    vhost: str,
+    management: Management,
+    mailtrap: MailtrapStub,
+    mailtrap_settings: dict[str, str],
+) -> None:
+    management.load_definitions(vhost, topology_of(definitions))
+    pipeline = pipeline_factory(
+        per_service=restricted(users, vhost), RETRY_DELAYS=FILE_RETRY_DELAYS, **mailtrap_settings
+    )
+    pipeline.start()
+
+    response = httpx.post(
+        f"{pipeline.api.url}/jobs",
+        json={"email": "ada@example.com", "subject": "Least privilege", "data": {"n": [1, 2]}},
+        timeout=10,
+    )
+    assert response.status_code == 202, response.text
+    job_id = str(response.json()["job_id"])
+
+    wait_for(lambda: mailtrap.deliveries_by_job()[job_id] == 1, what="the job's email")
+    (delivered,) = [r for r in mailtrap.delivered if r.job_id == job_id]
+    assert delivered.to == ["ada@example.com"]
+    assert delivered.payload["subject"] == "Least privilege"
+
+    for service, process in zip(SERVICES, pipeline.services, strict=True):
+        output = process.output()
+        assert f"{users.names[service]}:***@" in output, f"{service} did not log in as its user"
+        assert "topology checked" in output, f"{service} declared the topology"
+
+    def connected_users() -> set[str]:
+        connections = management.client.get(f"/api/vhosts/{vhost}/connections").json()
+        return {connection["user"] for connection in connections}
+
+    # Nobody else (no administrator, no guest) is connected to the vhost.
+    wait_for(
+        lambda: connected_users() == set(users.names.values()),
+        what="the three users' connections in the management API",
+    )
+    # The api's read model consumed every event of the job under its own user.
+    wait_for(lambda: "EmailSent handled" in pipeline.api.output(), what="the api to see EmailSent")
+
+
+@pytest.mark.parametrize("worker", ["processor", "mailer"])
+def test_a_worker_whose_broker_lacks_the_topology_exits_with_one_clear_line(
+    worker: str, users: ServiceUsers, pipeline_factory: PipelineFactory, vhost: str
+) -> None:
+    pipeline = pipeline_factory(per_service=restricted(users, vhost))  # no topology loaded
+    process = pipeline.processor if worker == "processor" else pipeline.mailer
+    process.start()
+    assert process.process is not None
+    code = process.process.wait(timeout=30)
+
+    assert code != 0
+    lines = output_lines(process.output())
+    assert lines[-1].startswith(f"{worker}-service: the broker lacks exchange 'events'"), lines
+    assert "rabbitmq/definitions.json" in lines[-1]
+    assert "Traceback" not in process.output()
+    # Before it, only the mailer's own start-up lines (its ledger, its transport).
+    assert all(" mailer: " in line for line in lines[:-1]), lines
+
+
+def test_the_api_whose_broker_lacks_the_topology_stays_up_unready_and_says_why(
+    users: ServiceUsers, pipeline_factory: PipelineFactory, vhost: str
+) -> None:
+    pipeline = pipeline_factory(per_service=restricted(users, vhost))  # no topology loaded
+    api = pipeline.api
+    api.start()
+    api.wait_listening()
+
+    def reported() -> bool:
+        return any(
+            " ERROR " in line and " api-service: the broker lacks" in line
+            for line in api.output().splitlines()
+        )
+
+    wait_for(reported, what="the api to log the missing topology")
+    ready = httpx.get(f"{api.url}/readyz", timeout=5)
+    assert ready.status_code == 503
+    assert httpx.get(f"{api.url}/healthz", timeout=5).status_code == 200
+    # Proving a negative needs a pause: a retry would come within 0.5 s.
+    time.sleep(1.5)
+    assert api.running
+    assert api.output().count("the broker lacks") == 1, "the configuration error was retried"

@@ -1,0 +1,231 @@
+"""Log lines carry no secrets and, unless asked, no recipient addresses."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterable, Iterator
+
+import pytest
+
+from pipeline_shared.logs import PrivateDataFormatter, configure_logging, mask_addresses
+
+TOKEN = "mt-token-5f1e2d3c"
+PASSWORD = "hunter2-rabbit"
+
+
+class CapturedLog:
+    """A logger of its own whose lines go through the private-data formatter into a buffer."""
+
+    def __init__(self, name: str, secrets: Iterable[str], show_addresses: bool) -> None:
+        self.stream = io.StringIO()
+        self.handler = logging.StreamHandler(self.stream)
+        self.handler.setFormatter(PrivateDataFormatter("%(message)s", secrets, show_addresses))
+        self.logger = logging.getLogger(name)
+        self.logger.addHandler(self.handler)
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.propagate = False
+
+    @property
+    def text(self) -> str:
+        return self.stream.getvalue()
+
+    def close(self) -> None:
+        self.logger.removeHandler(self.handler)
+        self.logger.propagate = True
+
+
+@pytest.fixture
+def captured(request: pytest.FixtureRequest) -> Iterator[CapturedLog]:
+    log = CapturedLog(f"test-logs.{request.node.name}", (TOKEN, PASSWORD), show_addresses=False)
+    yield log
+    log.close()
+
+
+def capture(
+    request: pytest.FixtureRequest, secrets: Iterable[str], *, show_addresses: bool
+) -> CapturedLog:
+    log = CapturedLog(f"test-logs.{request.node.name}", secrets, show_addresses)
+    request.addfinalizer(log.close)
+    return log
+
+
+# --- secrets ----------------------------------------------------------------------
+
+
+def test_a_secret_in_a_message_is_replaced(captured: CapturedLog) -> None:
+    captured.logger.info("calling mailtrap with token %s", TOKEN)
+
+    assert captured.text == "calling mailtrap with token ***\n"
+
+
+def test_every_secret_and_every_occurrence_is_replaced(captured: CapturedLog) -> None:
+    captured.logger.warning("%s then %s then %s again", PASSWORD, TOKEN, PASSWORD)
+
+    assert captured.text == "*** then *** then *** again\n"
+
+
+def test_a_secret_inside_an_exception_traceback_is_replaced(captured: CapturedLog) -> None:
+    try:
+        raise ConnectionError(f"could not log in to amqp://pipeline:{PASSWORD}@rabbit/")
+    except ConnectionError:
+        captured.logger.exception("broker lost")
+
+    assert "Traceback (most recent call last)" in captured.text
+    assert "amqp://pipeline:***@rabbit/" in captured.text
+    assert PASSWORD not in captured.text
+
+
+def test_a_secret_in_the_exception_of_a_chained_error_is_replaced(captured: CapturedLog) -> None:
+    try:
+        try:
+            raise ValueError(f"bad token {TOKEN}")
+        except ValueError as inner:
+            raise RuntimeError("send failed") from inner
+    except RuntimeError:
+        captured.logger.error("mailer", exc_info=True)
+
+    assert "bad token ***" in captured.text
+    assert TOKEN not in captured.text
+
+
+def test_a_secret_that_contains_another_is_replaced_whole(request: pytest.FixtureRequest) -> None:
+    log = capture(request, ("s3cret", "s3cret-and-more"), show_addresses=False)
+
+    log.logger.info("value s3cret-and-more")
+
+    assert log.text == "value ***\n"
+
+
+def test_a_secret_shorter_than_four_characters_is_not_replaced(
+    request: pytest.FixtureRequest,
+) -> None:
+    log = capture(request, ("abc", "abcd"), show_addresses=False)
+
+    log.logger.info("abc is not hidden, abcd is")
+
+    assert log.text == "abc is not hidden, *** is\n"
+
+
+def test_without_secrets_the_line_is_unchanged(request: pytest.FixtureRequest) -> None:
+    log = capture(request, (), show_addresses=False)
+
+    log.logger.info("job %s: JobRequested published", "3f2b8c1e")
+
+    assert log.text == "job 3f2b8c1e: JobRequested published\n"
+
+
+# --- addresses ----------------------------------------------------------------------
+
+
+def test_an_address_in_a_message_is_masked(captured: CapturedLog) -> None:
+    captured.logger.info("sending to %s", "ada.lovelace@example.com")
+
+    assert captured.text == "sending to a***@example.com\n"
+
+
+def test_an_url_encoded_address_in_an_access_log_line_is_masked(captured: CapturedLog) -> None:
+    captured.logger.info(
+        '127.0.0.1:50412 - "POST /tasks?email=ada%40example.com&subject=Hi HTTP/1.1" 202'
+    )
+
+    assert captured.text == (
+        '127.0.0.1:50412 - "POST /tasks?email=a***%40example.com&subject=Hi HTTP/1.1" 202\n'
+    )
+    assert "ada%40" not in captured.text
+
+
+def test_an_address_inside_a_traceback_is_masked(captured: CapturedLog) -> None:
+    try:
+        raise ValueError("mailbox ada@example.com is full")
+    except ValueError:
+        captured.logger.exception("send failed")
+
+    assert "mailbox a***@example.com is full" in captured.text
+    assert "ada@" not in captured.text
+
+
+def test_addresses_are_shown_when_asked(request: pytest.FixtureRequest) -> None:
+    log = capture(request, (TOKEN,), show_addresses=True)
+
+    log.logger.info("to ada@example.com, token %s, query email=bob%%40example.org", TOKEN)
+
+    assert log.text == "to ada@example.com, token ***, query email=bob%40example.org\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("ada@example.com", "a***@example.com"),
+        ("Ada.Lovelace+news@mail.example.co.uk", "A***@mail.example.co.uk"),
+        ("<ada@example.com>", "<a***@example.com>"),
+        ("email=ada%40example.com&x=1", "email=a***%40example.com&x=1"),
+        ("ada@example.com and bob@example.org", "a***@example.com and b***@example.org"),
+        ("a@example.com", "a***@example.com"),
+    ],
+)
+def test_mask_addresses_keeps_the_first_letter_and_the_domain(text: str, masked: str) -> None:
+    assert mask_addresses(text) == masked
+
+
+@pytest.mark.parametrize(
+    "text", ["no address here", "user@localhost", "50% off @ noon", "job 3f2b8c1e failed"]
+)
+def test_mask_addresses_leaves_text_without_an_address_alone(text: str) -> None:
+    assert mask_addresses(text) == text
+
+
+# --- configure_logging ----------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    noisy = {name: logging.getLogger(name).level for name in ("aio_pika", "aiormq")}
+    yield
+    for handler in root.handlers[:]:
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+    for name, noisy_level in noisy.items():
+        logging.getLogger(name).setLevel(noisy_level)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_configure_logging_writes_private_lines_to_stderr(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("INFO", secrets=[TOKEN])
+
+    logging.getLogger("mailer").info("sent to ada@example.com with %s", TOKEN)
+    logging.getLogger("mailer").debug("not at INFO")
+
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.endswith(" INFO    mailer: sent to a***@example.com with ***\n")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_configure_logging_can_show_addresses(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("DEBUG", secrets=[TOKEN], show_addresses=True)
+
+    logging.getLogger("api").debug("job for ada@example.com")
+
+    assert capsys.readouterr().err.endswith(" DEBUG   api: job for ada@example.com\n")
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_configure_logging_quiets_the_amqp_libraries_below_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("INFO")
+
+    logging.getLogger("aiormq.connection").warning("connection lost")
+    logging.getLogger("aio_pika").error("gave up on %s", "amqp://pipeline:x@rabbit")
+
+    err = capsys.readouterr().err
+    assert "connection lost" not in err
+    assert "gave up on" in err

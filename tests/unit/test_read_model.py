@@ -1,0 +1,393 @@
+"""The job read model: a job's record derived from its events, whatever their order."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID, uuid4
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from api_service.read_model import JobEvent, JobRecord, apply
+from pipeline_shared.events import DataProcessed, EmailSent, JobFailed, JobRequested
+
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+JOB = UUID("6a0e9f3c-5b1d-4c8e-9f27-d4b3a1e0c5f8")
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def requested(second: float, **overrides: Any) -> JobRequested:
+    fields: dict[str, Any] = {
+        "job_id": JOB,
+        "occurred_at": at(second),
+        "email": "ada@example.com",
+        "subject": "Your report",
+        "data": {"score": 7},
+        "submitted_by": "key-0123456789abcdef",
+    }
+    return JobRequested(**{**fields, **overrides})
+
+
+def processed(second: float, **overrides: Any) -> DataProcessed:
+    fields: dict[str, Any] = {
+        "job_id": JOB,
+        "occurred_at": at(second),
+        "email": "ada@example.com",
+        "step": "summarise",
+        "data": {"score": 7},
+        "result": {"field_count": 1},
+    }
+    return DataProcessed(**{**fields, **overrides})
+
+
+def sent(second: float, **overrides: Any) -> EmailSent:
+    fields: dict[str, Any] = {
+        "job_id": JOB,
+        "occurred_at": at(second),
+        "email": "ada@example.com",
+        "transport": "mailtrap",
+        "provider_message_id": "msg-1",
+        "attempts": 1,
+    }
+    return EmailSent(**{**fields, **overrides})
+
+
+def failed(second: float, **overrides: Any) -> JobFailed:
+    fields: dict[str, Any] = {
+        "job_id": JOB,
+        "occurred_at": at(second),
+        "stage": "mailer-service",
+        "reason": "the provider refused the message",
+        "error_type": "PermanentFailure",
+        "attempts": 2,
+    }
+    return JobFailed(**{**fields, **overrides})
+
+
+def fold(events: Iterable[JobEvent]) -> JobRecord:
+    record: JobRecord | None = None
+    for event in events:
+        record = apply(record, event)
+    assert record is not None
+    return record
+
+
+# --- the happy path ----------------------------------------------------------
+
+
+def test_a_requested_job_is_queued_and_created_when_it_was_requested() -> None:
+    record = fold([requested(0)])
+
+    assert record.job_id == str(JOB)
+    assert record.status == "queued"
+    assert record.created_at == record.updated_at == at(0)
+    assert record.error is None
+    assert record.attempts == 0
+    assert record.provider_message_id is None
+
+
+def test_a_job_moves_from_queued_to_processed_to_sent() -> None:
+    queued = fold([requested(0)])
+    after_processing = apply(queued, processed(1))
+    after_sending = apply(after_processing, sent(2, attempts=3, provider_message_id="msg-42"))
+
+    assert [queued.status, after_processing.status, after_sending.status] == [
+        "queued",
+        "processed",
+        "sent",
+    ]
+    assert after_sending.created_at == at(0)
+    assert after_sending.updated_at == at(2)
+    assert after_sending.attempts == 3
+    assert after_sending.provider_message_id == "msg-42"
+    assert [entry.event for entry in after_sending.timeline] == [
+        "JobRequested",
+        "DataProcessed",
+        "EmailSent",
+    ]
+
+
+def test_apply_leaves_the_record_it_was_given_unchanged() -> None:
+    queued = fold([requested(0)])
+
+    apply(queued, processed(1))
+
+    assert queued.status == "queued"
+    assert len(queued.timeline) == 1
+
+
+# --- order and duplicates -----------------------------------------------------
+
+
+def test_an_email_sent_arriving_before_the_request_still_ends_sent_created_at_the_request() -> None:
+    record = fold([sent(2), requested(0)])
+
+    assert record.status == "sent"
+    assert record.created_at == at(0)
+    assert record.updated_at == at(2)
+
+
+def test_data_processed_arriving_before_the_request_ends_processed_created_at_the_request() -> None:
+    record = fold([processed(1), requested(0)])
+
+    assert record.status == "processed"
+    assert record.created_at == at(0)
+
+
+def test_without_a_request_the_job_is_created_at_its_earliest_event() -> None:
+    record = fold([processed(5), failed(3)])
+
+    assert record.created_at == at(3)
+    assert record.status == "processed"
+
+
+def test_a_duplicate_event_changes_nothing() -> None:
+    first = requested(0)
+    once = fold([first, processed(1)])
+
+    again = apply(once, first)
+
+    assert again == once
+    assert len(again.timeline) == 2
+
+
+def test_a_different_event_at_the_same_instant_is_not_taken_for_a_duplicate() -> None:
+    once = fold([requested(0), processed(1)])
+
+    with_another = apply(once, processed(1))
+
+    assert len(with_another.timeline) == 3
+
+
+def test_the_same_event_delivered_again_later_is_ignored_even_after_other_events() -> None:
+    failure = failed(1, reason="boom")
+    record = fold([requested(0), failure, processed(2), failure])
+
+    assert [entry.event for entry in record.timeline] == [
+        "JobRequested",
+        "JobFailed",
+        "DataProcessed",
+    ]
+    assert record.status == "processed"
+
+
+def test_the_timeline_is_sorted_by_when_events_occurred_not_by_arrival() -> None:
+    record = fold([sent(3), requested(0), failed(2), processed(1)])
+
+    assert [entry.at for entry in record.timeline] == [at(0), at(1), at(2), at(3)]
+    assert [entry.event for entry in record.timeline] == [
+        "JobRequested",
+        "DataProcessed",
+        "JobFailed",
+        "EmailSent",
+    ]
+
+
+def test_the_timeline_keeps_one_entry_per_event_with_its_id() -> None:
+    events: list[JobEvent] = [requested(0), processed(1), sent(2)]
+
+    record = fold(events)
+
+    assert [entry.event_id for entry in record.timeline] == [str(e.event_id) for e in events]
+
+
+# --- failure and replay --------------------------------------------------------
+
+
+def test_a_failed_job_reports_the_failure_reason() -> None:
+    record = fold([requested(0), failed(1, reason="unknown processing step 'nope'")])
+
+    assert record.status == "failed"
+    assert record.error == "unknown processing step 'nope'"
+
+
+def test_a_failed_job_that_is_replayed_and_processed_again_is_processed_without_error() -> None:
+    record = fold([requested(0), failed(1), processed(2)])
+
+    assert record.status == "processed"
+    assert record.error is None
+
+
+def test_a_replayed_job_whose_processing_arrives_before_the_old_failure_is_still_processed() -> (
+    None
+):
+    record = fold([requested(0), processed(2), failed(1)])
+
+    assert record.status == "processed"
+    assert record.error is None
+
+
+def test_a_failure_after_the_email_was_sent_leaves_the_job_sent() -> None:
+    record = fold([requested(0), processed(1), sent(2), failed(3)])
+
+    assert record.status == "sent"
+    assert record.error is None
+
+
+def test_the_error_is_the_reason_of_the_latest_failure_by_occurrence() -> None:
+    record = fold(
+        [
+            requested(0),
+            failed(3, reason="second failure"),
+            failed(1, reason="first failure"),
+        ]
+    )
+
+    assert record.status == "failed"
+    assert record.error == "second failure"
+
+
+# --- derived fields -----------------------------------------------------------
+
+
+def test_attempts_is_zero_without_a_send_or_a_failure() -> None:
+    assert fold([requested(0), processed(1)]).attempts == 0
+
+
+def test_attempts_is_the_highest_attempt_count_of_sends_and_failures() -> None:
+    record = fold([requested(0), failed(1, attempts=4), processed(2), sent(3, attempts=2)])
+
+    assert record.attempts == 4
+
+
+def test_attempts_counts_a_send_without_a_failure() -> None:
+    assert fold([requested(0), sent(1, attempts=5)]).attempts == 5
+
+
+def test_an_event_without_an_attempt_count_counts_as_none() -> None:
+    record = fold([requested(0), failed(1, attempts=None), sent(2, attempts=None)])
+
+    assert record.attempts == 0
+
+
+def test_the_provider_message_id_comes_from_the_email_sent_event() -> None:
+    record = fold([requested(0), processed(1), sent(2, provider_message_id="<id@mailtrap>")])
+
+    assert record.provider_message_id == "<id@mailtrap>"
+
+
+def test_the_caller_is_taken_from_the_request() -> None:
+    assert fold([requested(0, submitted_by="key-aaaa")]).caller == "key-aaaa"
+
+
+def test_the_caller_is_taken_from_a_request_that_arrives_after_other_events() -> None:
+    first = fold([processed(1), sent(2)])
+    assert first.caller is None
+
+    record = apply(first, requested(0, submitted_by="key-late"))
+
+    assert record.caller == "key-late"
+
+
+def test_a_job_requested_without_a_caller_has_none() -> None:
+    assert fold([requested(0, submitted_by=None), processed(1)]).caller is None
+
+
+# --- any order, any number of times -------------------------------------------
+
+_KINDS: dict[str, Callable[..., JobEvent]] = {
+    "requested": requested,
+    "processed": processed,
+    "sent": sent,
+    "failed": failed,
+}
+
+
+@st.composite
+def job_histories(draw: st.DrawFn) -> tuple[list[JobEvent], list[JobEvent]]:
+    """A job's distinct events, and a delivery of them: any order, each at least once."""
+    kinds = draw(st.lists(st.sampled_from(sorted(_KINDS)), min_size=1, max_size=7))
+    seconds = draw(
+        st.lists(
+            st.integers(min_value=0, max_value=10_000),
+            min_size=len(kinds),
+            max_size=len(kinds),
+            unique=True,
+        )
+    )
+    events: list[JobEvent] = []
+    for index, (kind, second) in enumerate(zip(kinds, seconds, strict=True)):
+        extra: dict[str, Any] = {}
+        if kind in ("sent", "failed"):
+            extra["attempts"] = draw(st.none() | st.integers(min_value=1, max_value=9))
+        if kind == "failed":
+            extra["reason"] = f"failure {index}"
+        if kind == "sent":
+            extra["provider_message_id"] = f"msg-{index}"
+        if kind == "requested":
+            extra["submitted_by"] = "key-caller"
+        events.append(_KINDS[kind](second, **extra))
+    duplicates = draw(st.lists(st.sampled_from(events), max_size=5))
+    delivery = draw(st.permutations([*events, *duplicates]))
+    return events, delivery
+
+
+@settings(database=None, deadline=None, max_examples=300)
+@given(job_histories())
+def test_any_order_and_duplication_of_the_same_events_gives_the_same_record(
+    history: tuple[list[JobEvent], list[JobEvent]],
+) -> None:
+    events, delivery = history
+    in_order = fold(sorted(events, key=lambda e: e.occurred_at))
+
+    record = fold(delivery)
+
+    assert record == in_order
+    assert len(record.timeline) == len({e.event_id for e in events})
+    assert (record.status, record.error, record.attempts, record.provider_message_id) == (
+        in_order.status,
+        in_order.error,
+        in_order.attempts,
+        in_order.provider_message_id,
+    )
+    assert (record.created_at, record.updated_at) == (in_order.created_at, in_order.updated_at)
+
+
+@settings(database=None, deadline=None, max_examples=300)
+@given(job_histories())
+def test_the_status_follows_the_rules_whatever_the_order(
+    history: tuple[list[JobEvent], list[JobEvent]],
+) -> None:
+    events, delivery = history
+    record = fold(delivery)
+
+    if any(isinstance(e, EmailSent) for e in events):
+        expected = "sent"
+    else:
+        latest = max(events, key=lambda e: e.occurred_at)
+        expected = {
+            "JobRequested": "queued",
+            "DataProcessed": "processed",
+            "JobFailed": "failed",
+        }[latest.event_type]
+    assert record.status == expected
+    assert [e.at for e in record.timeline] == sorted(e.at for e in record.timeline)
+    requests = [e for e in events if isinstance(e, JobRequested)]
+    assert record.caller == ("key-caller" if requests else None)
+    if requests:
+        assert record.created_at == min(e.occurred_at for e in requests)
+
+
+def test_events_that_occurred_at_the_same_instant_give_the_same_record_in_any_order() -> None:
+    request, failure = requested(0), failed(0)
+
+    one_way = fold([request, failure])
+    other_way = fold([failure, request])
+
+    assert one_way.status == other_way.status
+    assert one_way == other_way
+
+
+def test_a_new_job_id_starts_a_new_record() -> None:
+    other = uuid4()
+
+    record = apply(None, processed(0, job_id=other))
+
+    assert record.job_id == str(other)
+    assert record.caller is None
+    assert record.status == "processed"
