@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from support.mailtrap_stub import MailtrapStub
+from support.postgres import temporary_database
 from support.rabbit import Management, new_vhost_name, url_for_vhost
 
 TIERS = ("unit", "integration", "e2e")
@@ -48,6 +49,17 @@ def vhost(management: Management) -> Iterator[str]:
 @pytest.fixture
 def broker_url(vhost: str) -> str:
     return url_for_vhost(vhost)
+
+
+@pytest.fixture(scope="module")
+def postgres_database(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A PostgreSQL database of the test module's own, dropped afterwards; the
+    test is skipped, saying why, when no server answers at TEST_POSTGRES_URL."""
+    prefix = request.module.__name__.rsplit(".", 1)[-1]
+    with temporary_database(prefix) as url:
+        if url is None:
+            pytest.skip("no PostgreSQL answers at TEST_POSTGRES_URL")
+        yield url
 
 
 @pytest.fixture

@@ -15,17 +15,14 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.exc import OperationalError
 
 from e2e.conftest import Pipeline
-from pipeline_shared.database import engine_url
 from support.mailtrap_stub import MailtrapStub
+from support.postgres import temporary_database
 from support.rabbit import Management
 from support.waiting import wait_for
 
 PipelineFactory = Callable[..., Pipeline]
-POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 @pytest.fixture
@@ -45,19 +42,11 @@ def database_url(tmp_path: Path) -> Iterator[tuple[str, str | None]]:
     """A PostgreSQL database of the test's own, reached with a password in its URL
     (trust authentication ignores it); SQLite, without one, if no server answers."""
     password = f"db-pw-{uuid.uuid4().hex}"
-    name = f"secrets_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(engine_url(POSTGRES_ADMIN_URL), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    except OperationalError:
-        admin.dispose()
-        yield f"sqlite:///{tmp_path / 'state.sqlite3'}", None
-        return
-    yield f"postgresql://postgres:{password}@127.0.0.1:5432/{name}", password
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with temporary_database("secrets", password) as url:
+        if url is None:
+            yield f"sqlite:///{tmp_path / 'state.sqlite3'}", None
+        else:
+            yield url, password
 
 
 def test_no_secret_appears_in_any_output_or_answer_and_addresses_are_masked(

@@ -4,48 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, create_engine, event, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Connection, event
 
 from api_service.read_model import JobEvent
 from api_service.store import InvalidCursor, JobStore, KeyOutcome, encode_cursor
-from pipeline_shared.database import build_engine, engine_url
+from pipeline_shared.database import build_engine
 from pipeline_shared.events import DataProcessed, EmailSent, JobFailed, JobRequested
-
-POSTGRES_ADMIN_URL = os.environ.get(
-    "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 LONG_AGO = datetime(2001, 1, 1, tzinfo=UTC)  # only the purge test uses times this old
 STALE_AFTER = 60.0
-
-
-@pytest.fixture(scope="module")
-def postgres_database() -> Iterator[str]:
-    """A database of this module's own on the PostgreSQL server, dropped afterwards."""
-    admin = create_engine(engine_url(POSTGRES_ADMIN_URL), isolation_level="AUTOCOMMIT")
-    name = f"job_store_test_{uuid.uuid4().hex[:10]}"
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    except OperationalError as exc:
-        admin.dispose()
-        pytest.skip(f"no PostgreSQL answers at TEST_POSTGRES_URL ({type(exc).__name__})")
-    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
-    yield f"{base}/{name}"
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import pytest
@@ -19,29 +18,14 @@ from api_service.auth import (
 from api_service.settings import ApiSettings
 from mailer_service.settings import MailerSettings
 from pipeline_shared.settings import PipelineSettings, load_settings
+from unit.settings_env import clean_environment, exit_message  # noqa: F401
 
 KEY = "k3y-for-ada-0123456789"
 OTHER_KEY = "k3y-for-bob-9876543210"
 KEY_DIGEST = hashlib.sha256(KEY.encode()).hexdigest()
 
-SETTINGS_CLASSES = (PipelineSettings, ApiSettings, MailerSettings)
-VARIABLES = {name for cls in SETTINGS_CLASSES for name in cls.model_fields}
 
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No variable of the developer's or the CI's, and no stray .env, reaches these tests."""
-    for key in list(os.environ):
-        if key.lower() in VARIABLES:
-            monkeypatch.delenv(key)
-    monkeypatch.chdir(tmp_path)
-
-
-def exit_message(cls: type[PipelineSettings], service: str) -> str:
-    with pytest.raises(SystemExit) as caught:
-        load_settings(cls, service)
-    assert isinstance(caught.value.code, str)
-    return caught.value.code
+pytestmark = pytest.mark.usefixtures("clean_environment")
 
 
 # --- parse_api_keys ------------------------------------------------------------

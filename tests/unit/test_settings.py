@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,31 +11,14 @@ from api_service.settings import ApiSettings
 from mailer_service.settings import MailerSettings
 from pipeline_shared.settings import (
     PipelineSettings,
-    WorkerSettings,
     describe_settings_error,
     load_settings,
     redact_url,
 )
 from processor_service.settings import ProcessorSettings
+from unit.settings_env import clean_environment, exit_message  # noqa: F401
 
-ALL_SETTINGS = (PipelineSettings, WorkerSettings, ApiSettings, ProcessorSettings, MailerSettings)
-VARIABLES = {name for cls in ALL_SETTINGS for name in cls.model_fields}
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No variable of the developer's or the CI's, and no stray .env, reaches these tests."""
-    for key in list(os.environ):
-        if key.lower() in VARIABLES:
-            monkeypatch.delenv(key)
-    monkeypatch.chdir(tmp_path)
-
-
-def exit_message(cls: type[PipelineSettings], service: str) -> str:
-    with pytest.raises(SystemExit) as caught:
-        load_settings(cls, service)
-    assert isinstance(caught.value.code, str)
-    return caught.value.code
+pytestmark = pytest.mark.usefixtures("clean_environment")
 
 
 # --- defaults and sources ---------------------------------------------------

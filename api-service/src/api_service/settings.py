@@ -5,8 +5,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
 from api_service.auth import ApiKeys, InvalidApiKeySetting, is_loopback, parse_api_keys
-from pipeline_shared.database import is_database_url
-from pipeline_shared.settings import PipelineSettings, url_secrets
+from pipeline_shared.settings import DatabaseUrl, PipelineSettings, url_secrets
 
 
 class ApiSettings(PipelineSettings):
@@ -21,7 +20,7 @@ class ApiSettings(PipelineSettings):
         description="Comma-separated API keys, each plain or sha256:<hex digest>; required "
         "unless API_HOST is a loopback address.",
     )
-    database_url: str = Field(
+    database_url: DatabaseUrl = Field(
         default="sqlite:///pipeline-state.sqlite3",
         description="Where job records and idempotency keys live: a SQLite file for one "
         "host, or a postgresql:// URL that api replicas share.",
@@ -52,13 +51,6 @@ class ApiSettings(PipelineSettings):
                 f"is required when API_HOST ({host}) is not a loopback address: "
                 "an open api would be an open email relay"
             )
-        return value
-
-    @field_validator("database_url")
-    @classmethod
-    def _database_url(cls, value: str) -> str:
-        if not is_database_url(value):
-            raise ValueError("must be a sqlite:// or postgresql:// URL")
         return value
 
     def secret_values(self) -> list[str]:

@@ -8,8 +8,7 @@ from typing import Literal
 
 from pydantic import EmailStr, Field, SecretStr, ValidationInfo, field_validator
 
-from pipeline_shared.database import is_database_url
-from pipeline_shared.settings import WorkerSettings, url_secrets
+from pipeline_shared.settings import DatabaseUrl, WorkerSettings, url_secrets
 
 Transport = Literal["mailtrap", "outbox"]
 
@@ -54,7 +53,7 @@ class MailerSettings(WorkerSettings):
         "by default twice MAILER_CONCURRENCY.",
     )
 
-    database_url: str = Field(
+    database_url: DatabaseUrl = Field(
         default="sqlite:///pipeline-state.sqlite3",
         description="The ledger of sent emails: a SQLite file for one host, or a "
         "postgresql:// URL that replicas on several hosts share.",
@@ -68,13 +67,6 @@ class MailerSettings(WorkerSettings):
     ledger_retention_days: float = Field(
         default=7.0, gt=0, description="How long the ledger remembers a sent email."
     )
-
-    @field_validator("database_url")
-    @classmethod
-    def _database_url(cls, value: str) -> str:
-        if not is_database_url(value):
-            raise ValueError("must be a sqlite:// or postgresql:// URL")
-        return value
 
     @field_validator("send_lease_seconds")
     @classmethod

@@ -24,10 +24,6 @@ def engine_url(database_url: str) -> str:
     return database_url
 
 
-def is_database_url(value: str) -> bool:
-    return value.startswith(("sqlite://", "postgresql://", "postgres://", "postgresql+"))
-
-
 def build_engine(database_url: str) -> Engine:
     url = make_url(engine_url(database_url))
     if url.get_backend_name() != "sqlite":

@@ -10,10 +10,23 @@ import sys
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+_DATABASE_SCHEMES = ("sqlite://", "postgresql://", "postgres://", "postgresql+")
+
+
+def _database_url(value: str) -> str:
+    if not value.startswith(_DATABASE_SCHEMES):
+        raise ValueError("must be a sqlite:// or postgresql:// URL")
+    return value
+
+
+DatabaseUrl = Annotated[str, AfterValidator(_database_url)]
+"""A ``sqlite://`` URL (a file, for one host) or a ``postgresql://`` URL (a server
+that replicas on several hosts share)."""
 
 
 class PipelineSettings(BaseSettings):
