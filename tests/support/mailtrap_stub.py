@@ -82,8 +82,7 @@ class MailtrapStub:
         class Handler(_Handler):
             owner = stub
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
+        server = _Server(("127.0.0.1", 0), Handler)
         server.socket = context.wrap_socket(server.socket, server_side=True)
         self._server = server
         self._thread = threading.Thread(
@@ -168,9 +167,19 @@ class MailtrapStub:
         return 200, {}
 
 
+class _Server(ThreadingHTTPServer):
+    # A burst of new connections (one per email when each email builds its
+    # own session) must not find the standard library's backlog of 5 full.
+    request_queue_size = 128
+    daemon_threads = True
+
+
 class _Handler(BaseHTTPRequestHandler):
     owner: MailtrapStub
     protocol_version = "HTTP/1.1"  # keep-alive, as the real API
+    # The headers and the body go out in two writes; with Nagle's algorithm on,
+    # the body would wait for the client's delayed ACK, ~40 ms an answer.
+    disable_nagle_algorithm = True
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", "0"))
