@@ -76,17 +76,21 @@ class RecordJobEvent:
         await self._store.record(event)
 
 
-def get_broker(request: Request) -> Broker:
+# Dependencies are coroutines: FastAPI runs plain functions in a thread pool,
+# a thread hop per dependency per request for what is an attribute lookup.
+
+
+async def get_broker(request: Request) -> Broker:
     broker: Broker = request.app.state.broker
     return broker
 
 
-def get_store(request: Request) -> JobStore:
+async def get_store(request: Request) -> JobStore:
     store: JobStore = request.app.state.store
     return store
 
 
-def authenticate(
+async def authenticate(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> str:

@@ -21,7 +21,7 @@ class ApiSettings(PipelineSettings):
         "unless API_HOST is a loopback address.",
     )
     database_url: DatabaseUrl = Field(
-        default="sqlite:///pipeline-state.sqlite3",
+        default="sqlite:///api-state.sqlite3",
         description="Where job records and idempotency keys live: a SQLite file for one "
         "host, or a postgresql:// URL that api replicas share.",
     )

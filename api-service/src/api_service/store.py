@@ -40,7 +40,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError
 
 from api_service.read_model import Entry, JobEvent, JobRecord, Status, apply
-from pipeline_shared.database import build_engine
+from pipeline_shared.database import build_engine, for_writing
 
 metadata = MetaData()
 
@@ -134,6 +134,7 @@ class Reservation:
 class JobStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        self._writer = for_writing(engine)
 
     @classmethod
     def open(cls, database_url: str) -> JobStore:
@@ -158,15 +159,21 @@ class JobStore:
         return await asyncio.to_thread(self._record, event)
 
     def _record(self, event: JobEvent) -> JobRecord:
-        with self._engine.begin() as connection:
-            existing = self._locked(connection, str(event.job_id))
+        # Most repeats (the api's own JobRequested coming back through the
+        # queue, redeliveries) change nothing: find them without the write lock.
+        with self._engine.connect() as connection:
+            seen = self._read(connection, str(event.job_id))
+        if seen is not None and apply(seen, event) is seen:
+            return seen
+        with self._writer.begin() as connection:
+            existing = self._read(connection, str(event.job_id), lock=True)
             updated = apply(existing, event)
             if existing is None:
                 inserted = connection.execute(_INSERT_JOB, _row_values(updated)).rowcount
                 if inserted:
                     return updated
                 # Another replica inserted it first: fold into theirs.
-                existing = self._locked(connection, str(event.job_id))
+                existing = self._read(connection, str(event.job_id), lock=True)
                 updated = apply(existing, event)
             if updated != existing:
                 connection.execute(
@@ -175,12 +182,9 @@ class JobStore:
             return updated
 
     @staticmethod
-    def _locked(connection: Connection, job_id: str) -> JobRecord | None:
-        row = connection.execute(
-            select(jobs.c.job_id, jobs.c.caller, jobs.c.timeline)
-            .where(jobs.c.job_id == job_id)
-            .with_for_update()
-        ).one_or_none()
+    def _read(connection: Connection, job_id: str, *, lock: bool = False) -> JobRecord | None:
+        query = select(jobs.c.job_id, jobs.c.caller, jobs.c.timeline).where(jobs.c.job_id == job_id)
+        row = connection.execute(query.with_for_update() if lock else query).one_or_none()
         if row is None:
             return None
         return JobRecord(job_id=row.job_id, caller=row.caller, timeline=_timeline_of(row.timeline))
@@ -248,7 +252,7 @@ class JobStore:
         values = {"caller": caller, "key": key, "request_hash": request_hash, "job_id": job_id}
         while True:
             now = time.time()
-            with self._engine.begin() as connection:
+            with self._writer.begin() as connection:
                 # A pending reservation whose request died with its api is void.
                 connection.execute(
                     delete(idempotency_keys).where(
@@ -280,7 +284,7 @@ class JobStore:
 
     def _settle_key(self, caller: str, key: str, accepted: bool) -> None:
         where = and_(idempotency_keys.c.caller == caller, idempotency_keys.c.key == key)
-        with self._engine.begin() as connection:
+        with self._writer.begin() as connection:
             if accepted:
                 connection.execute(update(idempotency_keys).where(where).values(state="done"))
             else:
@@ -292,7 +296,7 @@ class JobStore:
         return await asyncio.to_thread(self._purge, jobs_before, keys_before)
 
     def _purge(self, jobs_before: datetime, keys_before: datetime) -> tuple[int, int]:
-        with self._engine.begin() as connection:
+        with self._writer.begin() as connection:
             purged_jobs = connection.execute(
                 delete(jobs).where(jobs.c.created_at < jobs_before.timestamp())
             ).rowcount

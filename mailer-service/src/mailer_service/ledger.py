@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from sqlalchemy import Column, Engine, Float, MetaData, String, Table, text
 from sqlalchemy.exc import DBAPIError
 
-from pipeline_shared.database import build_engine
+from pipeline_shared.database import build_engine, for_writing
 
 metadata = MetaData()
 
@@ -96,6 +96,7 @@ class SqlLedger:
 
     def __init__(self, engine: Engine, *, lease_seconds: float) -> None:
         self._engine = engine
+        self._writer = for_writing(engine)
         self._lease = lease_seconds
 
     @classmethod
@@ -130,7 +131,7 @@ class SqlLedger:
     def _claim(self, job_id: str) -> Claim:
         token = str(uuid.uuid4())
         now = time.time()
-        with self._engine.begin() as connection:
+        with self._writer.begin() as connection:
             connection.execute(
                 _CLAIM,
                 {"job_id": job_id, "token": token, "now": now, "stale_before": now - self._lease},
@@ -143,7 +144,7 @@ class SqlLedger:
         return Claim(ClaimState.CLAIMED, token)
 
     def _mark_sent(self, job_id: str, transport: str, provider_message_id: str | None) -> None:
-        with self._engine.begin() as connection:
+        with self._writer.begin() as connection:
             connection.execute(
                 _MARK_SENT,
                 {
@@ -155,9 +156,9 @@ class SqlLedger:
             )
 
     def _release(self, job_id: str, claim: Claim) -> None:
-        with self._engine.begin() as connection:
+        with self._writer.begin() as connection:
             connection.execute(_RELEASE, {"job_id": job_id, "token": claim.token})
 
     def _purge(self, before: float) -> int:
-        with self._engine.begin() as connection:
+        with self._writer.begin() as connection:
             return connection.execute(_PURGE, {"before": before}).rowcount

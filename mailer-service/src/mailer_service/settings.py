@@ -54,7 +54,7 @@ class MailerSettings(WorkerSettings):
     )
 
     database_url: DatabaseUrl = Field(
-        default="sqlite:///pipeline-state.sqlite3",
+        default="sqlite:///mailer-state.sqlite3",
         description="The ledger of sent emails: a SQLite file for one host, or a "
         "postgresql:// URL that replicas on several hosts share.",
     )

@@ -14,6 +14,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+_SQLITE_BEGIN = "sqlite_begin"
 
 
 def engine_url(database_url: str) -> str:
@@ -43,10 +44,18 @@ def build_engine(database_url: str) -> Engine:
         cursor.close()
 
     @event.listens_for(engine, "begin")
-    def _begin_immediate(connection: Any) -> None:
-        # Take the write lock when the transaction starts: a read-then-write
-        # transaction then waits for another writer instead of failing at
-        # its first write.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    def _begin(connection: Any) -> None:
+        # A writer (see ``for_writing``) takes the write lock when its
+        # transaction starts, so a read-then-write transaction waits for
+        # another writer instead of failing at its first write; readers do
+        # not take it at all.
+        mode = connection.get_execution_options().get(_SQLITE_BEGIN, "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def for_writing(engine: Engine) -> Engine:
+    """The same engine for transactions that write: on SQLite they begin IMMEDIATE
+    (taking the database's write lock at once); elsewhere nothing changes."""
+    return engine.execution_options(**{_SQLITE_BEGIN: "IMMEDIATE"})
