@@ -153,12 +153,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 settings.api_host,
                 settings.api_port,
             )
-        broker = Broker(
-            settings.rabbitmq_url,
-            app_id=SERVICE,
-            publish_timeout=settings.publish_timeout_seconds,
-            retry_delays=settings.retry_delays,
-        )
+        broker = Broker.from_settings(settings, app_id=SERVICE)
         app.state.broker, app.state.store = broker, store
         # Connect in the background: the api answers /healthz (and 503s)
         # while the broker is away, and the robust connection takes over once

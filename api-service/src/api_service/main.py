@@ -9,7 +9,7 @@ import uvicorn
 
 from api_service.app import SERVICE, create_app
 from api_service.settings import ApiSettings
-from pipeline_shared.logs import configure_logging
+from pipeline_shared.logs import configure_service_logging
 from pipeline_shared.settings import load_settings
 from pipeline_shared.worker import STOP_SIGNALS, ignore_stop_signals
 
@@ -21,11 +21,7 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 
 def main() -> None:
     settings = load_settings(ApiSettings, SERVICE)
-    configure_logging(
-        settings.log_level,
-        secrets=settings.secret_values(),
-        show_addresses=settings.log_show_addresses,
-    )
+    configure_service_logging(settings)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal
     # again against the handlers it found; these make that a clean exit 0,
     # which is what process supervisors expect from a requested stop.

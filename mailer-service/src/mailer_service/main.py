@@ -16,7 +16,7 @@ from mailer_service.outbox import OutboxTransport
 from mailer_service.settings import MailerSettings
 from mailer_service.transport import EmailTransport
 from pipeline_shared.events import DataProcessed
-from pipeline_shared.logs import configure_logging
+from pipeline_shared.logs import configure_service_logging
 from pipeline_shared.messaging import Broker
 from pipeline_shared.settings import load_settings, redact_url
 from pipeline_shared.topology import MAILER
@@ -79,12 +79,7 @@ async def purge_ledger(ledger: SqlLedger, retention_days: float) -> None:
 async def serve(settings: MailerSettings, stop: asyncio.Event) -> None:
     ledger = await open_ledger(settings)
     purging = asyncio.create_task(purge_ledger(ledger, settings.ledger_retention_days))
-    broker = Broker(
-        settings.rabbitmq_url,
-        app_id=SERVICE,
-        publish_timeout=settings.publish_timeout_seconds,
-        retry_delays=settings.retry_delays,
-    )
+    broker = Broker.from_settings(settings, app_id=SERVICE)
     transport = build_transport(settings)
     sender = Sender(settings.mail_from, settings.mail_from_name, settings.mail_category)
     try:
@@ -106,9 +101,5 @@ async def serve(settings: MailerSettings, stop: asyncio.Event) -> None:
 
 def main() -> None:
     settings = load_settings(MailerSettings, SERVICE)
-    configure_logging(
-        settings.log_level,
-        secrets=settings.secret_values(),
-        show_addresses=settings.log_show_addresses,
-    )
+    configure_service_logging(settings)
     run_until_signalled(lambda stop: serve(settings, stop))

@@ -6,7 +6,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 from pipeline_shared.events import JobRequested
-from pipeline_shared.logs import configure_logging
+from pipeline_shared.logs import configure_service_logging
 from pipeline_shared.messaging import Broker
 from pipeline_shared.settings import load_settings
 from pipeline_shared.topology import PROCESSOR
@@ -19,12 +19,7 @@ SERVICE = "processor-service"
 
 
 async def serve(settings: ProcessorSettings, stop: asyncio.Event) -> None:
-    broker = Broker(
-        settings.rabbitmq_url,
-        app_id=SERVICE,
-        publish_timeout=settings.publish_timeout_seconds,
-        retry_delays=settings.retry_delays,
-    )
+    broker = Broker.from_settings(settings, app_id=SERVICE)
     with ThreadPoolExecutor(settings.processing_threads, thread_name_prefix="step") as executor:
         handler = ProcessJob(
             broker, executor, steps=STEPS, delay_seconds=settings.processing_delay_seconds
@@ -43,9 +38,5 @@ async def serve(settings: ProcessorSettings, stop: asyncio.Event) -> None:
 
 def main() -> None:
     settings = load_settings(ProcessorSettings, SERVICE)
-    configure_logging(
-        settings.log_level,
-        secrets=settings.secret_values(),
-        show_addresses=settings.log_show_addresses,
-    )
+    configure_service_logging(settings)
     run_until_signalled(lambda stop: serve(settings, stop))

@@ -243,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = load_settings(PipelineSettings, PROGRAM)
     # The command reports problems itself, in one line; the AMQP libraries
     # would add their own tracebacks.
-    configure_logging("ERROR")
+    configure_logging("ERROR", secrets=settings.secret_values())
     for library in ("aiormq", "aio_pika"):
         logging.getLogger(library).setLevel(logging.CRITICAL)
     try:

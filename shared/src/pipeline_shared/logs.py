@@ -13,6 +13,8 @@ import re
 import sys
 from collections.abc import Iterable
 
+from pipeline_shared.settings import PipelineSettings
+
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 # An address as it appears in text or in a URL's query string (%40 for @).
@@ -43,6 +45,15 @@ class PrivateDataFormatter(logging.Formatter):
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text if self._show_addresses else mask_addresses(text)
+
+
+def configure_service_logging(settings: PipelineSettings) -> None:
+    """``configure_logging`` as a service's settings ask, hiding its secrets."""
+    configure_logging(
+        settings.log_level,
+        secrets=settings.secret_values(),
+        show_addresses=settings.log_show_addresses,
+    )
 
 
 def configure_logging(

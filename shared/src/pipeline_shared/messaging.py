@@ -69,7 +69,7 @@ from pipeline_shared.errors import (
     TransientFailure,
 )
 from pipeline_shared.events import Event, JobFailed, describe_validation_error, utc_now
-from pipeline_shared.settings import redact_url
+from pipeline_shared.settings import PipelineSettings, redact_url
 from pipeline_shared.topology import (
     EXCHANGE,
     QUEUE_EXCHANGE,
@@ -278,6 +278,16 @@ class Broker:
         self.passive = False
         """Whether the broker user may not configure, so the topology is only
         checked (``verify_topology``), never declared; set by ``connect``."""
+
+    @classmethod
+    def from_settings(cls, settings: PipelineSettings, *, app_id: str) -> Broker:
+        """The broker a service's settings describe."""
+        return cls(
+            settings.rabbitmq_url,
+            app_id=app_id,
+            publish_timeout=settings.publish_timeout_seconds,
+            retry_delays=settings.retry_delays,
+        )
 
     @property
     def is_ready(self) -> bool:
