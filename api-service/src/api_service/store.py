@@ -91,6 +91,10 @@ def _timeline_of(raw: str) -> tuple[Entry, ...]:
     )
 
 
+def _record_of(row: Any) -> JobRecord:
+    return JobRecord(job_id=row.job_id, caller=row.caller, timeline=_timeline_of(row.timeline))
+
+
 def _row_values(record: JobRecord) -> dict[str, Any]:
     return {
         "job_id": record.job_id,
@@ -185,23 +189,15 @@ class JobStore:
     def _read(connection: Connection, job_id: str, *, lock: bool = False) -> JobRecord | None:
         query = select(jobs.c.job_id, jobs.c.caller, jobs.c.timeline).where(jobs.c.job_id == job_id)
         row = connection.execute(query.with_for_update() if lock else query).one_or_none()
-        if row is None:
-            return None
-        return JobRecord(job_id=row.job_id, caller=row.caller, timeline=_timeline_of(row.timeline))
+        return _record_of(row) if row is not None else None
 
     async def get(self, job_id: str, caller: str) -> JobRecord | None:
         return await asyncio.to_thread(self._get, job_id, caller)
 
     def _get(self, job_id: str, caller: str) -> JobRecord | None:
         with self._engine.connect() as connection:
-            row = connection.execute(
-                select(jobs.c.job_id, jobs.c.caller, jobs.c.timeline).where(
-                    jobs.c.job_id == job_id, jobs.c.caller == caller
-                )
-            ).one_or_none()
-        if row is None:
-            return None
-        return JobRecord(job_id=row.job_id, caller=row.caller, timeline=_timeline_of(row.timeline))
+            record = self._read(connection, job_id)
+        return record if record is not None and record.caller == caller else None
 
     async def list_jobs(
         self, caller: str, status: Status | None, limit: int, cursor: str | None
@@ -229,10 +225,7 @@ class JobStore:
         with self._engine.connect() as connection:
             rows = connection.execute(query).all()
         page = rows[:limit]
-        records = [
-            JobRecord(job_id=r.job_id, caller=r.caller, timeline=_timeline_of(r.timeline))
-            for r in page
-        ]
+        records = [_record_of(row) for row in page]
         more = len(rows) > limit
         return records, encode_cursor(page[-1].created_at, page[-1].job_id) if more else None
 
