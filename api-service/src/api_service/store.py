@@ -37,10 +37,9 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import DBAPIError
 
 from api_service.read_model import Entry, JobEvent, JobRecord, Status, apply
-from pipeline_shared.database import build_engine, for_writing
+from pipeline_shared.database import build_engine, create_tables, for_writing
 
 metadata = MetaData()
 
@@ -147,11 +146,7 @@ class JobStore:
         return store
 
     def create_schema(self) -> None:
-        try:
-            metadata.create_all(self._engine)
-        except DBAPIError:
-            # Two replicas creating the tables at once: one wins, both go on.
-            metadata.create_all(self._engine)
+        create_tables(self._engine, metadata)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._engine.dispose)

@@ -28,9 +28,8 @@ import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import Column, Engine, Float, MetaData, String, Table, text
-from sqlalchemy.exc import DBAPIError
 
-from pipeline_shared.database import build_engine, for_writing
+from pipeline_shared.database import build_engine, create_tables, for_writing
 
 metadata = MetaData()
 
@@ -106,11 +105,7 @@ class SqlLedger:
         return ledger
 
     def create_schema(self) -> None:
-        try:
-            metadata.create_all(self._engine)
-        except DBAPIError:
-            # Two replicas creating the table at once: one wins, both go on.
-            metadata.create_all(self._engine)
+        create_tables(self._engine, metadata)
 
     async def claim(self, job_id: str) -> Claim:
         return await asyncio.to_thread(self._claim, job_id)

@@ -8,10 +8,12 @@ so a store has one code path for both. Needs the ``db`` extra
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, MetaData, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _SQLITE_BEGIN = "sqlite_begin"
@@ -36,11 +38,12 @@ def build_engine(database_url: str) -> Engine:
         # Let SQLAlchemy's BEGIN below, not the driver, open transactions.
         connection.isolation_level = None
         cursor = connection.cursor()
+        # First, so that the pragmas below wait for another process's lock.
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         # WAL lets readers on one host go on while another process writes;
         # FULL sync makes a commit survive a power cut, not just a crash.
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -53,6 +56,23 @@ def build_engine(database_url: str) -> Engine:
         connection.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def create_tables(engine: Engine, metadata: MetaData, attempts: int = 5) -> None:
+    """Create the tables ``metadata`` names that do not exist yet.
+
+    Services sharing a database may start at the same moment: one may create a
+    table after the other looked for it, so a failed attempt is tried again
+    after a short pause (and then finds the table there).
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            metadata.create_all(engine)
+            return
+        except DBAPIError:
+            if attempt == attempts:
+                raise
+            time.sleep(0.1 * attempt)
 
 
 def for_writing(engine: Engine) -> Engine:
