@@ -14,8 +14,15 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, event
 
-from api_service.read_model import JobEvent
-from api_service.store import InvalidCursor, JobStore, KeyOutcome, encode_cursor
+from api_service.read_model import Entry, JobEvent, JobRecord
+from api_service.store import (
+    InvalidCursor,
+    JobStore,
+    KeyOutcome,
+    _row_values,
+    encode_cursor,
+    jobs,
+)
 from pipeline_shared.database import build_engine
 from pipeline_shared.events import DataProcessed, EmailSent, JobFailed, JobRequested
 
@@ -217,6 +224,55 @@ async def test_a_replayed_failure_is_recorded_as_processed_again(
 
     assert record is not None
     assert (record.status, record.error) == ("processed", None)
+
+
+async def test_an_email_sent_re_published_with_a_new_event_id_is_recorded_once(
+    store: JobStore, caller: str
+) -> None:
+    job = new_job()
+    first = sent(job, at(2), attempts=1, provider_message_id="msg-7")
+    await store.record(requested(job, at(0), caller))
+    await store.record(processed(job, at(1)))
+    await store.record(first)
+    # DataProcessed redelivered after the email was sent: the mailer re-publishes.
+    returned = await store.record(sent(job, at(9), attempts=2, provider_message_id="msg-7"))
+
+    record = await store.get(job, caller)
+
+    assert record is not None
+    assert record == returned
+    assert [entry.event for entry in record.timeline] == [
+        "JobRequested",
+        "DataProcessed",
+        "EmailSent",
+    ]
+    assert record.timeline[-1].event_id == str(first.event_id)
+    assert (record.status, record.attempts, record.provider_message_id) == ("sent", 1, "msg-7")
+    assert record.updated_at == at(2)
+
+
+async def test_a_row_written_with_a_re_published_event_twice_reads_with_it_once(
+    store: JobStore, database_url: str, caller: str
+) -> None:
+    # What the store wrote before the timeline held one entry per event type.
+    job = new_job()
+    timeline = (
+        Entry(str(uuid.uuid4()), "JobRequested", at(0)),
+        Entry(str(uuid.uuid4()), "DataProcessed", at(1)),
+        Entry(str(uuid.uuid4()), "EmailSent", at(2), attempts=1, provider_message_id="msg-7"),
+        Entry(str(uuid.uuid4()), "EmailSent", at(9), attempts=2, provider_message_id="msg-7"),
+    )
+    engine = build_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(jobs.insert().values(_row_values(JobRecord(job, caller, timeline))))
+    finally:
+        engine.dispose()
+
+    record = await store.get(job, caller)
+
+    assert record is not None
+    assert record.timeline == timeline[:3]
 
 
 async def test_a_record_survives_reopening_the_database(database_url: str, caller: str) -> None:
@@ -498,7 +554,7 @@ async def test_of_many_replicas_reserving_one_key_at_once_exactly_one_gets_it(
     assert {r.job_id for r in reservations} == {winners[0].job_id}
 
 
-async def test_events_of_one_job_recorded_by_many_replicas_at_once_are_all_kept(
+async def test_events_of_one_job_recorded_by_many_replicas_at_once_keep_one_entry_per_type(
     replicas: list[JobStore], caller: str
 ) -> None:
     for _ in range(3):
@@ -523,10 +579,10 @@ async def test_events_of_one_job_recorded_by_many_replicas_at_once_are_all_kept(
 
         record = await replicas[0].get(job, caller)
         assert record is not None
-        assert sorted(entry.event_id for entry in record.timeline) == sorted(
-            str(e.event_id) for e in events
-        )
-        assert (record.status, record.attempts, record.provider_message_id) == ("sent", 4, "msg-9")
+        # The first request, processing and send, and the latest failure.
+        kept = [events[0], events[1], events[6], events[7]]
+        assert [entry.event_id for entry in record.timeline] == [str(e.event_id) for e in kept]
+        assert (record.status, record.attempts, record.provider_message_id) == ("sent", 3, "msg-9")
         assert record.created_at == at(0)
 
 

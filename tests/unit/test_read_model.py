@@ -159,7 +159,7 @@ def test_a_duplicate_event_changes_nothing() -> None:
 def test_a_different_event_at_the_same_instant_is_not_taken_for_a_duplicate() -> None:
     once = fold([requested(0), processed(1)])
 
-    with_another = apply(once, processed(1))
+    with_another = apply(once, failed(1))
 
     assert len(with_another.timeline) == 3
 
@@ -194,6 +194,88 @@ def test_the_timeline_keeps_one_entry_per_event_with_its_id() -> None:
     record = fold(events)
 
     assert [entry.event_id for entry in record.timeline] == [str(e.event_id) for e in events]
+
+
+# --- re-published events: one entry per fact ----------------------------------
+
+
+def events_of(record: JobRecord) -> list[str]:
+    return [entry.event for entry in record.timeline]
+
+
+def test_an_email_sent_re_published_with_a_new_event_id_adds_no_second_entry() -> None:
+    first = sent(2, attempts=1, provider_message_id="msg-1")
+    # The mailer meets the job again (DataProcessed redelivered) and re-publishes.
+    again = sent(9, attempts=3, provider_message_id="msg-1")
+
+    record = fold([requested(0), processed(1), first, again])
+
+    assert events_of(record) == ["JobRequested", "DataProcessed", "EmailSent"]
+    assert record.timeline[-1].event_id == str(first.event_id)
+    assert (record.status, record.attempts, record.updated_at) == ("sent", 1, at(2))
+
+
+def test_a_re_published_email_sent_that_arrives_first_gives_way_to_the_earlier_one() -> None:
+    request, processing = requested(0), processed(1)
+    first = sent(2, attempts=1, provider_message_id="msg-first")
+    again = sent(9, attempts=3, provider_message_id="msg-again")
+
+    record = fold([again, request, processing, first])
+
+    assert record == fold([request, processing, first])
+    assert record.provider_message_id == "msg-first"
+
+
+def test_data_processed_published_twice_by_a_killed_processor_is_one_entry() -> None:
+    first, again = processed(1), processed(4)
+
+    record = fold([requested(0), again, first])
+
+    assert events_of(record) == ["JobRequested", "DataProcessed"]
+    assert record.timeline[-1].event_id == str(first.event_id)
+    assert (record.status, record.updated_at) == ("processed", at(1))
+
+
+def test_a_re_published_event_at_the_same_instant_keeps_one_entry_whatever_the_order() -> None:
+    one = sent(2, event_id=UUID(int=1), provider_message_id="msg-a")
+    two = sent(2, event_id=UUID(int=2), provider_message_id="msg-b")
+
+    request = requested(0)
+
+    one_way = fold([request, one, two])
+    other_way = fold([two, request, one, two])
+
+    assert one_way == other_way
+    assert events_of(one_way) == ["JobRequested", "EmailSent"]
+    assert one_way.provider_message_id == "msg-a"
+
+
+def test_a_job_failed_replayed_processed_and_failed_again_shows_the_latest_failure() -> None:
+    record = fold(
+        [
+            failed(5, reason="mailer refused it", attempts=1),
+            requested(0),
+            processed(3),
+            failed(1, reason="step raised", attempts=6),
+        ]
+    )
+
+    assert events_of(record) == ["JobRequested", "DataProcessed", "JobFailed"]
+    assert (record.status, record.error, record.attempts) == ("failed", "mailer refused it", 1)
+
+
+def test_a_failure_published_twice_is_one_entry() -> None:
+    record = fold([requested(0), failed(1, reason="boom"), failed(2, reason="boom")])
+
+    assert events_of(record) == ["JobRequested", "JobFailed"]
+    assert (record.status, record.error, record.updated_at) == ("failed", "boom", at(2))
+
+
+def test_a_re_publication_that_changes_no_fact_returns_the_very_same_record() -> None:
+    record = fold([requested(0), processed(1), sent(2)])
+
+    assert apply(record, sent(7)) is record
+    assert apply(record, processed(5)) is record
 
 
 # --- failure and replay --------------------------------------------------------
@@ -298,9 +380,24 @@ _KINDS: dict[str, Callable[..., JobEvent]] = {
 }
 
 
+_KEPT_AT_LATEST = {"JobFailed"}
+
+
+def expected_facts(events: Iterable[JobEvent]) -> dict[str, JobEvent]:
+    """Per event type, the event the timeline should keep: the earliest, but the
+    latest JobFailed (ties in time broken by event id)."""
+    kept: dict[str, JobEvent] = {}
+    for event in sorted(events, key=lambda e: (e.occurred_at, str(e.event_id))):
+        if event.event_type in _KEPT_AT_LATEST or event.event_type not in kept:
+            kept[event.event_type] = event
+    return kept
+
+
 @st.composite
 def job_histories(draw: st.DrawFn) -> tuple[list[JobEvent], list[JobEvent]]:
-    """A job's distinct events, and a delivery of them: any order, each at least once."""
+    """A job's events, some of them re-published (a copy with a new event id,
+    at the same instant or later), and a delivery of them: any order, each at
+    least once."""
     kinds = draw(st.lists(st.sampled_from(sorted(_KINDS)), min_size=1, max_size=7))
     seconds = draw(
         st.lists(
@@ -322,6 +419,14 @@ def job_histories(draw: st.DrawFn) -> tuple[list[JobEvent], list[JobEvent]]:
         if kind == "requested":
             extra["submitted_by"] = "key-caller"
         events.append(_KINDS[kind](second, **extra))
+    originals = draw(st.lists(st.sampled_from(events), max_size=4))
+    for original in originals:
+        later = timedelta(seconds=draw(st.integers(min_value=0, max_value=10_000)))
+        attempts = draw(st.none() | st.integers(min_value=1, max_value=9))
+        update: dict[str, Any] = {"event_id": uuid4(), "occurred_at": original.occurred_at + later}
+        if isinstance(original, (EmailSent, JobFailed)):
+            update["attempts"] = attempts
+        events.append(original.model_copy(update=update))
     duplicates = draw(st.lists(st.sampled_from(events), max_size=5))
     delivery = draw(st.permutations([*events, *duplicates]))
     return events, delivery
@@ -329,7 +434,7 @@ def job_histories(draw: st.DrawFn) -> tuple[list[JobEvent], list[JobEvent]]:
 
 @settings(database=None, deadline=None, max_examples=300)
 @given(job_histories())
-def test_any_order_and_duplication_of_the_same_events_gives_the_same_record(
+def test_any_order_repetition_and_re_publication_of_the_same_events_gives_the_same_record(
     history: tuple[list[JobEvent], list[JobEvent]],
 ) -> None:
     events, delivery = history
@@ -338,14 +443,13 @@ def test_any_order_and_duplication_of_the_same_events_gives_the_same_record(
     record = fold(delivery)
 
     assert record == in_order
-    assert len(record.timeline) == len({e.event_id for e in events})
-    assert (record.status, record.error, record.attempts, record.provider_message_id) == (
-        in_order.status,
-        in_order.error,
-        in_order.attempts,
-        in_order.provider_message_id,
-    )
-    assert (record.created_at, record.updated_at) == (in_order.created_at, in_order.updated_at)
+    assert fold(reversed(delivery)) == record
+    kinds = [entry.event for entry in record.timeline]
+    assert len(kinds) == len(set(kinds)), "an event type appears twice in the timeline"
+    assert set(kinds) == {e.event_type for e in events}
+    kept = expected_facts(events)
+    assert {entry.event_id for entry in record.timeline} == {str(e.event_id) for e in kept.values()}
+    assert record == fold(kept.values())
 
 
 @settings(database=None, deadline=None, max_examples=300)
@@ -355,22 +459,34 @@ def test_the_status_follows_the_rules_whatever_the_order(
 ) -> None:
     events, delivery = history
     record = fold(delivery)
+    kept = expected_facts(events)
 
-    if any(isinstance(e, EmailSent) for e in events):
+    if "EmailSent" in kept:
         expected = "sent"
     else:
-        latest = max(events, key=lambda e: e.occurred_at)
+        latest = max(kept.values(), key=lambda e: (e.occurred_at, str(e.event_id)))
         expected = {
             "JobRequested": "queued",
             "DataProcessed": "processed",
             "JobFailed": "failed",
         }[latest.event_type]
     assert record.status == expected
+    failure = kept.get("JobFailed")
+    assert record.error == (
+        failure.reason if expected == "failed" and isinstance(failure, JobFailed) else None
+    )
+    first_sent = kept.get("EmailSent")
+    assert record.provider_message_id == (
+        first_sent.provider_message_id if isinstance(first_sent, EmailSent) else None
+    )
+    counts = [getattr(e, "attempts", None) or 0 for e in kept.values()]
+    assert record.attempts == max(counts)
     assert [e.at for e in record.timeline] == sorted(e.at for e in record.timeline)
     requests = [e for e in events if isinstance(e, JobRequested)]
     assert record.caller == ("key-caller" if requests else None)
     if requests:
         assert record.created_at == min(e.occurred_at for e in requests)
+    assert record.updated_at == max(e.occurred_at for e in kept.values())
 
 
 def test_events_that_occurred_at_the_same_instant_give_the_same_record_in_any_order() -> None:

@@ -1,18 +1,30 @@
 """The job read model: what a job's events say about it. Pure functions, no I/O.
 
-A job's record keeps the facts (its timeline: one entry per distinct event)
-and derives everything else from them, so events may arrive in any order and
-any number of times and the record still ends in the same state:
+A job's record keeps the facts (its timeline: at most one entry per event
+type) and derives everything else from them, so events may arrive in any
+order, any number of times and re-published under new event ids, and the
+record still ends in the same state:
 
-* duplicates are dropped by ``event_id``;
+* the timeline keeps, per event type, the earliest ``JobRequested``,
+  ``DataProcessed`` and ``EmailSent`` by ``occurred_at`` and the latest
+  ``JobFailed`` (ties in time broken by ``event_id``). So a redelivered event
+  adds nothing, and neither does an event re-published with a new
+  ``event_id`` (the mailer re-publishes ``EmailSent`` when it meets a job it
+  sent already; a processor killed mid-job publishes ``DataProcessed``
+  twice); a failure after a replay replaces the earlier failure;
 * an ``EmailSent`` makes the job ``sent`` whatever else happened (a job
   that failed and was replayed can still be sent);
-* otherwise the latest event by ``occurred_at`` (not by arrival) decides
-  between ``queued``, ``processed`` and ``failed``.
+* otherwise the latest entry by ``occurred_at`` (not by arrival) decides
+  between ``queued``, ``processed`` and ``failed``; a ``failed`` job's
+  ``error`` is the kept ``JobFailed``'s reason;
+* ``attempts`` is the highest attempt count of the kept ``EmailSent`` and
+  ``JobFailed`` (0 without either); ``provider_message_id`` is the kept (the
+  first) ``EmailSent``'s.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Literal
@@ -85,6 +97,32 @@ def _order(entry: Entry) -> tuple[datetime, str]:
     return entry.at, entry.event_id
 
 
+def _supersedes(entry: Entry, kept: Entry) -> bool:
+    """Whether ``entry`` takes the place of ``kept``, an entry of the same type."""
+    if entry.event == "JobFailed":
+        # A job can really fail more than once: it fails, an operator replays
+        # it from the dead-letter queue (with a fresh attempt count), and it
+        # fails again, maybe at a later stage after a new DataProcessed. The
+        # latest failure is the one that describes the job now: keeping the
+        # first would show such a job as processed for good, or with an error
+        # the replay got past. A failure published twice (a stage killed
+        # between publishing JobFailed and acking) collapses the same way.
+        return _order(entry) > _order(kept)
+    return _order(entry) < _order(kept)
+
+
+def facts(entries: Iterable[Entry]) -> tuple[Entry, ...]:
+    """At most one entry per event type, sorted by ``occurred_at``: the earliest
+    of each type, but the latest ``JobFailed``. The result depends only on the
+    set of entries, not on their order or on repeats."""
+    kept: dict[str, Entry] = {}
+    for entry in entries:
+        held = kept.get(entry.event)
+        if held is None or _supersedes(entry, held):
+            kept[entry.event] = entry
+    return tuple(sorted(kept.values(), key=_order))
+
+
 def entry_of(event: JobEvent) -> Entry:
     entry = Entry(event_id=str(event.event_id), event=event.event_type, at=event.occurred_at)
     if isinstance(event, JobFailed):
@@ -97,11 +135,12 @@ def entry_of(event: JobEvent) -> Entry:
 
 
 def apply(record: JobRecord | None, event: JobEvent) -> JobRecord:
-    """The record after ``event``; the same record if the event was seen already."""
+    """The record after ``event``; the same record (``is``) if it adds no fact."""
     caller = event.submitted_by if isinstance(event, JobRequested) else None
     if record is None:
         return JobRecord(job_id=str(event.job_id), caller=caller, timeline=(entry_of(event),))
-    if any(e.event_id == str(event.event_id) for e in record.timeline):
+    timeline = facts((*record.timeline, entry_of(event)))
+    caller = record.caller or caller
+    if timeline == record.timeline and caller == record.caller:
         return record
-    timeline = tuple(sorted((*record.timeline, entry_of(event)), key=_order))
-    return replace(record, caller=record.caller or caller, timeline=timeline)
+    return replace(record, caller=caller, timeline=timeline)

@@ -38,7 +38,7 @@ from sqlalchemy import (
     update,
 )
 
-from api_service.read_model import Entry, JobEvent, JobRecord, Status, apply
+from api_service.read_model import Entry, JobEvent, JobRecord, Status, apply, facts
 from pipeline_shared.database import build_engine, create_tables, for_writing
 
 metadata = MetaData()
@@ -85,7 +85,9 @@ def _timeline_json(timeline: Sequence[Entry]) -> str:
 
 
 def _timeline_of(raw: str) -> tuple[Entry, ...]:
-    return tuple(
+    # Rows written before the timeline held one entry per event type may hold
+    # re-published events twice: read them as the read model keeps them now.
+    return facts(
         Entry(**{**item, "at": datetime.fromisoformat(item["at"])}) for item in json.loads(raw)
     )
 
