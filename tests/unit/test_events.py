@@ -10,10 +10,10 @@ from uuid import UUID, uuid4
 import pytest
 from pydantic import ValidationError
 
+from pipeline_shared.contract import SUBJECT_MAX_LENGTH
 from pipeline_shared.events import (
     EVENT_TYPES,
     SCHEMA_VERSION,
-    SUBJECT_MAX_LENGTH,
     DataProcessed,
     EmailSent,
     Event,
@@ -349,7 +349,8 @@ def test_describe_validation_error_drops_pydantics_value_error_prefix() -> None:
     message = describe_validation_error(caught.value, "JobRequested")
 
     assert message == (
-        "invalid JobRequested: subject: must be a single line (no CR, LF or NUL characters)"
+        "invalid JobRequested: subject: must be a single line without control characters "
+        "(found U+000A LINE FEED)"
     )
 
 

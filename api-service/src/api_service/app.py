@@ -18,13 +18,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import EmailStr
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from api_service.auth import ApiKeys
 from api_service.body_limit import BodySizeLimit
+from api_service.problems import validation_problems
 from api_service.read_model import JobEvent, Status
 from api_service.schemas import (
     Health,
@@ -37,6 +37,8 @@ from api_service.schemas import (
 )
 from api_service.settings import ApiSettings
 from api_service.store import InvalidCursor, JobStore, KeyOutcome
+from api_service.strict_json import StrictJsonRoute
+from pipeline_shared.contract import EmailAddress, JobData
 from pipeline_shared.errors import BrokerUnavailable, TopologyMissing
 from pipeline_shared.events import JobRequested, any_event_adapter
 from pipeline_shared.messaging import Broker, Consumer
@@ -177,7 +179,13 @@ def create_app(settings: ApiSettings) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    # Every body is read by the strict parser: a duplicate key or NaN is a 422, not a guess.
+    app.router.route_class = StrictJsonRoute
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_request_bytes,
+        timeout_seconds=settings.request_timeout_seconds,
+    )
     app.state.api_keys = settings.keys
 
     async def accept(
@@ -252,6 +260,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
         return JSONResponse(
             {"detail": exc.detail}, status_code=405, headers={"Allow": ", ".join(allowed)}
         )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": validation_problems(exc.errors())}, status_code=422)
 
     @app.exception_handler(BrokerUnavailable)
     async def broker_unavailable(request: Request, exc: BrokerUnavailable) -> JSONResponse:
@@ -379,8 +391,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
         tags=["jobs"],
     )
     async def process_and_email(
-        email: Annotated[EmailStr, Query(description="Where to send the result.")],
-        data: Annotated[dict[str, Any], Body(description="The data to process, a JSON object.")],
+        email: Annotated[EmailAddress, Query(description="Where to send the result.")],
+        data: Annotated[JobData, Body(description="The data to process, a JSON object.")],
         broker: BrokerDep,
         store: StoreDep,
         caller: CallerDep,

@@ -1,7 +1,9 @@
-"""Refuse request bodies over a size limit with 413, whether or not they declare a length."""
+"""Refuse request bodies over a size limit with 413, whether or not they declare a length,
+and bodies that take longer than a time limit to arrive with 408."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -13,11 +15,14 @@ class BodySizeLimit:
     A declared ``Content-Length`` over the limit is refused before reading; a
     chunked body is counted as it arrives and refused as soon as it passes
     the limit, so neither can make the service buffer more than ``max_bytes``.
+    A body not complete ``timeout_seconds`` after the request began is refused
+    with 408 and its connection closed, so slow senders cannot pile up.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_seconds: float = 15.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_seconds = timeout_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -31,21 +36,32 @@ class BodySizeLimit:
             if int(declared) > self.max_bytes:
                 await self._refuse(send, 413, self._too_large())
                 return
+        try:
+            async with asyncio.timeout(self.timeout_seconds):
+                first = await self._read_body(receive)
+        except TimeoutError:
+            await self._refuse(
+                send, 408, f"the request body did not arrive within {self.timeout_seconds:g} s"
+            )
+            return
+        if first is None:
+            await self._refuse(send, 413, self._too_large())
+            return
+        await self.app(scope, _replay(first, receive), send)
+
+    async def _read_body(self, receive: Receive) -> Message | None:
+        """The whole body as one message, a disconnect, or None when it is too large."""
         body = bytearray()
         while True:
             message = await receive()
             if message["type"] != "http.request":
                 # The client went away: let the app see the disconnect.
-                await self.app(scope, _replay(message, receive), send)
-                return
+                return message
             body += message.get("body", b"")
             if len(body) > self.max_bytes:
-                await self._refuse(send, 413, self._too_large())
-                return
+                return None
             if not message.get("more_body", False):
-                break
-        whole: Message = {"type": "http.request", "body": bytes(body), "more_body": False}
-        await self.app(scope, _replay(whole, receive), send)
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
 
     def _too_large(self) -> str:
         return f"request body larger than {self.max_bytes} bytes"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from api_service.read_model import JobRecord, Status
-from pipeline_shared.events import StepName, Subject
+from pipeline_shared.contract import EmailAddress, JobData, Subject
+from pipeline_shared.events import StepName
 
 
 class JobRequest(BaseModel):
@@ -28,8 +29,15 @@ class JobRequest(BaseModel):
         },
     )
 
-    email: EmailStr = Field(description="Where to send the result.")
-    data: dict[str, Any] = Field(description="The data to process: a JSON object, possibly empty.")
+    email: EmailAddress = Field(
+        description="Where to send the result: one address; an internationalised domain is "
+        "sent in its IDNA form, a non-ASCII local part is refused."
+    )
+    data: JobData = Field(
+        description="The data to process: a JSON object, possibly empty, nested at most 32 "
+        "levels, with finite numbers and no control characters in its strings but tab and "
+        "line breaks."
+    )
     subject: Subject | None = Field(default=None, description="Subject of the email (one line).")
     step: StepName = Field(default="summarise", description="Registered processing step to run.")
 

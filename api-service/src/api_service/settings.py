@@ -14,6 +14,12 @@ class ApiSettings(PipelineSettings):
     max_request_bytes: int = Field(
         default=256 * 1024, ge=1024, description="Largest request body accepted; bigger gets 413."
     )
+    request_timeout_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        le=3600,
+        description="How long a client may take to send its request body; slower gets 408.",
+    )
     api_keys: SecretStr | None = Field(
         default=None,
         validate_default=True,

@@ -84,14 +84,19 @@ class MailtrapTransport:
             api = self._local.api = self._client.sending_api
         return api
 
-    def _send_blocking(self, email: OutgoingEmail) -> Receipt:
-        response = self._sending_api().send(to_mail(email))
+    def _send_blocking(self, mail: mailtrap.Mail) -> Receipt:
+        response = self._sending_api().send(mail)
         return Receipt(message_id=response.message_ids[0] if response.message_ids else None)
 
     async def send(self, email: OutgoingEmail) -> Receipt:
+        try:
+            mail = to_mail(email)
+        except Exception as exc:
+            # The same email fails the same way every time: retrying cannot help.
+            raise PermanentFailure(f"could not build the email: {exc}") from exc
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, self._send_blocking, email)
+            return await loop.run_in_executor(self._executor, self._send_blocking, mail)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -6,8 +6,9 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import EmailStr, Field, SecretStr, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
+from pipeline_shared.contract import NAME_MAX_LENGTH, SenderAddress, SingleLine
 from pipeline_shared.settings import DatabaseUrl, WorkerSettings, url_secrets
 
 Transport = Literal["mailtrap", "outbox"]
@@ -32,11 +33,15 @@ class MailerSettings(WorkerSettings):
         default=None,
         description="Mailtrap sandbox inbox id: when set, emails go to that test inbox.",
     )
-    mail_from: EmailStr = Field(default="pipeline@example.com", description="Sender address.")
-    mail_from_name: str = Field(
-        default="Email pipeline", max_length=100, description="Sender display name."
+    mail_from: SenderAddress = Field(
+        default="pipeline@example.com",
+        validate_default=True,
+        description="Sender address; any valid address (the provider decides what it sends from).",
     )
-    mail_category: str = Field(
+    mail_from_name: SingleLine = Field(
+        default="Email pipeline", max_length=NAME_MAX_LENGTH, description="Sender display name."
+    )
+    mail_category: SingleLine = Field(
         default="background-job", max_length=255, description="Mailtrap category of every email."
     )
     outbox_dir: Path = Field(
@@ -94,13 +99,6 @@ class MailerSettings(WorkerSettings):
     def _host_port(cls, value: str | None) -> str | None:
         if value is not None and not _HOST_PORT.fullmatch(value):
             raise ValueError("must be host or host:port, without a scheme or path")
-        return value
-
-    @field_validator("mail_from_name")
-    @classmethod
-    def _one_line(cls, value: str) -> str:
-        if re.search(r"[\r\n\x00]", value):
-            raise ValueError("must be a single line")
         return value
 
     def secret_values(self) -> list[str]:

@@ -9,8 +9,15 @@ from collections.abc import Mapping
 from concurrent.futures import Executor
 from typing import Protocol
 
+from pydantic import ValidationError
+
 from pipeline_shared.errors import PermanentFailure
-from pipeline_shared.events import DataProcessed, Event, JobRequested
+from pipeline_shared.events import (
+    DataProcessed,
+    Event,
+    JobRequested,
+    describe_validation_error,
+)
 from processor_service.steps import Step, UnknownStep, get_step
 
 log = logging.getLogger("processor.handlers")
@@ -18,6 +25,16 @@ log = logging.getLogger("processor.handlers")
 
 class EventPublisher(Protocol):
     async def publish(self, event: Event) -> None: ...
+
+
+def describe_failure(exc: Exception) -> str:
+    """Why a step failed, in words a caller can read (the exception's class is for the logs)."""
+    if isinstance(exc, KeyError) and exc.args:
+        return f"the data has no field {exc.args[0]!r}"
+    message = str(exc).strip()
+    if isinstance(exc, RecursionError | MemoryError):
+        return "the data is too large or too deep for this step"
+    return message or "the step raised an error without a message"
 
 
 class ProcessJob:
@@ -53,9 +70,8 @@ class ProcessJob:
             # A copy: a step that changes its input must not change the data emailed.
             result = await loop.run_in_executor(self._executor, step, copy.deepcopy(event.data))
         except Exception as exc:
-            raise PermanentFailure(
-                f"step {event.step!r} failed: {type(exc).__name__}: {exc}"
-            ) from exc
+            log.warning("job %s: step %r raised %s", event.job_id, event.step, type(exc).__name__)
+            raise PermanentFailure(f"step {event.step!r} failed: {describe_failure(exc)}") from exc
         if not isinstance(result, dict):
             raise PermanentFailure(
                 f"step {event.step!r} returned {type(result).__name__}, not a dict"
@@ -69,8 +85,9 @@ class ProcessJob:
                 data=event.data,
                 result=result,
             )
-        except ValueError as exc:
+        except ValidationError as exc:
             raise PermanentFailure(
-                f"step {event.step!r} returned a result that is not JSON: {exc}"
+                f"step {event.step!r} returned a result that is not JSON within the limits "
+                f"of a job ({describe_validation_error(exc, 'DataProcessed')})"
             ) from exc
         await self._publisher.publish(processed)

@@ -9,7 +9,7 @@ so they may be slow or CPU-heavy. A step that raises fails its job.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from statistics import fmean
+from statistics import mean
 from typing import Any
 
 Data = Mapping[str, Any]
@@ -49,14 +49,17 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    return {"min": min(values), "max": max(values), "mean": fmean(values)}
+def _stats(values: list[int | float]) -> dict[str, int | float]:
+    # min and max are the values as given (a large integer stays exact); the
+    # mean is computed exactly and rounded once, so it cannot overflow: it
+    # lies between min and max, which the job's limits keep within a double.
+    return {"min": min(values), "max": max(values), "mean": float(mean(values))}
 
 
 @step("summarise")
 def summarise(data: Data) -> Result:
     """Field count, the numeric fields' min/max/mean, and list lengths."""
-    numeric = {key: float(value) for key, value in data.items() if _is_number(value)}
+    numeric = {key: value for key, value in data.items() if _is_number(value)}
     lists = {key: len(value) for key, value in data.items() if isinstance(value, list)}
     return {
         "field_count": len(data),
@@ -64,6 +67,12 @@ def summarise(data: Data) -> Result:
         "numeric_summary": _stats(list(numeric.values())) if numeric else None,
         "list_lengths": lists,
     }
+
+
+@step("word_count")
+def word_count(data: Data) -> Result:
+    """The number of words in the data's ``text`` field."""
+    return {"words": len(str(data.get("text", "")).split())}
 
 
 @step("echo")

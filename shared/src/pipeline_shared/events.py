@@ -17,47 +17,24 @@ Versioning rules, which let a producer be deployed before its consumers:
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
 from typing import Annotated, ClassVar, Literal
 from uuid import UUID, uuid4
 
 from pydantic import (
-    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
-    EmailStr,
     Field,
-    JsonValue,
     TypeAdapter,
     ValidationError,
     field_validator,
 )
 
+from pipeline_shared.contract import MAX_REPORTED_PROBLEMS, EmailAddress, JobData, Subject
+
 SCHEMA_VERSION = 1
 """The schema version this code writes and the only one it reads."""
-
-SUBJECT_MAX_LENGTH = 200
-
-_HEADER_BREAKING = re.compile(r"[\r\n\x00]")
-
-
-def _single_line(value: str) -> str:
-    # CR, LF or NUL in a header value would let a caller inject headers.
-    if _HEADER_BREAKING.search(value):
-        raise ValueError("must be a single line (no CR, LF or NUL characters)")
-    if not value.strip():
-        raise ValueError("must not be blank")
-    return value
-
-
-Subject = Annotated[
-    str,
-    Field(min_length=1, max_length=SUBJECT_MAX_LENGTH),
-    AfterValidator(_single_line),
-]
-"""An email subject: one line, 1 to 200 characters."""
 
 StepName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
 """The name of a processing step, as registered in the processor."""
@@ -111,10 +88,10 @@ class JobRequested(Event):
     routing_key: ClassVar[str] = "job.requested"
 
     event_type: Literal["JobRequested"] = "JobRequested"
-    email: EmailStr = Field(description="Recipient of the result email.")
+    email: EmailAddress = Field(description="Recipient of the result email.")
     subject: Subject | None = Field(default=None, description="Subject of the email.")
     step: StepName = Field(default="summarise", description="Processing step to run.")
-    data: dict[str, JsonValue] = Field(description="The job's input data, a JSON object.")
+    data: JobData = Field(description="The job's input data, a JSON object.")
     submitted_by: str | None = Field(
         default=None,
         max_length=64,
@@ -128,11 +105,11 @@ class DataProcessed(Event):
     routing_key: ClassVar[str] = "data.processed"
 
     event_type: Literal["DataProcessed"] = "DataProcessed"
-    email: EmailStr = Field(description="Recipient of the result email.")
+    email: EmailAddress = Field(description="Recipient of the result email.")
     subject: Subject | None = Field(default=None, description="Subject of the email.")
     step: StepName = Field(description="The processing step that ran.")
-    data: dict[str, JsonValue] = Field(description="The job's input data, as it was requested.")
-    result: dict[str, JsonValue] = Field(description="What the processing step produced.")
+    data: JobData = Field(description="The job's input data, as it was requested.")
+    result: JobData = Field(description="What the processing step produced.")
 
 
 class EmailSent(Event):
@@ -141,7 +118,7 @@ class EmailSent(Event):
     routing_key: ClassVar[str] = "email.sent"
 
     event_type: Literal["EmailSent"] = "EmailSent"
-    email: EmailStr = Field(description="Recipient of the email.")
+    email: EmailAddress = Field(description="Recipient of the email.")
     transport: str = Field(description="Which transport sent it: mailtrap or outbox.")
     provider_message_id: str | None = Field(
         default=None, description="The provider's id for the sent message."
@@ -181,8 +158,11 @@ any_event_adapter: TypeAdapter[JobRequested | DataProcessed | EmailSent | JobFai
 def describe_validation_error(exc: ValidationError, what: str) -> str:
     """One readable line for a failed parse, e.g. ``invalid JobRequested: email: value is not
     a valid email address``. Input values are left out: they may be personal data."""
+    errors = exc.errors(include_input=False, include_url=False)
     problems = []
-    for error in exc.errors(include_input=False, include_url=False):
+    for error in errors[:MAX_REPORTED_PROBLEMS]:
         where = ".".join(str(part) for part in error["loc"]) or "body"
         problems.append(f"{where}: {str(error['msg']).removeprefix('Value error, ')}")
+    if len(errors) > MAX_REPORTED_PROBLEMS:
+        problems.append(f"and {len(errors) - MAX_REPORTED_PROBLEMS} more")
     return f"invalid {what}: " + "; ".join(problems)

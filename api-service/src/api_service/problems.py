@@ -1,0 +1,42 @@
+"""The body of a 422: which fields are wrong and why, safe to send back whatever the input."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline_shared.contract import MAX_REPORTED_PROBLEMS
+
+_LONGEST_PART = 64
+
+
+def _printable(text: str, limit: int | None = None) -> str:
+    # A lone surrogate cannot be encoded into the answer's UTF-8; show it escaped.
+    if limit is not None and len(text) > limit:
+        text = text[:limit] + "…"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def validation_problems(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """At most ``MAX_REPORTED_PROBLEMS`` of ``errors`` as ``{type, loc, msg}``, plus a count of
+    the rest. The client's input is not echoed: it may be huge, deep or unencodable."""
+    shown: list[dict[str, Any]] = [
+        {
+            "type": str(error["type"]),
+            "loc": [
+                part if isinstance(part, int) else _printable(str(part), _LONGEST_PART)
+                for part in error["loc"]
+            ],
+            "msg": _printable(str(error["msg"])),
+        }
+        for error in errors[:MAX_REPORTED_PROBLEMS]
+    ]
+    if len(errors) > MAX_REPORTED_PROBLEMS:
+        shown.append(
+            {
+                "type": "too_many_errors",
+                "loc": [],
+                "msg": f"and {len(errors) - MAX_REPORTED_PROBLEMS} more problems",
+            }
+        )
+    return shown

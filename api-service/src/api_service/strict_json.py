@@ -1,0 +1,169 @@
+"""Reading a request body as JSON, refusing what ``json.loads`` would let through silently.
+
+``json.loads`` keeps the last of two equal keys, reads ``NaN`` and
+``Infinity``, turns ``1e400`` into infinity and ``1e-400`` into zero, and
+recurses until Python's stack limit. Each of these changes what the client
+meant without a word, so here each is an error naming where it happened.
+The rest of the contract (sizes, depth, characters) is the models' to check.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import HTTPException, Request, Response
+from fastapi.routing import APIRoute
+
+from api_service.problems import validation_problems
+from pipeline_shared.contract import MAX_DATA_DEPTH, MAX_REPORTED_PROBLEMS
+
+Location = tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BodyProblem:
+    loc: Location
+    msg: str
+    type: str = "json_invalid"
+
+
+class InvalidJsonBody(HTTPException):
+    """The body is not JSON the api can take as the client meant it: a 422 like any invalid
+    field (an ``HTTPException``, which FastAPI lets through its body parsing unchanged)."""
+
+    def __init__(self, problems: list[BodyProblem]) -> None:
+        super().__init__(
+            422,
+            validation_problems([{"type": p.type, "loc": p.loc, "msg": p.msg} for p in problems]),
+        )
+        self.problems = problems
+
+
+class _Refused:
+    """Stands in for a value the parser must not accept, until its place is found."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+class _WithDuplicates(dict[str, Any]):
+    __slots__ = ("duplicates",)
+
+    def __init__(self, pairs: list[tuple[str, Any]], duplicates: list[str]) -> None:
+        super().__init__(pairs)
+        self.duplicates = duplicates
+
+
+_NONZERO_MANTISSA = re.compile(r"-?[0.]*[1-9]")
+
+
+class _Parser:
+    """One parse: the hooks note that something is wrong, and where is found afterwards."""
+
+    def __init__(self) -> None:
+        self.suspect = False
+
+    def object(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result = dict(pairs)
+        if len(result) == len(pairs):
+            return result
+        self.suspect = True
+        seen: set[str] = set()
+        duplicates = []
+        for key, _ in pairs:
+            if key in seen:
+                duplicates.append(key)
+            seen.add(key)
+        return _WithDuplicates(pairs, duplicates)
+
+    def constant(self, name: str) -> _Refused:
+        self.suspect = True
+        return _Refused(f"{name} is not a JSON number")
+
+    def float(self, literal: str) -> float | _Refused:
+        value = float(literal)
+        if value in (float("inf"), float("-inf")):
+            self.suspect = True
+            return _Refused("number out of range (beyond ±1.8e308)")
+        if value == 0 and _NONZERO_MANTISSA.match(literal):
+            self.suspect = True
+            return _Refused("number too small to represent (it would become 0)")
+        return value
+
+
+def _problems_in(value: Any) -> list[BodyProblem]:
+    problems: list[BodyProblem] = []
+    pending: list[tuple[Any, Location]] = [(value, ("body",))]
+    while pending and len(problems) <= MAX_REPORTED_PROBLEMS:
+        item, where = pending.pop()
+        if isinstance(item, _Refused):
+            problems.append(BodyProblem(where, item.problem))
+        elif isinstance(item, dict):
+            if isinstance(item, _WithDuplicates):
+                problems.extend(
+                    BodyProblem((*where, key), f"duplicate key {key!r}", "duplicate_key")
+                    for key in item.duplicates
+                )
+            pending.extend((v, (*where, k)) for k, v in reversed(item.items()))
+        elif isinstance(item, list):
+            pending.extend((v, (*where, i)) for i, v in reversed(list(enumerate(item))))
+    return problems
+
+
+def parse_json_body(body: bytes) -> Any:
+    """The body's JSON value, or ``InvalidJsonBody`` listing what is wrong and where."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidJsonBody(
+            [BodyProblem(("body",), f"not valid UTF-8 (at byte {exc.start})")]
+        ) from None
+    parser = _Parser()
+    try:
+        value = json.loads(
+            text,
+            object_pairs_hook=parser.object,
+            parse_constant=parser.constant,
+            parse_float=parser.float,
+        )
+    except json.JSONDecodeError as exc:
+        raise InvalidJsonBody(
+            [BodyProblem(("body", exc.pos), f"not valid JSON: {exc.msg}")]
+        ) from None
+    except RecursionError:
+        raise InvalidJsonBody(
+            [BodyProblem(("body",), f"nested too deeply (data may nest {MAX_DATA_DEPTH} levels)")]
+        ) from None
+    except ValueError:
+        # int() refuses a literal of more than sys.get_int_max_str_digits() digits.
+        raise InvalidJsonBody(
+            [BodyProblem(("body",), "a number has too many digits (beyond ±1.8e308)")]
+        ) from None
+    if parser.suspect:
+        raise InvalidJsonBody(_problems_in(value))
+    return value
+
+
+class StrictJsonRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = parse_json_body(await self.body())
+        return self._json
+
+
+class StrictJsonRoute(APIRoute):
+    """A route whose JSON body is read by ``parse_json_body``."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict_handler(request: Request) -> Response:
+            return await handler(StrictJsonRequest(request.scope, request.receive))
+
+        return strict_handler

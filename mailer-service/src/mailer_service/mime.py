@@ -1,0 +1,69 @@
+"""An email as RFC 5322 bytes, built so that no field's content is read as header syntax.
+
+The standard library's ``EmailMessage`` parses every header value it is given:
+an RFC 2047 encoded-word in a subject (``=?utf-8?q?Hi=0D=0ABcc:...?=``) is
+decoded, and its CR LF becomes a new header. Here nothing is parsed: each
+header is written from values that are already checked (addresses by
+``pipeline_shared.contract``), and any free text that is not plain printable
+ASCII, or that merely looks like an encoded-word, is itself encoded as
+base64 encoded-words, so a reader shows it as the text it was.
+"""
+
+from __future__ import annotations
+
+import re
+from email.charset import BASE64, QP, Charset
+from email.header import Header
+from email.message import Message
+from email.utils import formataddr, formatdate
+from typing import TypeAlias
+
+from mailer_service.compose import OutgoingEmail
+
+_PLAIN = re.compile(r"[\x20-\x7e]*")
+
+_HEADER_UTF8 = Charset("utf-8")
+_HEADER_UTF8.header_encoding = BASE64
+
+_BODY_UTF8 = Charset("utf-8")
+_BODY_UTF8.body_encoding = QP
+
+
+def _is_plain(text: str) -> bool:
+    return _PLAIN.fullmatch(text) is not None and "=?" not in text
+
+
+def unstructured(text: str, header_name: str) -> Header:
+    """A header value that says ``text`` and nothing else (subject, category)."""
+    charset = "us-ascii" if _is_plain(text) else _HEADER_UTF8
+    return Header(text, charset, header_name=header_name)
+
+
+def mailbox(name: str, address: str, header_name: str) -> Header | str:
+    """``Name <address>``; ``address`` must already be a checked ASCII address."""
+    if not name or _is_plain(name):
+        # formataddr quotes and escapes a plain name that holds specials.
+        return formataddr((name, address))
+    header = Header(header_name=header_name)
+    header.append(name, _HEADER_UTF8)
+    header.append(f"<{address}>", "us-ascii")
+    return header
+
+
+# The compat32 model stores header values as given, never parsed.
+MimeMessage: TypeAlias = "Message[str, Header | str]"
+
+
+def to_mime(email: OutgoingEmail, message_id: str) -> MimeMessage:
+    message: MimeMessage = Message()
+    message["From"] = mailbox(email.sender.name, email.sender.email, "From")
+    message["To"] = email.to
+    message["Subject"] = unstructured(email.subject, "Subject")
+    message["Date"] = formatdate(localtime=False, usegmt=True)
+    message["Message-ID"] = message_id
+    message["X-Job-Id"] = email.job_id
+    message["X-Category"] = unstructured(email.sender.category, "X-Category")
+    # Sets MIME-Version, Content-Type (text/plain; charset="utf-8") and the
+    # quoted-printable Content-Transfer-Encoding.
+    message.set_payload(email.text, _BODY_UTF8)
+    return message
