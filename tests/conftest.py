@@ -3,16 +3,23 @@ get that marker."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from support.mailtrap_stub import MailtrapStub
 from support.postgres import temporary_database
 from support.rabbit import Management, new_vhost_name, url_for_vhost
 
 TIERS = ("unit", "integration", "e2e")
+
+# HYPOTHESIS_PROFILE=deep runs every property test with many more examples
+# (minutes, not seconds): for hunting, not for every run.
+settings.register_profile("deep", max_examples=5000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

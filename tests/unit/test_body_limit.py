@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -246,6 +248,54 @@ async def test_after_the_body_the_app_receives_from_the_server_again() -> None:
     await BodySizeLimit(inner, max_bytes=LIMIT)(http_scope(), receive, send)
 
     assert seen == ["http.request", "http.disconnect"]
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_refused_with_408_and_closed() -> None:
+    sent: list[Message] = []
+    stalled = asyncio.Event()
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        raise AssertionError("the app must not see a request whose body never came")
+
+    async def receive() -> Message:
+        if not stalled.is_set():
+            stalled.set()
+            return {"type": "http.request", "body": b"{", "more_body": True}
+        await asyncio.Event().wait()  # the rest never comes
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    started = time.monotonic()
+    await BodySizeLimit(inner, max_bytes=LIMIT, timeout_seconds=0.2)(http_scope(), receive, send)
+
+    assert 0.2 <= time.monotonic() - started < 2
+    assert sent[0]["status"] == 408
+    assert (b"connection", b"close") in sent[0]["headers"]
+    assert b"did not arrive within 0.2 s" in sent[1]["body"]
+
+
+async def test_a_body_that_arrives_in_time_is_not_cut_off() -> None:
+    bodies: list[bytes] = []
+    incoming: list[Message] = [
+        {"type": "http.request", "body": b"{", "more_body": True},
+        {"type": "http.request", "body": b"}", "more_body": False},
+    ]
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        bodies.append((await receive())["body"])
+
+    async def receive() -> Message:
+        await asyncio.sleep(0.01)
+        return incoming.pop(0)
+
+    async def send(message: Message) -> None:
+        raise AssertionError("nothing should be refused")
+
+    await BodySizeLimit(inner, max_bytes=LIMIT, timeout_seconds=1)(http_scope(), receive, send)
+
+    assert bodies == [b"{}"]
 
 
 # --- the JobRequest schema --------------------------------------------------

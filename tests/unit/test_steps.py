@@ -11,8 +11,17 @@ import pytest
 
 from pipeline_shared.errors import PermanentFailure
 from pipeline_shared.events import DataProcessed
-from processor_service.handlers import ProcessJob
-from processor_service.steps import STEPS, Step, UnknownStep, echo, get_step, step, summarise
+from processor_service.handlers import ProcessJob, describe_failure
+from processor_service.steps import (
+    STEPS,
+    Step,
+    UnknownStep,
+    echo,
+    get_step,
+    step,
+    summarise,
+    word_count,
+)
 from unit.fakes import FakePublisher, job_requested
 
 # --- summarise --------------------------------------------------------------
@@ -64,6 +73,29 @@ def test_summarise_handles_negative_numbers_in_its_statistics() -> None:
     result = summarise({"a": -4, "b": 0, "c": 10})
 
     assert result["numeric_summary"] == {"min": -4.0, "max": 10.0, "mean": 2.0}
+
+
+def test_summarise_keeps_large_integers_exact_and_its_mean_finite() -> None:
+    # Integers near a double's limit: float() of their sum would overflow.
+    big = 10**308
+    result = summarise({"a": big, "b": big + 1, "c": -(10**307)})
+
+    assert result["numeric_fields"] == ["a", "b", "c"]
+    summary = result["numeric_summary"]
+    assert summary["min"] == -(10**307)
+    assert summary["max"] == big + 1
+    assert summary["mean"] == pytest.approx((2 * big - 10**307) / 3)
+
+
+def test_summarise_of_one_integer_beyond_float_precision_reports_it_exactly() -> None:
+    value = 2**53 + 1
+
+    assert summarise({"n": value})["numeric_summary"]["max"] == value
+
+
+def test_word_count_counts_the_words_of_the_text_field() -> None:
+    assert word_count({"text": "the quick  brown\nfox"}) == {"words": 4}
+    assert word_count({}) == {"words": 0}
 
 
 def test_echo_returns_a_copy_of_the_data() -> None:
@@ -254,11 +286,27 @@ async def test_a_step_that_raises_is_a_permanent_failure_with_the_reason(
     with pytest.raises(PermanentFailure) as caught:
         await ProcessJob(publisher, executor, steps=TEST_STEPS)(job_requested(step="explodes"))
 
-    assert caught.value.reason == (
-        "step 'explodes' failed: division by zero in the report"
-    )
+    assert caught.value.reason == ("step 'explodes' failed: division by zero in the report")
     assert isinstance(caught.value.__cause__, ZeroDivisionError)
     assert publisher.published == []
+
+
+@pytest.mark.parametrize(
+    ("exc", "words"),
+    [
+        (KeyError("text"), "the data has no field 'text'"),
+        (ValueError(""), "the step raised an error without a message"),
+        (RecursionError("maximum recursion depth exceeded"), "too large or too deep"),
+        (OverflowError("int too large to convert to float"), "int too large to convert"),
+    ],
+)
+def test_a_steps_failure_is_described_in_words_without_its_class_name(
+    exc: Exception, words: str
+) -> None:
+    described = describe_failure(exc)
+
+    assert words in described
+    assert type(exc).__name__ not in described
 
 
 async def test_a_step_that_returns_something_other_than_a_dict_is_a_permanent_failure(

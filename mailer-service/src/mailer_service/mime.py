@@ -20,7 +20,9 @@ from typing import TypeAlias
 
 from mailer_service.compose import OutgoingEmail
 
-_PLAIN = re.compile(r"[\x20-\x7e]*")
+# Printable ASCII that a reader gives back as it was: no encoded-word look-alike,
+# and no edge or repeated spaces, which unfolding and parsing may change.
+_PLAIN = re.compile(r"(?!.*=\?)(?!.*  )[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 
 _HEADER_UTF8 = Charset("utf-8")
 _HEADER_UTF8.header_encoding = BASE64
@@ -30,7 +32,7 @@ _BODY_UTF8.body_encoding = QP
 
 
 def _is_plain(text: str) -> bool:
-    return _PLAIN.fullmatch(text) is not None and "=?" not in text
+    return _PLAIN.fullmatch(text) is not None
 
 
 def unstructured(text: str, header_name: str) -> Header:
@@ -41,7 +43,9 @@ def unstructured(text: str, header_name: str) -> Header:
 
 def mailbox(name: str, address: str, header_name: str) -> Header | str:
     """``Name <address>``; ``address`` must already be a checked ASCII address."""
-    if not name or _is_plain(name):
+    if not name:
+        return address
+    if _is_plain(name):
         # formataddr quotes and escapes a plain name that holds specials.
         return formataddr((name, address))
     header = Header(header_name=header_name)

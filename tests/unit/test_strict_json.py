@@ -1,0 +1,156 @@
+"""The api's strict JSON body parser and its 422 answers."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from api_service.problems import validation_problems
+from api_service.strict_json import InvalidJsonBody, parse_json_body
+from pipeline_shared.contract import MAX_REPORTED_PROBLEMS
+
+pytestmark = pytest.mark.unit
+
+
+def problems_of(body: str | bytes) -> list[dict[str, Any]]:
+    raw = body.encode() if isinstance(body, str) else body
+    with pytest.raises(InvalidJsonBody) as caught:
+        parse_json_body(raw)
+    assert caught.value.status_code == 422
+    detail: list[dict[str, Any]] = caught.value.detail  # type: ignore[assignment]
+    return detail
+
+
+def test_a_duplicate_key_is_refused_naming_the_key() -> None:
+    [problem] = problems_of('{"email": "ada@example.com", "email": "eve@example.com"}')
+
+    assert problem == {
+        "type": "duplicate_key",
+        "loc": ["body", "email"],
+        "msg": "duplicate key 'email'",
+    }
+
+
+def test_a_duplicate_key_deep_inside_is_refused_with_its_path() -> None:
+    [problem] = problems_of('{"data": {"rows": [{"a": 1}, {"b": 1, "b": 2}]}}')
+
+    assert problem["loc"] == ["body", "data", "rows", 1, "b"]
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_refused_where_they_stand(constant: str) -> None:
+    [problem] = problems_of(f'{{"data": {{"x": [1, {constant}]}}}}')
+
+    assert problem["loc"] == ["body", "data", "x", 1]
+    assert "not a JSON number" in problem["msg"]
+
+
+@pytest.mark.parametrize("literal", ["1e400", "-1e400", "1.5E+309"])
+def test_a_number_beyond_a_doubles_range_is_refused_not_made_infinite(literal: str) -> None:
+    [problem] = problems_of(f'{{"data": {{"x": {literal}}}}}')
+
+    assert problem["loc"] == ["body", "data", "x"]
+    assert "out of range" in problem["msg"]
+
+
+@pytest.mark.parametrize("literal", ["1e-400", "-0.0000001e-330"])
+def test_a_number_too_small_to_represent_is_refused_not_made_zero(literal: str) -> None:
+    [problem] = problems_of(f'{{"x": {literal}}}')
+
+    assert "too small" in problem["msg"]
+
+
+@pytest.mark.parametrize("literal", ["0", "0.0", "-0.0", "0e10", "5e-324", "1e308", "-1.5"])
+def test_ordinary_numbers_keep_their_value(literal: str) -> None:
+    assert parse_json_body(f'{{"x": {literal}}}'.encode()) == {"x": json.loads(literal)}
+
+
+def test_an_integer_with_more_digits_than_python_reads_is_refused() -> None:
+    [problem] = problems_of('{"x": ' + "9" * 5000 + "}")
+
+    assert "too many digits" in problem["msg"]
+
+
+def test_a_300_digit_integer_is_read_exactly() -> None:
+    assert parse_json_body(b'{"x": ' + b"7" * 300 + b"}") == {"x": int("7" * 300)}
+
+
+def test_nesting_deeper_than_python_can_parse_is_a_422_not_a_crash() -> None:
+    [problem] = problems_of("[" * 100_000 + "]" * 100_000)
+
+    assert problem["loc"] == ["body"]
+    assert "nested too deeply" in problem["msg"]
+
+
+def test_a_body_that_is_not_utf8_is_refused() -> None:
+    [problem] = problems_of(b'{"x": "\xff"}')
+
+    assert "UTF-8" in problem["msg"]
+
+
+def test_a_syntax_error_names_its_position() -> None:
+    [problem] = problems_of('{"x": }')
+
+    assert problem["loc"] == ["body", 6]
+    assert problem["msg"].startswith("not valid JSON")
+
+
+def test_many_problems_are_reported_up_to_a_bound() -> None:
+    body = "{" + ", ".join(f'"k{i}": NaN' for i in range(5000)) + "}"
+
+    problems = problems_of(body)
+
+    assert len(problems) <= MAX_REPORTED_PROBLEMS + 1
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+        lambda children: (
+            st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+        ),
+        max_leaves=30,
+    )
+)
+def test_json_without_duplicates_or_special_numbers_reads_as_json_loads_reads_it(
+    value: Any,
+) -> None:
+    raw = json.dumps(value).encode()
+    if "Infinity" in raw.decode():
+        return  # json.dumps writes Infinity, which is not JSON
+    assert parse_json_body(raw) == json.loads(raw)
+
+
+# --- the 422 answer ---------------------------------------------------------
+
+
+def test_a_422_never_echoes_the_input_and_escapes_what_utf8_cannot_carry() -> None:
+    errors = [
+        {
+            "type": "value_error",
+            "loc": ("body", "data", "\ud800" * 100),
+            "msg": "bad \udfff",
+            "input": "x" * 10**6,
+        }
+    ]
+
+    [shown] = validation_problems(errors)
+
+    assert set(shown) == {"type", "loc", "msg"}
+    json.dumps(shown, ensure_ascii=False).encode("utf-8")
+    assert len(shown["loc"][2]) < 100 * 6 + 10
+
+
+def test_a_422_lists_a_bounded_number_of_problems_and_counts_the_rest() -> None:
+    errors = [
+        {"type": "missing", "loc": ("body", f"f{i}"), "msg": "Field required"} for i in range(100)
+    ]
+
+    shown = validation_problems(errors)
+
+    assert len(shown) == MAX_REPORTED_PROBLEMS + 1
+    assert shown[-1]["msg"] == f"and {100 - MAX_REPORTED_PROBLEMS} more problems"
