@@ -235,6 +235,74 @@ def test_redact_url_keeps_an_ipv6_host_in_brackets() -> None:
 # --- the mailer's settings --------------------------------------------------
 
 
+def test_the_lease_defaults_to_three_provider_timeouts() -> None:
+    assert MailerSettings().lease_seconds == 90
+    assert MailerSettings(mailtrap_timeout_seconds=5).lease_seconds == 15
+
+
+def test_short_retry_delays_alone_give_a_mailer_that_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A busy claim no longer spends an attempt, so the lease need not fit
+    # inside the retry delays.
+    monkeypatch.setenv("RETRY_DELAYS", "1,1,2")
+
+    settings = MailerSettings()
+
+    assert settings.retry_delays == (1, 1, 2)
+    assert settings.lease_seconds > settings.mailtrap_timeout_seconds
+
+
+def test_a_lease_no_longer_than_the_provider_timeout_is_refused_naming_both_and_a_fix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SEND_LEASE_SECONDS", "10")
+
+    message = exit_message(MailerSettings, "mailer-service")
+
+    assert message.startswith("mailer-service: invalid setting: SEND_LEASE_SECONDS ")
+    assert "MAILTRAP_TIMEOUT_SECONDS (30 s)" in message
+    assert "SEND_LEASE_SECONDS=90" in message
+    assert "\n" not in message
+
+
+def test_a_lease_longer_than_a_shorter_provider_timeout_is_accepted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SEND_LEASE_SECONDS", "10")
+    monkeypatch.setenv("MAILTRAP_TIMEOUT_SECONDS", "5")
+
+    assert MailerSettings().lease_seconds == 10
+
+
+@pytest.mark.parametrize(
+    "address", ["pipeline@example.com", "pipeline@mailer.test", "noreply@host.local"]
+)
+def test_mail_from_may_use_a_reserved_domain(monkeypatch: pytest.MonkeyPatch, address: str) -> None:
+    monkeypatch.setenv("MAIL_FROM", address)
+
+    assert MailerSettings().mail_from == address
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("MAIL_FROM", "=?utf-8?q?eve?=@example.com"),
+        ("MAIL_FROM", "pipeline@example.com, eve@example.com"),
+        ("MAIL_FROM_NAME", "Pipeline\u2028Bcc: eve@example.com"),
+        ("MAIL_CATEGORY", "jobs\x85more"),
+    ],
+)
+def test_sender_settings_that_could_reach_a_header_are_refused(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+
+    message = exit_message(MailerSettings, "mailer-service")
+
+    assert message.startswith(f"mailer-service: invalid setting: {variable} ")
+
+
 def test_the_mailer_writes_to_the_outbox_when_no_token_is_set() -> None:
     settings = MailerSettings()
 

@@ -15,11 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 import mailtrap
 import requests
 from mailtrap.api.sending import SendingApi
+from mailtrap.config import SANDBOX_HOST, SENDING_HOST
 from mailtrap.exceptions import APIError, MailtrapError
+from mailtrap.http import HttpClient
 
 from mailer_service.compose import OutgoingEmail
 from mailer_service.transport import Receipt
 from pipeline_shared.errors import HandlerFailure, PermanentFailure, TransientFailure
+
+DEFAULT_TIMEOUT_SECONDS = 30.0
 
 
 def is_transient_status(status: int) -> bool:
@@ -68,20 +72,27 @@ class MailtrapTransport:
         api_host: str | None,
         inbox_id: str | None,
         concurrency: int,
+        timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
     ) -> None:
         self._client = mailtrap.MailtrapClient(
             token=token, api_host=api_host, sandbox=inbox_id is not None, inbox_id=inbox_id
         )
+        self._host = api_host or (SANDBOX_HOST if inbox_id is not None else SENDING_HOST)
+        self._inbox_id = inbox_id
+        self._timeout = timeout_seconds
         self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix="mailtrap")
         self._local = threading.local()
 
     def _sending_api(self) -> SendingApi:
         # The client's ``send`` opens a new HTTP session, so a new TLS
         # connection, per email; one sending API per thread keeps its
-        # connection alive across emails.
+        # connection alive across emails. Built here rather than by the client
+        # so that it takes our timeout (requests applies it to connecting and
+        # again to each read).
         api: SendingApi | None = getattr(self._local, "api", None)
         if api is None:
-            api = self._local.api = self._client.sending_api
+            client = HttpClient(self._host, self._client.headers, timeout=self._timeout)
+            api = self._local.api = SendingApi(client=client, inbox_id=self._inbox_id)
         return api
 
     def _send_blocking(self, mail: mailtrap.Mail) -> Receipt:

@@ -41,6 +41,7 @@ def build_transport(settings: MailerSettings) -> EmailTransport:
             api_host=settings.mailtrap_api_host,
             inbox_id=settings.mailtrap_inbox_id,
             concurrency=settings.mailer_concurrency,
+            timeout_seconds=settings.mailtrap_timeout_seconds,
         )
     if settings.mailer_transport is None:
         log.warning(
@@ -53,7 +54,7 @@ def build_transport(settings: MailerSettings) -> EmailTransport:
 async def open_ledger(settings: MailerSettings) -> SqlLedger:
     try:
         ledger = await asyncio.to_thread(
-            SqlLedger.open, settings.database_url, lease_seconds=settings.send_lease_seconds
+            SqlLedger.open, settings.database_url, lease_seconds=settings.lease_seconds
         )
     except SQLAlchemyError as exc:
         raise SystemExit(

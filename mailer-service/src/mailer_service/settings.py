@@ -13,6 +13,9 @@ from pipeline_shared.settings import DatabaseUrl, WorkerSettings, url_secrets
 
 Transport = Literal["mailtrap", "outbox"]
 
+LEASE_PER_TIMEOUT = 3
+"""The default lease, in provider timeouts: room for a request, and for recording it."""
+
 _HOST_PORT = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?")
 
 
@@ -63,11 +66,18 @@ class MailerSettings(WorkerSettings):
         description="The ledger of sent emails: a SQLite file for one host, or a "
         "postgresql:// URL that replicas on several hosts share.",
     )
-    send_lease_seconds: float = Field(
-        default=90.0,
+    mailtrap_timeout_seconds: float = Field(
+        default=30.0,
         gt=0,
-        description="How long a mailer's claim on a job protects it from a second send; "
-        "must exceed the provider's timeout (30 s) and be shorter than all RETRY_DELAYS together.",
+        le=300,
+        description="How long one provider request may take (to connect, and again to read "
+        "the answer) before it is given up.",
+    )
+    send_lease_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="How long a mailer's claim on a job keeps other mailers from sending it; "
+        "must be longer than MAILTRAP_TIMEOUT_SECONDS; by default three times it.",
     )
     ledger_retention_days: float = Field(
         default=7.0, gt=0, description="How long the ledger remembers a sent email."
@@ -75,12 +85,16 @@ class MailerSettings(WorkerSettings):
 
     @field_validator("send_lease_seconds")
     @classmethod
-    def _lease_within_retries(cls, value: float, info: ValidationInfo) -> float:
-        delays = info.data.get("retry_delays")
-        if delays is not None and value >= sum(delays):
-            # Otherwise a job whose mailer died could use up its retries
-            # waiting for the lease and be dead-lettered unsent.
-            raise ValueError(f"must be shorter than all RETRY_DELAYS together ({sum(delays):g} s)")
+    def _lease_outlives_a_request(cls, value: float | None, info: ValidationInfo) -> float | None:
+        timeout = info.data.get("mailtrap_timeout_seconds")
+        if value is not None and timeout is not None and value <= timeout:
+            # Otherwise a claim could lapse while its request is still at the
+            # provider, and another mailer send the same email again.
+            raise ValueError(
+                f"must be longer than MAILTRAP_TIMEOUT_SECONDS ({timeout:g} s), or a send still "
+                f"at the provider could be taken over and sent twice; for example "
+                f"SEND_LEASE_SECONDS={LEASE_PER_TIMEOUT * timeout:g}"
+            )
         return value
 
     @field_validator("mailtrap_token")
@@ -110,6 +124,13 @@ class MailerSettings(WorkerSettings):
         if self.mailer_transport is not None:
             return self.mailer_transport
         return "mailtrap" if self.mailtrap_token is not None else "outbox"
+
+    @property
+    def lease_seconds(self) -> float:
+        """SEND_LEASE_SECONDS, or the default that follows from the provider's timeout."""
+        if self.send_lease_seconds is not None:
+            return self.send_lease_seconds
+        return LEASE_PER_TIMEOUT * self.mailtrap_timeout_seconds
 
     @property
     def prefetch(self) -> int:
