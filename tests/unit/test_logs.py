@@ -7,6 +7,8 @@ import logging
 from collections.abc import Iterable, Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeline_shared.logs import PrivateDataFormatter, configure_logging, mask_addresses
 
@@ -173,6 +175,107 @@ def test_mask_addresses_keeps_the_first_letter_and_the_domain(text: str, masked:
 )
 def test_mask_addresses_leaves_text_without_an_address_alone(text: str) -> None:
     assert mask_addresses(text) == text
+
+
+# --- addresses and the credentials of URLs ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://pipeline:***@db.internal:5432/jobs",
+        "postgresql://pipeline@db.internal:5432/jobs",
+        "postgresql+psycopg://pipeline:s3cret@db.example.com/jobs",
+        "amqp://processor-service:***@rabbitmq.example.com:5672/",
+        "amqps://user.name+tag:p%40ss@broker.example.com/%2F",
+        "https://ada@example.com/",
+    ],
+)
+def test_the_credentials_of_a_url_are_not_an_address(url: str) -> None:
+    assert mask_addresses(url) == url
+    assert mask_addresses(f"connecting to {url} now") == f"connecting to {url} now"
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        (
+            "postgresql://pipeline:***@db.internal:5432/jobs for ada@example.com",
+            "postgresql://pipeline:***@db.internal:5432/jobs for a***@example.com",
+        ),
+        (
+            "https://api:***@api.example.com/send?to=ada%40example.com&cc=bob@example.org",
+            "https://api:***@api.example.com/send?to=a***%40example.com&cc=b***@example.org",
+        ),
+        ("https://example.com/users/ada@example.com", "https://example.com/users/a***@example.com"),
+        ("mailto:ada@example.com", "mailto:a***@example.com"),
+    ],
+)
+def test_addresses_beside_or_inside_a_url_are_still_masked(text: str, masked: str) -> None:
+    assert mask_addresses(text) == masked
+
+
+def test_a_logged_url_keeps_its_user_and_loses_its_password(request: pytest.FixtureRequest) -> None:
+    log = capture(request, (PASSWORD,), show_addresses=False)
+
+    log.logger.info("ledger at postgresql://pipeline:%s@db.internal:5432/jobs", PASSWORD)
+
+    assert log.text == "ledger at postgresql://pipeline:***@db.internal:5432/jobs\n"
+
+
+_ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+_label = st.text(_ALNUM + "-", min_size=1, max_size=12).filter(lambda s: s[0] != "-")
+_domains = st.lists(_label, min_size=2, max_size=4).map(".".join)
+# What RFC 3986 allows in a user name or password, less the delimiters.
+_userinfo = st.text(_ALNUM + "._~!$&*+,;=-", min_size=1, max_size=16)
+_schemes = st.sampled_from(["postgresql", "postgresql+psycopg", "amqp", "amqps", "https", "redis"])
+_paths = st.text(_ALNUM + "/._-", max_size=20).map(lambda s: "/" + s)
+_locals = st.tuples(st.sampled_from(_ALNUM), st.text(_ALNUM + "._+-", min_size=1, max_size=16)).map(
+    "".join
+)
+
+
+@given(
+    scheme=_schemes,
+    user=_userinfo,
+    password=st.none() | _userinfo,
+    host=_domains,
+    port=st.none() | st.integers(1, 65535),
+    path=_paths,
+)
+def test_no_url_is_changed_by_its_credentials(
+    scheme: str, user: str, password: str | None, host: str, port: int | None, path: str
+) -> None:
+    credentials = user if password is None else f"{user}:{password}"
+    url = f"{scheme}://{credentials}@{host}{'' if port is None else f':{port}'}{path}"
+
+    assert mask_addresses(f"using {url}") == f"using {url}"
+
+
+@given(
+    scheme=_schemes,
+    user=_userinfo,
+    host=_domains,
+    local=_locals,
+    domain=_domains,
+    encoded=st.booleans(),
+)
+def test_an_address_in_a_query_string_is_masked_whatever_the_credentials(
+    scheme: str, user: str, host: str, local: str, domain: str, encoded: bool
+) -> None:
+    at = "%40" if encoded else "@"
+    url = f"{scheme}://{user}:***@{host}/send?to={local}{at}{domain}&n=1"
+
+    masked = mask_addresses(url)
+
+    assert masked == f"{scheme}://{user}:***@{host}/send?to={local[0]}***{at}{domain}&n=1"
+
+
+@given(local=_locals, domain=_domains, before=st.sampled_from(["", "to ", "<", "email="]))
+def test_an_address_in_text_keeps_only_its_first_character(
+    local: str, domain: str, before: str
+) -> None:
+    assert mask_addresses(f"{before}{local}@{domain}") == f"{before}{local[0]}***@{domain}"
 
 
 # --- configure_logging ----------------------------------------------------------------

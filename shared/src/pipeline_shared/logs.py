@@ -17,16 +17,33 @@ from pipeline_shared.settings import PipelineSettings
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
+# The credentials of a URL, ``scheme://user[:password]@``: the user name is not
+# an address, and the host after the ``@`` is not its domain. Matched before
+# the address at each position, so the pair is left as it is.
+_URL_CREDENTIALS = r"(?P<credentials>[A-Za-z][A-Za-z0-9+.-]*://[A-Za-z0-9._~%!$&*+,;=:-]*@)"
 # An address as it appears in text or in a URL's query string (%40 for @).
-_ADDRESS = re.compile(
-    r"(?P<first>[A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*(?P<at>@|%40)(?P<domain>[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)"
+_ADDRESS = (
+    r"(?P<first>[A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*"
+    r"(?P<at>@|%40)(?P<domain>[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)"
 )
+_ADDRESS_OR_CREDENTIALS = re.compile(f"{_URL_CREDENTIALS}|{_ADDRESS}")
 _SHORTEST_SECRET = 4
 
 
+def _mask(match: re.Match[str]) -> str:
+    if match["credentials"] is not None:
+        return match["credentials"]
+    return f"{match['first']}***{match['at']}{match['domain']}"
+
+
 def mask_addresses(text: str) -> str:
-    """``ada@example.com`` -> ``a***@example.com``."""
-    return _ADDRESS.sub(r"\g<first>***\g<at>\g<domain>", text)
+    """``ada@example.com`` -> ``a***@example.com``.
+
+    A URL's credentials (``postgresql://pipeline:***@db.internal/``) are no
+    address and stay as they are; passwords are hidden as secrets or by
+    ``redact_url``, not here.
+    """
+    return _ADDRESS_OR_CREDENTIALS.sub(_mask, text)
 
 
 class PrivateDataFormatter(logging.Formatter):
