@@ -10,7 +10,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline_shared.logs import PrivateDataFormatter, configure_logging, mask_addresses
+from pipeline_shared.logs import (
+    PrivateDataFormatter,
+    configure_logging,
+    is_reconnection_noise,
+    mask_addresses,
+)
 
 TOKEN = "mt-token-5f1e2d3c"
 PASSWORD = "hunter2-rabbit"
@@ -278,6 +283,87 @@ def test_an_address_in_text_keeps_only_its_first_character(
     assert mask_addresses(f"{before}{local}@{domain}") == f"{before}{local[0]}***@{domain}"
 
 
+# --- the AMQP libraries' reconnection reports ---------------------------------------
+
+
+def _record(name: str, level: int, msg: str, *args: object) -> logging.LogRecord:
+    return logging.makeLogRecord(
+        {
+            "name": name,
+            "levelno": level,
+            "levelname": logging.getLevelName(level),
+            "msg": msg,
+            "args": args,
+        }
+    )
+
+
+class _RobustChannelCallback:
+    def __repr__(self) -> str:
+        return "<OneShotCallback: cb=<bound method RobustChannel._on_close of <channel>>>"
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        _record(
+            "aiormq.connection",
+            logging.ERROR,
+            "error when creating transport: %r",
+            ConnectionRefusedError(111, "Connect call failed"),
+        ),
+        _record(
+            "aiormq.connection",
+            logging.ERROR,
+            'Unexpected connection close from remote "%s", '
+            "Connection.Close(reply_code=%r, reply_text=%r)",
+            "amqp://guest:******@rabbit/",
+            320,
+            "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'",
+        ),
+        _record(
+            "aio_pika.robust_connection",
+            logging.ERROR,
+            "Reconnect attempt failed %s due to %s: %s. Retrying after %r seconds.",
+            "amqp://rabbit/",
+            "ChannelNotFoundEntity",
+            "NOT_FOUND",
+            5,
+        ),
+        _record(
+            "aio_pika.tools",
+            logging.ERROR,
+            "Callback %r error: %s: %s",
+            _RobustChannelCallback(),
+            "RuntimeError",
+            RuntimeError("<Connection> closed"),
+        ),
+    ],
+)
+def test_the_libraries_reports_of_reconnection_are_noise(record: logging.LogRecord) -> None:
+    assert is_reconnection_noise(record)
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        _record("aiormq.channel", logging.ERROR, "Unexpected confirmation frame %r from broker", 1),
+        _record("aiormq.connection", logging.ERROR, "Unexpected frame %r", 1),
+        _record(
+            "aio_pika.tools",
+            logging.ERROR,
+            "Callback %r error: %s: %s",
+            "<bound method Broker._on_reconnected of <Broker>>",
+            "KeyError",
+            KeyError("x"),
+        ),
+        _record("pipeline.messaging", logging.ERROR, "error when creating transport: %r", 1),
+    ],
+)
+def test_other_library_errors_are_not_noise(record: logging.LogRecord) -> None:
+    assert not is_reconnection_noise(record)
+
+
 # --- configure_logging ----------------------------------------------------------------
 
 
@@ -332,3 +418,30 @@ def test_configure_logging_quiets_the_amqp_libraries_below_error(
     err = capsys.readouterr().err
     assert "connection lost" not in err
     assert "gave up on" in err
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_configure_logging_drops_the_libraries_reconnection_errors_but_not_others(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("INFO")
+
+    logging.getLogger("aiormq.connection").error("error when creating transport: %r", OSError(111))
+    logging.getLogger("aiormq.connection").error("Unexpected frame %r", "frame")
+
+    err = capsys.readouterr().err
+    assert "error when creating transport" not in err
+    assert err.endswith(" ERROR   aiormq.connection: Unexpected frame 'frame'\n")
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_configure_logging_shows_the_libraries_reconnection_errors_as_debug_at_debug(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("DEBUG")
+
+    logging.getLogger("aiormq.connection").error("error when creating transport: %r", OSError(111))
+
+    assert capsys.readouterr().err.endswith(
+        " DEBUG   aiormq.connection: error when creating transport: OSError(111)\n"
+    )

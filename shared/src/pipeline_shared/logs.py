@@ -4,6 +4,10 @@ Every line goes through ``PrivateDataFormatter``: the values of the
 service's secrets (tokens, API keys, passwords inside URLs) are replaced by
 ``***`` wherever they appear, tracebacks included, and email addresses are
 masked (``a***@example.com``) unless ``LOG_SHOW_ADDRESSES`` is on.
+
+The AMQP libraries log a lost broker connection, and every failed attempt to
+reconnect, at ERROR; the messaging layer says the same once on loss and once on
+recovery, so those records are demoted to DEBUG.
 """
 
 from __future__ import annotations
@@ -46,6 +50,49 @@ def mask_addresses(text: str) -> str:
     return _ADDRESS_OR_CREDENTIALS.sub(_mask, text)
 
 
+# What the AMQP libraries log at ERROR when the connection drops and at every
+# failed attempt to reconnect, by logger and the start of the message template.
+_RECONNECTION_NOISE = (
+    ("aiormq.connection", "error when creating transport"),
+    ("aiormq.connection", "Unexpected connection close from remote"),
+    ("aio_pika.robust_connection", "Reconnect attempt failed"),
+)
+
+
+def is_reconnection_noise(record: logging.LogRecord) -> bool:
+    """Whether ``record`` is an AMQP library's report of a lost connection or of
+    a failed attempt to reconnect, which the messaging layer reports itself."""
+    template = str(record.msg)
+    if any(
+        record.name == name and template.startswith(start) for name, start in _RECONNECTION_NOISE
+    ):
+        return True
+    # A channel whose connection drops tries at once to reopen itself, fails,
+    # and aio-pika reports that as an error of the channel's close callback.
+    return (
+        record.name == "aio_pika.tools"
+        and template.startswith("Callback %r error")
+        and isinstance(record.args, tuple)
+        and bool(record.args)
+        and "RobustChannel._on_close" in str(record.args[0])
+    )
+
+
+class ReconnectionNoiseFilter(logging.Filter):
+    """Demotes the AMQP libraries' reconnection reports to DEBUG, and drops them
+    unless DEBUG lines are wanted."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self._keep = level <= logging.DEBUG
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not is_reconnection_noise(record):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        return self._keep
+
+
 class PrivateDataFormatter(logging.Formatter):
     """A formatter that removes secrets and (optionally) addresses from the finished line."""
 
@@ -79,6 +126,7 @@ def configure_logging(
     """Send every logger's records to stderr at ``level``, through the private-data formatter."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(PrivateDataFormatter(FORMAT, secrets, show_addresses))
+    handler.addFilter(ReconnectionNoiseFilter(logging.getLevelName(level)))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     # The AMQP libraries log each lost connection with a traceback; the
     # messaging layer logs losing and regaining the broker in one line each.

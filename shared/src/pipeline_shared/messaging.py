@@ -278,6 +278,7 @@ class Broker:
         self.passive = False
         """Whether the broker user may not configure, so the topology is only
         checked (``verify_topology``), never declared; set by ``connect``."""
+        self._lost = False
 
     @classmethod
     def from_settings(cls, settings: PipelineSettings, *, app_id: str) -> Broker:
@@ -319,6 +320,7 @@ class Broker:
             await connection.close()
             raise
         self._connection, self._channel = connection, channel
+        self._lost = False
         connection.close_callbacks.add(self._on_connection_lost)
         connection.reconnect_callbacks.add(self._on_reconnected)
         log.info(
@@ -345,10 +347,19 @@ class Broker:
         return await connection.channel(publisher_confirms=True, on_return_raises=True)
 
     def _on_connection_lost(self, sender: object, exc: BaseException | None) -> None:
-        if exc is not None and not isinstance(exc, asyncio.CancelledError):
-            log.warning("lost the broker connection (%s); reconnecting", type(exc).__name__)
+        # The robust connection calls this when the connection drops and again
+        # for every failed attempt to reconnect: one line for the loss, and
+        # the attempts at DEBUG.
+        if exc is None or isinstance(exc, asyncio.CancelledError):
+            return
+        if self._lost:
+            log.debug("still no broker connection (%s); retrying", _loss_reason(exc))
+            return
+        self._lost = True
+        log.warning("lost the broker connection (%s); reconnecting", _loss_reason(exc))
 
     def _on_reconnected(self, sender: object) -> None:
+        self._lost = False
         log.info("reconnected to %s; topology and consumers restored", redact_url(self._url))
 
     async def connect_until_ready(
@@ -636,6 +647,14 @@ def _reply_text(exc: BaseException) -> str:
     """The broker's own words from an AMQP error, e.g. ``ACCESS_REFUSED - ...``."""
     texts = [arg for arg in exc.args if isinstance(arg, str)]
     return texts[-1] if texts else type(exc).__name__
+
+
+def _loss_reason(exc: BaseException) -> str:
+    """Why the connection was lost: the error's type, and the broker's words if
+    the broker closed it (``ConnectionClosed: CONNECTION_FORCED - ...``)."""
+    if isinstance(exc, ConnectionClosed):
+        return f"{type(exc).__name__}: {_reply_text(exc)}"
+    return type(exc).__name__
 
 
 def _describe(failure: BaseException) -> _Failure:
