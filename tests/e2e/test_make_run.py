@@ -12,6 +12,7 @@ SIGINT to the terminal's foreground process group.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -22,10 +23,13 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import httpx
 import pytest
+import yaml
 
+from pipeline_shared.definitions import password_matches
 from support.services import clean_environment, free_port
 from support.waiting import wait_for
 
@@ -283,3 +287,82 @@ def test_the_environment_wins_over_dot_env_under_make_run(
     run.wait_serving()
 
     assert run.press_ctrl_c() == 0, run.output
+
+
+# --- no broker -------------------------------------------------------------------------
+
+
+def compose_file() -> dict[str, object]:
+    loaded: dict[str, object] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return loaded
+
+
+def test_without_a_broker_make_run_prints_commands_that_work_as_printed(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    no_programs = tmp_path / "bin"  # no rabbitmq-server to start
+    no_programs.mkdir()
+    env = make_environment(
+        PATH=str(no_programs), RABBITMQ_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    )
+
+    result = subprocess.run(
+        MAKE_RUN, cwd=run_dir, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+    assert result.returncode != 0
+    commands = [line.strip() for line in result.stderr.splitlines() if line.startswith("    ")]
+    assert len(commands) == 3, result.stderr
+    up, export, again = (shlex.split(command) for command in commands)
+    assert again == ["make", "run"]
+
+    # 1. Compose interpolates the whole file: every variable it requires is set.
+    compose_text = (ROOT / "docker-compose.yml").read_text()
+    required = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):?\?", compose_text))
+    assignments = dict(word.split("=", 1) for word in up if re.match(r"^[A-Za-z_]\w*=", word))
+    assert required, "docker-compose.yml requires no variable any more: simplify the command"
+    assert {name for name in required if assignments.get(name)} == required, commands[0]
+    assert up[len(assignments) :] == ["docker", "compose", "up", "--wait", "rabbitmq"]
+    # ... and the broker does not use them, so their stand-in values harm nothing.
+    services = compose_file()["services"]
+    assert isinstance(services, dict)
+    broker_text = yaml.safe_dump(services["rabbitmq"])
+    assert not any(f"${{{name}" in broker_text for name in assignments), broker_text
+
+    # 2. The URL logs in to that broker, as a user of its definitions who may
+    # declare the topology (make run's services do), on its published port.
+    assert export[0] == "export"
+    name, _, url = export[1].partition("=")
+    assert name == "RABBITMQ_URL"
+    parts = urlsplit(url)
+    definitions = json.loads((ROOT / "rabbitmq" / "definitions.json").read_text())
+    users = {user["name"]: user for user in definitions["users"]}
+    assert parts.username in users, url
+    assert password_matches(users[parts.username]["password_hash"], unquote(parts.password or ""))
+    vhost = unquote(parts.path[1:]) or "/"
+    permissions = {
+        (p["user"], p["vhost"]): (p["configure"], p["write"], p["read"])
+        for p in definitions["permissions"]
+    }
+    assert permissions[(parts.username, vhost)] == (".*", ".*", ".*")
+    assert parts.hostname in {"localhost", "127.0.0.1"}
+    assert f"127.0.0.1:{parts.port}:5672" in services["rabbitmq"]["ports"]
+
+    # 3. Where docker compose is installed, it accepts the command's file.
+    docker = shutil.which("docker")
+    if (
+        docker is None
+        or subprocess.run(
+            [docker, "compose", "version"], capture_output=True, check=False
+        ).returncode
+    ):
+        return
+    config = subprocess.run(
+        [docker, "compose", "config", "--quiet", "rabbitmq"],
+        cwd=ROOT,
+        env={**os.environ, **assignments},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert config.returncode == 0, config.stderr
