@@ -123,7 +123,21 @@ def test_a_plain_subject_is_written_as_it_is() -> None:
     assert b"\nSubject: Your weekly report\n" in to_mime(outgoing, "<j@outbox.local>").as_bytes()
 
 
-single_lines = st.text(min_size=1, max_size=120).filter(lambda s: not _raises(check_single_line, s))
+@pytest.mark.parametrize(
+    "subject",
+    ["https://reports.example.com/weekly/" + "a" * 40 + " is ready", "x" * 200, "a," * 100],
+)
+def test_a_long_unbroken_plain_subject_is_not_folded_into_a_leading_space(subject: str) -> None:
+    message = build(subject, name="N" * 100)
+
+    assert message["Subject"] == subject
+    assert sender_name(message) == "N" * 100
+
+
+single_lines = (
+    st.text(min_size=1, max_size=200)
+    | st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=60, max_size=200)
+).filter(lambda s: not _raises(check_single_line, s))
 
 
 def _raises(check: object, value: str) -> bool:

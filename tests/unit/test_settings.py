@@ -235,6 +235,23 @@ def test_redact_url_keeps_an_ipv6_host_in_brackets() -> None:
 # --- the mailer's settings --------------------------------------------------
 
 
+def test_the_api_refuses_events_too_small_to_carry_the_requests_it_accepts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MAX_REQUEST_BYTES", "1048576")
+
+    message = exit_message(ApiSettings, "api-service")
+
+    assert "MAX_EVENT_BYTES (4194304) must be at least 10 times MAX_REQUEST_BYTES" in message
+    assert "MAX_EVENT_BYTES=10485760" in message
+
+
+def test_the_default_event_limit_carries_the_default_request_limit() -> None:
+    settings = ApiSettings()
+
+    assert settings.max_event_bytes >= 10 * settings.max_request_bytes
+
+
 def test_the_lease_defaults_to_three_provider_timeouts() -> None:
     assert MailerSettings().lease_seconds == 90
     assert MailerSettings(mailtrap_timeout_seconds=5).lease_seconds == 15

@@ -309,6 +309,19 @@ def test_a_steps_failure_is_described_in_words_without_its_class_name(
     assert type(exc).__name__ not in described
 
 
+async def test_a_result_too_large_to_carry_fails_the_job_in_words_before_publishing(
+    executor: ThreadPoolExecutor,
+) -> None:
+    publisher = FakePublisher()
+    process = ProcessJob(publisher, executor, steps=TEST_STEPS, max_event_bytes=4096)
+
+    with pytest.raises(PermanentFailure, match="too large to carry") as caught:
+        await process(job_requested(step="echo", data={"x": [1e15] * 300}))
+
+    assert "over MAX_EVENT_BYTES (4096)" in caught.value.reason
+    assert publisher.published == []
+
+
 async def test_a_step_that_returns_something_other_than_a_dict_is_a_permanent_failure(
     executor: ThreadPoolExecutor,
 ) -> None:

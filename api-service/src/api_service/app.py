@@ -126,7 +126,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
             log.error("%s: %s", SERVICE, exc)
             raise
         return await broker.consume(
-            STATUS, any_event_adapter, RecordJobEvent(store), prefetch=settings.status_prefetch
+            STATUS,
+            any_event_adapter,
+            RecordJobEvent(store),
+            prefetch=settings.status_prefetch,
+            max_event_bytes=settings.max_event_bytes,
         )
 
     async def purge_periodically(store: JobStore) -> None:

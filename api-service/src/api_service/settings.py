@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from api_service.auth import ApiKeys, InvalidApiKeySetting, is_loopback, parse_api_keys
 from pipeline_shared.settings import DatabaseUrl, PipelineSettings, url_secrets
+
+EVENT_GROWTH = 10
+"""How much larger than its request a job's events may be: a number can take 4.5 times its
+bytes when written again (``1e15`` becomes ``1000000000000000.0``), and ``DataProcessed``
+carries the data twice when the result repeats it (``echo``)."""
 
 
 class ApiSettings(PipelineSettings):
@@ -40,6 +45,17 @@ class ApiSettings(PipelineSettings):
     status_prefetch: int = Field(
         default=64, ge=1, le=10_000, description="Job events the read model holds unacked."
     )
+
+    @model_validator(mode="after")
+    def _events_can_carry_a_request(self) -> ApiSettings:
+        needed = EVENT_GROWTH * self.max_request_bytes
+        if self.max_event_bytes < needed:
+            raise ValueError(
+                f"MAX_EVENT_BYTES ({self.max_event_bytes}) must be at least {EVENT_GROWTH} times "
+                f"MAX_REQUEST_BYTES ({self.max_request_bytes}), or a job the api accepts could "
+                f"be too large for the next stage; for example MAX_EVENT_BYTES={needed}"
+            )
+        return self
 
     @field_validator("api_keys")
     @classmethod

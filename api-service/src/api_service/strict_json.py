@@ -19,7 +19,7 @@ from fastapi import HTTPException, Request, Response
 from fastapi.routing import APIRoute
 
 from api_service.problems import validation_problems
-from pipeline_shared.contract import MAX_DATA_DEPTH, MAX_REPORTED_PROBLEMS
+from pipeline_shared.contract import MAX_DATA_DEPTH
 
 Location = tuple[str | int, ...]
 
@@ -98,9 +98,10 @@ class _Parser:
 
 
 def _problems_in(value: Any) -> list[BodyProblem]:
+    # All of them, to count them; the answer shows the first few.
     problems: list[BodyProblem] = []
     pending: list[tuple[Any, Location]] = [(value, ("body",))]
-    while pending and len(problems) <= MAX_REPORTED_PROBLEMS:
+    while pending:
         item, where = pending.pop()
         if isinstance(item, _Refused):
             problems.append(BodyProblem(where, item.problem))

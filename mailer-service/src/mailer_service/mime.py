@@ -35,10 +35,21 @@ def _is_plain(text: str) -> bool:
     return _PLAIN.fullmatch(text) is not None
 
 
+class _Unfolded(Header):
+    """Plain text, written on one line: folding before a long word would put a space in
+    front of it. The contract keeps every such field far below RFC 5322's 998 characters."""
+
+    def encode(
+        self, splitchars: str = ";, \t", maxlinelen: int | None = None, linesep: str = "\n"
+    ) -> str:
+        return super().encode(splitchars, maxlinelen=0, linesep=linesep)
+
+
 def unstructured(text: str, header_name: str) -> Header:
     """A header value that says ``text`` and nothing else (subject, category)."""
-    charset = "us-ascii" if _is_plain(text) else _HEADER_UTF8
-    return Header(text, charset, header_name=header_name)
+    if _is_plain(text):
+        return _Unfolded(text, "us-ascii", header_name=header_name)
+    return Header(text, _HEADER_UTF8, header_name=header_name)
 
 
 def mailbox(name: str, address: str, header_name: str) -> Header | str:
@@ -47,7 +58,7 @@ def mailbox(name: str, address: str, header_name: str) -> Header | str:
         return address
     if _is_plain(name):
         # formataddr quotes and escapes a plain name that holds specials.
-        return formataddr((name, address))
+        return _Unfolded(formataddr((name, address)), "us-ascii", header_name=header_name)
     header = Header(header_name=header_name)
     header.append(name, _HEADER_UTF8)
     header.append(f"<{address}>", "us-ascii")

@@ -52,11 +52,13 @@ class ProcessJob:
         *,
         steps: Mapping[str, Step],
         delay_seconds: float = 0.0,
+        max_event_bytes: int | None = None,
     ) -> None:
         self._publisher = publisher
         self._executor = executor
         self._steps = steps
         self._delay = delay_seconds
+        self._max_event_bytes = max_event_bytes
 
     async def __call__(self, event: JobRequested) -> None:
         try:
@@ -90,4 +92,13 @@ class ProcessJob:
                 f"step {event.step!r} returned a result that is not JSON within the limits "
                 f"of a job ({describe_validation_error(exc, 'DataProcessed')})"
             ) from exc
+        if self._max_event_bytes is not None:
+            size = len(processed.model_dump_json().encode())
+            if size > self._max_event_bytes:
+                # The mailer would dead-letter it as unreadable: say why here.
+                raise PermanentFailure(
+                    f"step {event.step!r} returned a result too large to carry: the "
+                    f"DataProcessed event would be {size} bytes, over MAX_EVENT_BYTES "
+                    f"({self._max_event_bytes})"
+                )
         await self._publisher.publish(processed)

@@ -22,7 +22,11 @@ async def serve(settings: ProcessorSettings, stop: asyncio.Event) -> None:
     broker = Broker.from_settings(settings, app_id=SERVICE)
     with ThreadPoolExecutor(settings.processing_threads, thread_name_prefix="step") as executor:
         handler = ProcessJob(
-            broker, executor, steps=STEPS, delay_seconds=settings.processing_delay_seconds
+            broker,
+            executor,
+            steps=STEPS,
+            delay_seconds=settings.processing_delay_seconds,
+            max_event_bytes=settings.max_event_bytes,
         )
         await serve_stage(
             broker,

@@ -44,6 +44,12 @@ class PipelineSettings(BaseSettings):
         frozen=True,
     )
 
+    max_event_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        description="Largest message body a consumer accepts (bigger ones are dead-lettered) "
+        "and a producer sends.",
+    )
     rabbitmq_url: str = Field(
         default="amqp://guest:guest@localhost:5672/",
         description="AMQP URL of the RabbitMQ broker (amqp:// or amqps://).",
@@ -101,12 +107,6 @@ class PipelineSettings(BaseSettings):
 
 class WorkerSettings(PipelineSettings):
     """What a consuming worker needs on top of the common settings."""
-
-    max_event_bytes: int = Field(
-        default=1024 * 1024,
-        ge=1024,
-        description="Largest message body a consumer accepts; bigger ones are dead-lettered.",
-    )
 
 
 S = TypeVar("S", bound=BaseSettings)
