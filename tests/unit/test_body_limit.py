@@ -148,7 +148,7 @@ async def test_a_body_longer_than_its_small_declared_length_is_still_refused(
     assert app.scopes == []
 
 
-@pytest.mark.parametrize("declared", ["abc", "-1", "1e3", " 12", ""])
+@pytest.mark.parametrize("declared", ["abc", "-1", "1e3", "1 2", ""])
 async def test_a_content_length_that_is_not_a_number_is_refused_with_400(
     declared: str, client: httpx.AsyncClient, app: RecordingApp
 ) -> None:
@@ -248,6 +248,24 @@ async def test_after_the_body_the_app_receives_from_the_server_again() -> None:
     await BodySizeLimit(inner, max_bytes=LIMIT)(http_scope(), receive, send)
 
     assert seen == ["http.request", "http.disconnect"]
+
+
+async def test_a_content_length_with_surrounding_whitespace_is_read_as_its_number() -> None:
+    seen: list[bytes] = []
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append((await receive())["body"])
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: Message) -> None:
+        raise AssertionError(f"nothing should be refused: {message}")
+
+    scope = http_scope([(b"content-length", b" 2\t")])
+    await BodySizeLimit(inner, max_bytes=LIMIT)(scope, receive, send)
+
+    assert seen == [b"{}"]
 
 
 async def test_a_body_that_does_not_arrive_in_time_is_refused_with_408_and_closed() -> None:

@@ -12,18 +12,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 from uuid import UUID, uuid4
 
-from fastapi import Body, Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import Body, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from api_service.auth import ApiKeys
 from api_service.body_limit import BodySizeLimit
+from api_service.dependencies import BrokerDep, CallerDep, StoreDep
 from api_service.problems import validation_problems
 from api_service.read_model import JobEvent, Status
 from api_service.schemas import (
@@ -37,7 +36,7 @@ from api_service.schemas import (
 )
 from api_service.settings import ApiSettings
 from api_service.store import InvalidCursor, JobStore, KeyOutcome
-from api_service.strict_json import StrictJsonRoute
+from api_service.strict_route import StrictRoute
 from pipeline_shared.contract import EmailAddress, JobData
 from pipeline_shared.errors import BrokerUnavailable, TopologyMissing
 from pipeline_shared.events import JobRequested, any_event_adapter
@@ -65,8 +64,6 @@ _SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
     503: _UNAVAILABLE,
 }
 
-bearer = HTTPBearer(auto_error=False, description="An API key from API_KEYS.")
-
 
 class RecordJobEvent:
     """The read model's handler: fold each job event into its job's record."""
@@ -76,40 +73,6 @@ class RecordJobEvent:
 
     async def __call__(self, event: JobEvent) -> None:
         await self._store.record(event)
-
-
-# Dependencies are coroutines: FastAPI runs plain functions in a thread pool,
-# a thread hop per dependency per request for what is an attribute lookup.
-
-
-async def get_broker(request: Request) -> Broker:
-    broker: Broker = request.app.state.broker
-    return broker
-
-
-async def get_store(request: Request) -> JobStore:
-    store: JobStore = request.app.state.store
-    return store
-
-
-async def authenticate(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> str:
-    """The caller's id, or 401."""
-    keys: ApiKeys = request.app.state.api_keys
-    header = f"{credentials.scheme} {credentials.credentials}" if credentials else None
-    caller = keys.caller_of(header)
-    if caller is None:
-        raise HTTPException(
-            401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"}
-        )
-    return caller
-
-
-BrokerDep = Annotated[Broker, Depends(get_broker)]
-StoreDep = Annotated[JobStore, Depends(get_store)]
-CallerDep = Annotated[str, Depends(authenticate)]
 
 
 def request_hash(job: JobRequest) -> str:
@@ -183,8 +146,12 @@ def create_app(settings: ApiSettings) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
-    # Every body is read by the strict parser: a duplicate key or NaN is a 422, not a guess.
-    app.router.route_class = StrictJsonRoute
+    # Every route authenticates before reading, refuses what it did not ask
+    # for, and reads bodies strictly: a duplicate key or NaN is a 422, not a guess.
+    app.router.route_class = StrictRoute
+    # A redirect to the same path with a slash would be built from the
+    # client's Host header, and sent before authentication.
+    app.router.redirect_slashes = False
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_request_bytes,

@@ -30,6 +30,7 @@ class BodySizeLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
+            declared = declared.strip(b" \t")  # optional whitespace, as HTTP allows
             if not declared.isdigit():
                 await self._refuse(send, 400, "invalid Content-Length header")
                 return

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import HTTPException, Request, Response
-from fastapi.routing import APIRoute
+from fastapi import HTTPException
 
 from api_service.problems import validation_problems
 from pipeline_shared.contract import MAX_DATA_DEPTH
@@ -61,6 +59,10 @@ class _WithDuplicates(dict[str, Any]):
 
 
 _NONZERO_MANTISSA = re.compile(r"-?[0.]*[1-9]")
+# A \u escape of a UTF-16 surrogate: json.loads pairs two of them into one
+# character, and keeps a lone one as a string UTF-8 cannot encode.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _Parser:
@@ -97,6 +99,9 @@ class _Parser:
         return value
 
 
+_LONE = "contains a lone surrogate (half of a UTF-16 pair), which is not text"
+
+
 def _problems_in(value: Any) -> list[BodyProblem]:
     # All of them, to count them; the answer shows the first few.
     problems: list[BodyProblem] = []
@@ -105,12 +110,20 @@ def _problems_in(value: Any) -> list[BodyProblem]:
         item, where = pending.pop()
         if isinstance(item, _Refused):
             problems.append(BodyProblem(where, item.problem))
+        elif isinstance(item, str):
+            if _LONE_SURROGATE.search(item):
+                problems.append(BodyProblem(where, _LONE, "lone_surrogate"))
         elif isinstance(item, dict):
             if isinstance(item, _WithDuplicates):
                 problems.extend(
                     BodyProblem((*where, key), f"duplicate key {key!r}", "duplicate_key")
                     for key in item.duplicates
                 )
+            problems.extend(
+                BodyProblem((*where, k), f"a key {_LONE}", "lone_surrogate")
+                for k in item
+                if _LONE_SURROGATE.search(k)
+            )
             pending.extend((v, (*where, k)) for k, v in reversed(item.items()))
         elif isinstance(item, list):
             pending.extend((v, (*where, i)) for i, v in reversed(list(enumerate(item))))
@@ -146,25 +159,7 @@ def parse_json_body(body: bytes) -> Any:
         raise InvalidJsonBody(
             [BodyProblem(("body",), "a number has too many digits (beyond ±1.8e308)")]
         ) from None
-    if parser.suspect:
-        raise InvalidJsonBody(_problems_in(value))
+    if parser.suspect or _SURROGATE_ESCAPE.search(text):
+        if problems := _problems_in(value):
+            raise InvalidJsonBody(problems)
     return value
-
-
-class StrictJsonRequest(Request):
-    async def json(self) -> Any:
-        if not hasattr(self, "_json"):
-            self._json = parse_json_body(await self.body())
-        return self._json
-
-
-class StrictJsonRoute(APIRoute):
-    """A route whose JSON body is read by ``parse_json_body``."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def strict_handler(request: Request) -> Response:
-            return await handler(StrictJsonRequest(request.scope, request.receive))
-
-        return strict_handler

@@ -1,0 +1,54 @@
+"""What the api's routes depend on: the broker, the job store and the caller.
+
+Dependencies are coroutines: FastAPI runs plain functions in a thread pool, a
+thread hop per dependency per request for what is an attribute lookup.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from api_service.auth import ApiKeys
+from api_service.store import JobStore
+from pipeline_shared.messaging import Broker
+
+bearer = HTTPBearer(auto_error=False, description="An API key from API_KEYS.")
+
+
+async def get_broker(request: Request) -> Broker:
+    broker: Broker = request.app.state.broker
+    return broker
+
+
+async def get_store(request: Request) -> JobStore:
+    store: JobStore = request.app.state.store
+    return store
+
+
+def caller_of(request: Request) -> str:
+    """The caller's id from the request's ``Authorization`` header, or 401."""
+    keys: ApiKeys = request.app.state.api_keys
+    caller = keys.caller_of(request.headers.get("authorization"))
+    if caller is None:
+        raise HTTPException(
+            401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"}
+        )
+    return caller
+
+
+async def authenticate(
+    request: Request,
+    # Declared so that the OpenAPI document shows the bearer scheme; the
+    # header itself is read by ``caller_of``.
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> str:
+    """The caller's id, or 401."""
+    return caller_of(request)
+
+
+BrokerDep = Annotated[Broker, Depends(get_broker)]
+StoreDep = Annotated[JobStore, Depends(get_store)]
+CallerDep = Annotated[str, Depends(authenticate)]

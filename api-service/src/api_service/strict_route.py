@@ -1,0 +1,115 @@
+"""A route that takes nothing it was not asked for, and no one it does not know.
+
+Before a handler sees a request, ``StrictRoute``:
+
+1. authenticates the caller, when the route needs one, before reading
+   anything the client sent (FastAPI reads the body before dependencies);
+2. refuses a body that is not ``application/json`` in UTF-8 and without a
+   content encoding (415), rather than reading it as JSON anyway;
+3. refuses query parameters the route does not declare, and a declared query
+   parameter or header given twice (422): ``?email=a&email=b`` names one
+   recipient, never the last of several;
+4. reads the JSON body with ``parse_json_body`` (duplicate keys, NaN, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine, Iterator
+from email.message import Message
+from typing import Any
+
+from fastapi import HTTPException, Request, Response
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
+
+from api_service.dependencies import authenticate, caller_of
+from api_service.problems import validation_problems
+from api_service.strict_json import parse_json_body
+
+
+class StrictJsonRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = parse_json_body(await self.body())
+        return self._json
+
+
+def _dependants(dependant: Dependant) -> Iterator[Dependant]:
+    """The route's dependant and everything it depends on."""
+    yield dependant
+    for sub in dependant.dependencies:
+        yield from _dependants(sub)
+
+
+def _unsupported_media(request: Request) -> str | None:
+    """Why the body cannot be read as JSON, or None if it can."""
+    content_type = request.headers.getlist("content-type")
+    if len(content_type) != 1:
+        return "send exactly one Content-Type: application/json"
+    parsed = Message()
+    parsed["content-type"] = content_type[0]
+    subtype = parsed.get_content_subtype()
+    if parsed.get_content_maintype() != "application" or not (
+        subtype == "json" or subtype.endswith("+json")
+    ):
+        return f"the body must be JSON (Content-Type: application/json), not {content_type[0]!r}"
+    charset = parsed.get_param("charset")
+    if charset is not None and str(charset).lower() not in {"utf-8", "utf8"}:
+        return "JSON bodies must be UTF-8"
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        return f"Content-Encoding {encoding!r} is not supported; send the body as it is"
+    return None
+
+
+class StrictRoute(APIRoute):
+    """An ``APIRoute`` with the checks in this module's docstring."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        dependants = list(_dependants(self.dependant))
+        needs_caller = any(d.call is authenticate for d in dependants)
+        takes_body = self.body_field is not None
+        query_names = {p.alias for d in dependants for p in d.query_params}
+        header_names = {p.alias.lower() for d in dependants for p in d.header_params}
+
+        async def strict_handler(request: Request) -> Response:
+            # One request object throughout: it keeps the body once read.
+            strict = StrictJsonRequest(request.scope, request.receive)
+            if needs_caller:
+                caller_of(strict)
+            problems = _repeated_or_unknown(strict, query_names, header_names)
+            if problems:
+                raise HTTPException(422, validation_problems(problems))
+            if takes_body and (await strict.body()) and (why := _unsupported_media(strict)):
+                raise HTTPException(415, why)
+            return await handler(strict)
+
+        return strict_handler
+
+
+def _repeated_or_unknown(
+    request: Request, query_names: set[str], header_names: set[str]
+) -> list[dict[str, Any]]:
+    problems: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for name, _ in request.query_params.multi_items():
+        if name not in query_names:
+            problems.append(
+                {"type": "unknown_parameter", "loc": ("query", name), "msg": "unknown parameter"}
+            )
+        elif name in seen:
+            problems.append(
+                {
+                    "type": "repeated_parameter",
+                    "loc": ("query", name),
+                    "msg": "given more than once",
+                }
+            )
+        seen.add(name)
+    for name in header_names:
+        if len(request.headers.getlist(name)) > 1:
+            problems.append(
+                {"type": "repeated_header", "loc": ("header", name), "msg": "given more than once"}
+            )
+    return problems
