@@ -841,6 +841,93 @@ async def test_slow_clients_get_408_and_do_not_hold_up_others(
     assert httpx.get(f"{pipeline.api.url}/readyz", timeout=5).status_code == 200
 
 
+async def dribble(writer: asyncio.StreamWriter, parts: list[bytes], every: float) -> None:
+    """Send ``parts`` one at a time, ``every`` seconds apart, until the api hangs up."""
+    try:
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(every)
+    except (ConnectionError, OSError):
+        return
+
+
+SLOW_HEADERS = {
+    # Connects and sends nothing.
+    "silent": [],
+    # Half a request line, never finished.
+    "half-line": [b"POST /jo"],
+    # A header line every 0.3 s, for ever: never idle, never complete.
+    "dribbled-headers": [b"POST /jobs HTTP/1.1\r\nHost: x\r\n"]
+    + [f"X-Pad-{i}: y\r\n".encode() for i in range(200)],
+}
+
+
+@pytest.mark.parametrize("kind", list(SLOW_HEADERS))
+async def test_a_connection_whose_headers_never_complete_is_closed_after_the_timeout(
+    pipeline_factory: PipelineFactory, kind: str
+) -> None:
+    pipeline = pipeline_factory(REQUEST_TIMEOUT_SECONDS=str(REQUEST_TIMEOUT))
+    pipeline.api.start()
+    pipeline.api.wait_ready()
+
+    connections = [await asyncio.open_connection("127.0.0.1", pipeline.api.port) for _ in range(20)]
+    opened = time.monotonic()
+    senders = [
+        asyncio.create_task(dribble(writer, SLOW_HEADERS[kind], 0.3)) for _, writer in connections
+    ]
+    async with httpx.AsyncClient(base_url=pipeline.api.url, timeout=10) as client:
+        normal = await client.post("/jobs", json={"email": "ada@example.com", "data": {}})
+    closed_after = []
+    try:
+        for reader, _ in connections:
+            remaining = opened + REQUEST_TIMEOUT + GRACE - time.monotonic()
+            try:
+                await asyncio.wait_for(reader.read(), remaining)
+            except TimeoutError:
+                raise AssertionError(f"a {kind} connection was left open") from None
+            except ConnectionError:
+                pass
+            closed_after.append(time.monotonic() - opened)
+    finally:
+        for sender in senders:
+            sender.cancel()
+        for _, writer in connections:
+            writer.close()
+
+    assert normal.status_code == 202, normal.text
+    assert max(closed_after) <= REQUEST_TIMEOUT + GRACE
+    assert min(closed_after) >= REQUEST_TIMEOUT * 0.9
+    assert pipeline.api.running
+
+
+async def test_a_slow_second_request_on_a_kept_alive_connection_is_closed_too(
+    pipeline_factory: PipelineFactory,
+) -> None:
+    pipeline = pipeline_factory(REQUEST_TIMEOUT_SECONDS=str(REQUEST_TIMEOUT))
+    pipeline.api.start()
+    pipeline.api.wait_ready()
+    reader, writer = await asyncio.open_connection("127.0.0.1", pipeline.api.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+
+    started = time.monotonic()
+    sender = asyncio.create_task(dribble(writer, SLOW_HEADERS["dribbled-headers"], 0.3))
+    try:
+        await asyncio.wait_for(reader.read(), REQUEST_TIMEOUT + GRACE)
+    except TimeoutError:
+        raise AssertionError("the second request's headers were never cut off") from None
+    finally:
+        sender.cancel()
+        writer.close()
+
+    assert REQUEST_TIMEOUT * 0.9 <= time.monotonic() - started <= REQUEST_TIMEOUT + GRACE
+
+
 # --- 4. a sender at a reserved domain ---------------------------------------------
 
 

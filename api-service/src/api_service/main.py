@@ -8,6 +8,7 @@ from types import FrameType
 import uvicorn
 
 from api_service.app import SERVICE, create_app
+from api_service.http_protocol import protocol_with_header_deadline
 from api_service.settings import ApiSettings
 from pipeline_shared.logs import configure_service_logging
 from pipeline_shared.settings import load_settings
@@ -33,4 +34,5 @@ def main() -> None:
         port=settings.api_port,
         log_config=None,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds),
+        http=protocol_with_header_deadline(settings.request_timeout_seconds),
     )

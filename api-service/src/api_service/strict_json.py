@@ -159,7 +159,7 @@ def parse_json_body(body: bytes) -> Any:
         raise InvalidJsonBody(
             [BodyProblem(("body",), "a number has too many digits (beyond ±1.8e308)")]
         ) from None
-    if parser.suspect or _SURROGATE_ESCAPE.search(text):
-        if problems := _problems_in(value):
-            raise InvalidJsonBody(problems)
+    suspect = parser.suspect or _SURROGATE_ESCAPE.search(text) is not None
+    if suspect and (problems := _problems_in(value)):
+        raise InvalidJsonBody(problems)
     return value
