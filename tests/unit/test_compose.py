@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mailer_service.compose import (
     DEFAULT_SUBJECT,
+    PRETTY_LIMIT,
     OutgoingEmail,
     Sender,
     compose_email,
@@ -88,6 +91,26 @@ def test_the_text_shows_the_result_before_the_data() -> None:
     text = render_text(data_processed())
 
     assert text.index("Result:") < text.index("Your data:")
+
+
+def test_large_deep_data_is_written_compactly_so_the_email_stays_near_its_size() -> None:
+    deep: Any = [123456] * 20_000
+    for _ in range(29):
+        deep = [deep]
+    event = data_processed(data={"x": deep}, result={"x": deep})
+
+    text = render_text(event)
+
+    compact_size = len(json.dumps({"x": deep}, separators=(",", ":")))
+    assert compact_size > PRETTY_LIMIT
+    assert len(text) < 3 * compact_size
+    assert json.loads(text.split("Result:\n")[1].split("\n\nYour data:")[0]) == {"x": deep}
+
+
+def test_small_data_is_indented_for_reading() -> None:
+    text = render_text(data_processed(data={"visits": [3, 5]}))
+
+    assert '\n  "visits": [\n' in text
 
 
 def test_the_text_keeps_non_ascii_characters_readable() -> None:

@@ -30,7 +30,16 @@ class OutgoingEmail:
     custom_variables: dict[str, Any] = field(default_factory=dict)
 
 
+PRETTY_LIMIT = 64 * 1024
+"""Data larger than this, written compactly, is shown compactly: indenting a deep value
+multiplies its size (a 250 KB job nested 30 levels became a 17 MB email) and the
+indenting encoder is pure Python, so slow."""
+
+
 def _pretty(value: Any) -> str:
+    compact = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    if len(compact) > PRETTY_LIMIT:
+        return compact
     return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)
 
 
