@@ -158,6 +158,42 @@ def test_mailtrap_outages_are_retried_until_the_email_goes_out(
 
 
 @pytest.mark.parametrize(
+    ("failures", "delivered"), [(3, True), (4, False)], ids=["recovers", "gives-up"]
+)
+def test_short_retry_delays_alone_give_a_mailer_that_keeps_its_promises(
+    pipeline_factory: PipelineFactory,
+    mailtrap: MailtrapStub,
+    mailtrap_settings: dict[str, str],
+    failures: int,
+    delivered: bool,
+) -> None:
+    # Only RETRY_DELAYS is set: the lease and the provider timeout keep their
+    # defaults (90 s and 30 s, far longer than all the delays together).
+    pipeline = pipeline_factory(
+        **mailtrap_settings,
+        RETRY_DELAYS="1,1,2",
+        SEND_LEASE_SECONDS="",
+        MAILTRAP_TIMEOUT_SECONDS="",
+    )
+    pipeline.start()
+    mailtrap.fail_next(failures, 503)
+
+    job_id = submit(pipeline.api.url, email="ada@example.com", data={})
+
+    if delivered:
+        wait_for(lambda: mailtrap.deliveries_by_job()[job_id] == 1, what="the email")
+        assert [r.status for r in mailtrap.received] == [503, 503, 503, 200]
+    else:
+        dead = wait_for(
+            lambda: pipeline.management.peek(pipeline.vhost, MAILER.dead_letter_queue),
+            what="the dead letter",
+        )
+        assert dead[0]["properties"]["headers"]["x-attempts"] == 4
+        assert [r.status for r in mailtrap.received] == [503] * 4
+    assert mailtrap.deliveries_by_job()[job_id] == (1 if delivered else 0)
+
+
+@pytest.mark.parametrize(
     "signals",
     [(signal.SIGTERM,), (signal.SIGINT, signal.SIGTERM)],
     ids=["sigterm", "ctrl-c-then-sigterm"],

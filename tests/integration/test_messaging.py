@@ -12,9 +12,14 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
-from pipeline_shared.errors import BrokerUnavailable, PermanentFailure, TransientFailure
+from pipeline_shared.errors import (
+    BrokerUnavailable,
+    Deferred,
+    PermanentFailure,
+    TransientFailure,
+)
 from pipeline_shared.events import DataProcessed, JobFailed, JobRequested
-from pipeline_shared.messaging import Broker
+from pipeline_shared.messaging import Broker, delivery_attempt
 from pipeline_shared.topology import DELIVERY_LIMIT, EXCHANGE, MAILER, PROCESSOR, STAGES, STATUS
 from support.rabbit import Management
 from support.waiting import async_wait_for
@@ -224,6 +229,31 @@ async def test_a_transient_failure_is_retried_through_the_retry_queues_until_it_
     # The second try waited out the first delay, the third the second one.
     assert calls[1] - calls[0] >= FAST_RETRIES[0] * 0.9
     assert calls[2] - calls[1] >= FAST_RETRIES[1] * 0.9
+
+
+async def test_a_deferred_message_waits_without_spending_its_attempts(broker: Broker) -> None:
+    # Deferred far more often than there are retries: waiting for another
+    # worker must never use up a job's attempts.
+    deferrals = 3 * len(FAST_RETRIES)
+    seen: list[int] = []
+    done = asyncio.Event()
+
+    async def handler(received: JobRequested) -> None:
+        seen.append(delivery_attempt.get())
+        if len(seen) <= deferrals:
+            raise Deferred("another worker holds this job")
+        if len(seen) == deferrals + 1:
+            raise TransientFailure("provider said 503")
+        done.set()
+
+    consumer = await broker.consume(PROCESSOR, JobRequested, handler, prefetch=4)
+    await broker.publish(job())
+    await asyncio.wait_for(done.wait(), 20)
+    await consumer.stop(5)
+
+    # Every deferred delivery was still the first attempt; the one real
+    # failure made the next delivery the second.
+    assert seen == [1] * (deferrals + 1) + [2]
 
 
 async def test_a_message_failing_every_attempt_ends_in_the_dead_letter_queue(

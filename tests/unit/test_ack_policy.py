@@ -13,6 +13,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from pipeline_shared.errors import (
     BrokerUnavailable,
+    Deferred,
     HandlerFailure,
     PermanentFailure,
     TransientFailure,
@@ -84,6 +85,15 @@ def test_a_retryable_failure_is_dead_lettered_once_the_delays_are_used_up(
     failure: Exception, attempts: int
 ) -> None:
     assert settle(failure, attempts, DELAYS) is Disposition.DEAD_LETTER
+
+
+@pytest.mark.parametrize("attempts", [1, len(DELAYS), len(DELAYS) + 1, 1000])
+def test_a_deferred_message_is_deferred_however_many_attempts_it_has_made(attempts: int) -> None:
+    assert settle(Deferred("busy"), attempts, DELAYS) is Disposition.DEFER
+
+
+def test_with_no_retry_delays_a_deferred_message_is_dead_lettered_like_a_transient_one() -> None:
+    assert settle(Deferred("busy"), 1, ()) is Disposition.DEAD_LETTER
 
 
 def test_with_no_retry_delays_a_transient_failure_is_dead_lettered_at_once() -> None:

@@ -9,7 +9,7 @@ import pytest
 from mailer_service.compose import OutgoingEmail, Sender
 from mailer_service.handlers import SendEmail
 from mailer_service.transport import Receipt
-from pipeline_shared.errors import PermanentFailure, TransientFailure
+from pipeline_shared.errors import Deferred, PermanentFailure, TransientFailure
 from pipeline_shared.events import EmailSent
 from unit.fakes import FakeLedger, FakePublisher, FakeTransport, data_processed
 
@@ -32,12 +32,12 @@ async def test_a_redelivered_job_is_not_sent_twice_but_email_sent_is_published_a
     assert second.provider_message_id == first.provider_message_id == "fake-message-1"
 
 
-async def test_a_job_another_mailer_is_sending_is_retried_later_without_sending() -> None:
+async def test_a_job_another_mailer_is_sending_is_deferred_without_sending() -> None:
     transport, publisher, ledger = FakeTransport(), FakePublisher(), FakeLedger()
     event = data_processed()
     await ledger.claim(str(event.job_id))  # another mailer holds the claim
 
-    with pytest.raises(TransientFailure, match="another mailer"):
+    with pytest.raises(Deferred, match="another mailer"):
         await SendEmail(transport, publisher, ledger, SENDER)(event)
 
     assert transport.sent == []

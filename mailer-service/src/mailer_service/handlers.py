@@ -9,7 +9,7 @@ from typing import Protocol
 from mailer_service.compose import Sender, compose_email
 from mailer_service.ledger import Claim, ClaimState
 from mailer_service.transport import EmailTransport
-from pipeline_shared.errors import TransientFailure
+from pipeline_shared.errors import Deferred
 from pipeline_shared.events import DataProcessed, EmailSent, Event
 from pipeline_shared.messaging import delivery_attempt
 
@@ -55,7 +55,7 @@ class SendEmail:
         job_id = str(event.job_id)
         claim = await self._ledger.claim(job_id)
         if claim.state is ClaimState.BUSY:
-            raise TransientFailure("another mailer is sending this job's email right now")
+            raise Deferred("another mailer is sending this job's email right now")
         if claim.state is ClaimState.ALREADY_SENT:
             log.info("job %s: email already sent; not sending it again", job_id)
             await self._publish_sent(event, claim.transport, claim.provider_message_id)

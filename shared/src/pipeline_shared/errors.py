@@ -26,6 +26,12 @@ class TransientFailure(HandlerFailure):
     """Retrying later may succeed (provider 429/5xx, network error, timeout)."""
 
 
+class Deferred(TransientFailure):
+    """Not now, for a reason that ends by itself (another worker holds the job right now):
+    the message is tried again after the shortest retry delay without spending an attempt,
+    so waiting can never use up a job's retries."""
+
+
 class BrokerUnavailable(Exception):
     """The broker cannot take a message right now: not connected, the publish
     was nacked, returned as unroutable, or not confirmed in time."""

@@ -10,6 +10,8 @@ service's handler and applies the acknowledgement policy (``settle``):
 handler outcome               what happens to the message
 ============================  ===============================================
 returns                       ack
+``Deferred``                  copied to the stage's shortest retry queue with
+                              ``x-attempts`` unchanged, then acked
 ``TransientFailure``,         copied to the stage's retry queue for the next
 unexpected exception,         delay (header ``x-attempts`` + 1), then acked;
 ``BrokerUnavailable``         after the last delay: dead-lettered
@@ -64,6 +66,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from pipeline_shared.errors import (
     BrokerUnavailable,
+    Deferred,
     PermanentFailure,
     TopologyMissing,
     TransientFailure,
@@ -102,6 +105,7 @@ class Disposition(enum.Enum):
     """What becomes of a delivered message."""
 
     ACK = "ack"
+    DEFER = "defer"
     RETRY = "retry"
     DEAD_LETTER = "dead-letter"
 
@@ -118,6 +122,8 @@ def settle(
         return Disposition.ACK
     if isinstance(failure, PermanentFailure | PoisonMessage):
         return Disposition.DEAD_LETTER
+    if isinstance(failure, Deferred) and retry_delays:
+        return Disposition.DEFER
     if attempts <= len(retry_delays):
         return Disposition.RETRY
     return Disposition.DEAD_LETTER
@@ -564,9 +570,13 @@ class Consumer(Generic[E]):
                 return
             assert failure is not None
             details = _describe(failure)
-            if disposition is Disposition.RETRY:
-                delay = self._broker.retry_delays[attempts - 1]
+            if disposition is Disposition.DEFER:
+                delay = min(self._broker.retry_delays)
                 await self._retry(message, attempts, delay, details)
+                log.info("job %s: deferred (%s); again in %g s", job, details.reason, delay)
+            elif disposition is Disposition.RETRY:
+                delay = self._broker.retry_delays[attempts - 1]
+                await self._retry(message, attempts + 1, delay, details)
                 log.warning(
                     "job %s: attempt %d failed (%s); retrying in %g s",
                     job,
@@ -590,10 +600,10 @@ class Consumer(Generic[E]):
             await self._return(message)
 
     async def _retry(
-        self, message: AbstractIncomingMessage, attempts: int, delay: float, failure: _Failure
+        self, message: AbstractIncomingMessage, next_attempt: int, delay: float, failure: _Failure
     ) -> None:
         headers: HeadersType = {
-            ATTEMPTS_HEADER: attempts + 1,
+            ATTEMPTS_HEADER: next_attempt,
             "x-retry-reason": failure.reason,
             "x-retry-error-type": failure.error_type,
         }
