@@ -9,8 +9,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
 
+from mailer_service.compose import OutgoingEmail, Sender
+from mailer_service.handlers import SendEmail
 from mailer_service.ledger import ClaimState, SqlLedger
+from mailer_service.transport import Receipt
+from pipeline_shared.database import engine_url
+from support.postgres import ADMIN_URL
+from unit.fakes import FakePublisher, FakeTransport, data_processed
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -108,3 +115,72 @@ async def test_sent_emails_older_than_the_retention_are_forgotten(
     assert await first.purge_sent_before(time.time() - 3600) == 0
     assert await first.purge_sent_before(time.time() + 1) >= 1
     assert (await first.claim(job)).state is ClaimState.CLAIMED
+
+
+# --- the database goes away just after a send --------------------------------
+
+
+def set_connections_allowed(database_url: str, allowed: bool) -> None:
+    """Open or close the database to new connections, and cut the existing ones."""
+    name = database_url.rsplit("/", 1)[1]
+    admin = create_engine(engine_url(ADMIN_URL), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(
+                text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allowed).lower()}')
+            )
+            if not allowed:
+                connection.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
+                    ),
+                    {"n": name},
+                )
+    finally:
+        admin.dispose()
+
+
+class OutageAfterSend(FakeTransport):
+    """Sends, then makes the ledger's database refuse connections."""
+
+    def __init__(self, database_url: str) -> None:
+        super().__init__()
+        self._database_url = database_url
+
+    async def send(self, email: OutgoingEmail) -> Receipt:
+        receipt = await super().send(email)
+        await asyncio.to_thread(set_connections_allowed, self._database_url, False)
+        return receipt
+
+
+async def test_a_send_is_recorded_once_its_database_is_back_and_never_sent_twice(
+    postgres_database: str,
+) -> None:
+    ledger = SqlLedger.open(postgres_database, lease_seconds=60)
+    transport, publisher = OutageAfterSend(postgres_database), FakePublisher()
+    sender = Sender(email="pipeline@example.com", name="Pipeline", category="test")
+    handler = SendEmail(transport, publisher, ledger, sender, ledger_retry_seconds=(0.05, 0.2))
+    event = data_processed()
+    outage = 1.5
+
+    async def reopen_later() -> None:
+        await asyncio.sleep(outage)
+        await asyncio.to_thread(set_connections_allowed, postgres_database, True)
+
+    started = time.monotonic()
+    try:
+        reopening = asyncio.create_task(reopen_later())
+        await asyncio.wait_for(handler(event), 30)
+        await reopening
+    finally:
+        await asyncio.to_thread(set_connections_allowed, postgres_database, True)
+    took = time.monotonic() - started
+
+    assert took >= outage  # it waited for the database rather than giving up
+    assert len(transport.sent) == 1
+    assert [type(e).__name__ for e in publisher.published] == ["EmailSent"]
+    # A redelivery now finds the job sent and sends nothing.
+    await handler(event)
+    assert len(transport.sent) == 1
+    assert (await ledger.claim(str(event.job_id))).state is ClaimState.ALREADY_SENT
+    await ledger.close()

@@ -67,6 +67,9 @@ class MailtrapStub:
         self._received: list[Received] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._holding = False
+        self._held = 0
+        self._released = threading.Event()
         self.ca_bundle = directory / "mailtrap-stub-ca.pem"
 
     # --- control ---------------------------------------------------------
@@ -91,6 +94,7 @@ class MailtrapStub:
         self._thread.start()
 
     def stop(self) -> None:
+        self.release()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -106,6 +110,32 @@ class MailtrapStub:
         """Answer the next ``count`` send requests with ``status``."""
         with self._lock:
             self._script.failures.extend([status] * count)
+
+    def hold(self) -> None:
+        """Leave every request from now on unanswered, as a provider that hangs, until
+        ``release()``; held requests are then answered 503: none of them was taken."""
+        with self._lock:
+            self._holding = True
+            self._released.clear()
+
+    def release(self) -> None:
+        with self._lock:
+            self._holding = False
+        self._released.set()
+
+    @property
+    def held(self) -> int:
+        """How many requests arrived while holding."""
+        with self._lock:
+            return self._held
+
+    def _wait_if_held(self) -> bool:
+        with self._lock:
+            if not self._holding:
+                return False
+            self._held += 1
+        self._released.wait()
+        return True
 
     # --- what it saw -----------------------------------------------------
 
@@ -185,11 +215,14 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length", "0"))
         body = self.rfile.read(length)
         received_at = time.monotonic()
-        if self.owner.latency > 0:
-            time.sleep(self.owner.latency)
-        status, answer = self.owner._answer(
-            self.path, self.headers.get("Authorization", ""), body, received_at
-        )
+        if self.owner._wait_if_held():
+            status, answer = 503, {"errors": ["held, then refused: not sent"]}
+        else:
+            if self.owner.latency > 0:
+                time.sleep(self.owner.latency)
+            status, answer = self.owner._answer(
+                self.path, self.headers.get("Authorization", ""), body, received_at
+            )
         data = json.dumps(answer).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")

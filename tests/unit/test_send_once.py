@@ -8,6 +8,7 @@ import pytest
 
 from mailer_service.compose import OutgoingEmail, Sender
 from mailer_service.handlers import SendEmail
+from mailer_service.ledger import LedgerUnavailable
 from mailer_service.transport import Receipt
 from pipeline_shared.errors import Deferred, PermanentFailure, TransientFailure
 from pipeline_shared.events import EmailSent
@@ -83,3 +84,46 @@ async def test_a_send_cancelled_at_shutdown_keeps_its_claim_for_the_lease_to_dec
         await task
 
     assert ledger.rows[str(event.job_id)][0] == "sending"
+
+
+class FlakyLedger(FakeLedger):
+    """A ledger whose database refuses the first ``failures`` writes of ``sent``."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.attempts = 0
+
+    async def mark_sent(self, job_id: str, transport: str, provider_message_id: str | None) -> None:
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            raise LedgerUnavailable("OperationalError")
+        await super().mark_sent(job_id, transport, provider_message_id)
+
+
+async def test_a_sent_email_is_recorded_as_sent_however_long_the_ledger_refuses() -> None:
+    transport, publisher, ledger = FakeTransport(), FakePublisher(), FlakyLedger(failures=5)
+    event = data_processed()
+
+    await SendEmail(transport, publisher, ledger, SENDER, ledger_retry_seconds=(0.001, 0.01))(event)
+
+    assert len(transport.sent) == 1
+    assert ledger.attempts == 6
+    assert ledger.sent[str(event.job_id)] == ("fake", "fake-message-1")
+    assert [type(e) for e in publisher.published] == [EmailSent]
+
+
+async def test_a_stop_while_waiting_for_the_ledger_keeps_the_claim_and_sends_nothing_more() -> None:
+    transport, publisher, ledger = FakeTransport(), FakePublisher(), FlakyLedger(failures=10**6)
+    event = data_processed()
+    send = SendEmail(transport, publisher, ledger, SENDER, ledger_retry_seconds=(0.01, 0.01))
+
+    handling = asyncio.create_task(send(event))
+    await asyncio.sleep(0.1)
+    handling.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await handling
+
+    assert len(transport.sent) == 1
+    assert ledger.rows[str(event.job_id)][0] == "sending"  # the claim is kept, not released
+    assert publisher.published == []

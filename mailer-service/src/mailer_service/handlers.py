@@ -7,7 +7,7 @@ import logging
 from typing import Protocol
 
 from mailer_service.compose import Sender, compose_email
-from mailer_service.ledger import Claim, ClaimState
+from mailer_service.ledger import Claim, ClaimState, LedgerUnavailable
 from mailer_service.transport import EmailTransport
 from pipeline_shared.errors import Deferred
 from pipeline_shared.events import DataProcessed, EmailSent, Event
@@ -45,11 +45,15 @@ class SendEmail:
         publisher: EventPublisher,
         ledger: Ledger,
         sender: Sender,
+        *,
+        ledger_retry_seconds: tuple[float, float] = (0.1, 5.0),
     ) -> None:
         self._transport = transport
         self._publisher = publisher
         self._ledger = ledger
         self._sender = sender
+        # The first and the longest wait between attempts to record a send.
+        self._ledger_retry = ledger_retry_seconds
 
     async def __call__(self, event: DataProcessed) -> None:
         job_id = str(event.job_id)
@@ -71,8 +75,36 @@ class SendEmail:
         except BaseException:
             await self._ledger.release(job_id, claim)
             raise
-        await self._ledger.mark_sent(job_id, self._transport.name, receipt.message_id)
+        await self._record_sent(job_id, receipt.message_id)
         await self._publish_sent(event, self._transport.name, receipt.message_id)
+
+    async def _record_sent(self, job_id: str, message_id: str | None) -> None:
+        """Write ``sent`` to the ledger, however long the database takes to come back.
+
+        Giving up here would leave the claim to lapse and the email to be sent
+        again; holding the message unacked while waiting costs nothing. Only a
+        stop (cancellation) ends the wait.
+        """
+        delay, longest = self._ledger_retry
+        failures = 0
+        while True:
+            try:
+                await self._ledger.mark_sent(job_id, self._transport.name, message_id)
+            except LedgerUnavailable as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning(
+                        "job %s: email sent, but the ledger cannot record it yet (%s); "
+                        "trying again until it can",
+                        job_id,
+                        exc,
+                    )
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, longest)
+                continue
+            if failures:
+                log.info("job %s: recorded as sent after %d failed write(s)", job_id, failures)
+            return
 
     async def _publish_sent(
         self, event: DataProcessed, transport: str | None, message_id: str | None

@@ -28,6 +28,7 @@ import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import Column, Engine, Float, MetaData, String, Table, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline_shared.database import build_engine, create_tables, for_writing
 
@@ -76,6 +77,10 @@ _RELEASE = text(
 _PURGE = text("DELETE FROM mailer_sent_emails WHERE state = 'sent' AND sent_at < :before")
 
 
+class LedgerUnavailable(Exception):
+    """The ledger's database could not be written just now."""
+
+
 class ClaimState(enum.Enum):
     CLAIMED = "claimed"
     ALREADY_SENT = "already-sent"
@@ -111,8 +116,13 @@ class SqlLedger:
         return await asyncio.to_thread(self._claim, job_id)
 
     async def mark_sent(self, job_id: str, transport: str, provider_message_id: str | None) -> None:
-        """Record the email as sent. Whoever holds the claim now, it was sent: say so."""
-        await asyncio.to_thread(self._mark_sent, job_id, transport, provider_message_id)
+        """Record the email as sent. Whoever holds the claim now, it was sent: say so.
+
+        Raises ``LedgerUnavailable`` when the database cannot take the write."""
+        try:
+            await asyncio.to_thread(self._mark_sent, job_id, transport, provider_message_id)
+        except SQLAlchemyError as exc:
+            raise LedgerUnavailable(type(exc).__name__) from exc
 
     async def release(self, job_id: str, claim: Claim) -> None:
         await asyncio.to_thread(self._release, job_id, claim)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import mailtrap
 import requests
@@ -19,6 +18,7 @@ from mailtrap.config import SANDBOX_HOST, SENDING_HOST
 from mailtrap.exceptions import APIError, MailtrapError
 from mailtrap.http import HttpClient
 
+from mailer_service.blocking_pool import DaemonThreadPool
 from mailer_service.compose import OutgoingEmail
 from mailer_service.transport import Receipt
 from pipeline_shared.errors import HandlerFailure, PermanentFailure, TransientFailure
@@ -80,7 +80,7 @@ class MailtrapTransport:
         self._host = api_host or (SANDBOX_HOST if inbox_id is not None else SENDING_HOST)
         self._inbox_id = inbox_id
         self._timeout = timeout_seconds
-        self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix="mailtrap")
+        self._pool = DaemonThreadPool(concurrency, name="mailtrap")
         self._local = threading.local()
 
     def _sending_api(self) -> SendingApi:
@@ -105,13 +105,15 @@ class MailtrapTransport:
         except Exception as exc:
             # The same email fails the same way every time: retrying cannot help.
             raise PermanentFailure(f"could not build the email: {exc}") from exc
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, self._send_blocking, mail)
+            return await self._pool.run(lambda: self._send_blocking(mail))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             raise classify(exc) from exc
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._executor.shutdown, wait=True)
+        # Does not wait for requests still at the provider: they are bounded by
+        # MAILTRAP_TIMEOUT_SECONDS, the process's stop is bounded by
+        # SHUTDOWN_TIMEOUT_SECONDS, and their messages are back in the queue.
+        self._pool.close()
