@@ -16,7 +16,7 @@ from urllib.parse import quote, urlsplit
 import pytest
 
 from e2e.conftest import Pipeline
-from pipeline_shared.topology import MAILER, PROCESSOR
+from pipeline_shared.topology import MAILER, PROCESSOR, STATUS
 from support.services import Service, free_port
 from support.tcp_proxy import TcpProxy
 from support.waiting import wait_for
@@ -60,6 +60,19 @@ def assert_one_loss_and_one_regain(text: str, report: str) -> None:
     assert REGAIN in messaging_info[0], report
 
 
+def wait_every_consumer(pipeline: Pipeline) -> None:
+    """Every service consumes its queue, the api's read model included: an
+    outage that strikes while a consumer is still being set up is another test."""
+
+    def consuming() -> bool:
+        return all(
+            pipeline.management.consumers(pipeline.vhost, stage.queue) == 1
+            for stage in (PROCESSOR, MAILER, STATUS)
+        )
+
+    wait_for(consuming, what="a consumer on each service's queue")
+
+
 @pytest.fixture
 def proxy(broker_url: str) -> Iterator[TcpProxy]:
     target = urlsplit(broker_url)
@@ -79,6 +92,7 @@ def test_each_service_logs_one_warning_on_loss_and_one_info_on_regain_and_retrie
     )
     pipeline = pipeline_factory(RABBITMQ_URL=through_proxy.geturl(), LOG_LEVEL="DEBUG")
     pipeline.start()
+    wait_every_consumer(pipeline)
     services = pipeline.services
     before = {service.command: len(service.output()) for service in services}
 
@@ -103,11 +117,7 @@ def test_each_service_logs_one_warning_on_loss_and_one_info_on_regain_and_retrie
         assert text.count(RETRY) >= RETRIES, f"{service.command} after the cut:\n{text}"
 
     # Still working: both workers consume again after the outage.
-    def consuming_again() -> bool:
-        management, vhost = pipeline.management, pipeline.vhost
-        return all(management.consumers(vhost, stage.queue) == 1 for stage in (PROCESSOR, MAILER))
-
-    wait_for(consuming_again, what="a consumer on each work queue again")
+    wait_every_consumer(pipeline)
 
 
 def test_a_connection_the_broker_closes_is_one_warning_with_its_reason_and_one_info(
@@ -117,20 +127,29 @@ def test_a_connection_the_broker_closes_is_one_warning_with_its_reason_and_one_i
     broker says why (Connection.Close), and the warning carries its words."""
     pipeline = pipeline_factory(RABBITMQ_URL=f"{broker_url}?reconnect_interval=0.2")
     pipeline.start()
+    wait_every_consumer(pipeline)
     services = pipeline.services
     before = {service.command: len(service.output()) for service in services}
     client = pipeline.management.client
 
-    def connections() -> list[str]:
+    def service_connections() -> dict[str, str]:
+        """Each service's connection, by the name it gives it, to its broker name."""
         response = client.get(f"/api/vhosts/{quote(vhost, safe='')}/connections")
         response.raise_for_status()
-        return [connection["name"] for connection in response.json()]
+        return {
+            connection.get("client_properties", {}).get("connection_name", ""): connection["name"]
+            for connection in response.json()
+        }
 
-    def all_three() -> list[str]:
-        names = connections()
-        return names if len(names) == len(services) else []
+    def one_each() -> list[str]:
+        found = service_connections()
+        return (
+            [found[s.command] for s in services]
+            if all(s.command in found for s in services)
+            else []
+        )
 
-    for name in wait_for(all_three, what="a connection from each service"):
+    for name in wait_for(one_each, what="a connection from each service"):
         client.delete(
             f"/api/connections/{quote(name, safe='')}", headers={"X-Reason": "test outage"}
         ).raise_for_status()
