@@ -43,11 +43,23 @@ def broker() -> FakeBroker:
     return FakeBroker()
 
 
+class FakeFollower:
+    """Stands in for the read model's follower: ``problem`` is what it reports."""
+
+    problem: str | None = None
+
+
 @pytest.fixture
-def app(broker: FakeBroker, tmp_path: Path) -> Iterator[FastAPI]:
+def follower() -> FakeFollower:
+    return FakeFollower()
+
+
+@pytest.fixture
+def app(broker: FakeBroker, follower: FakeFollower, tmp_path: Path) -> Iterator[FastAPI]:
     settings = ApiSettings(_env_file=None, max_request_bytes=2048)  # type: ignore[call-arg]
     application = create_app(settings)
     application.state.broker = broker
+    application.state.follower = follower
     store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
     application.state.store = store
     yield application
@@ -158,4 +170,16 @@ async def test_readyz_follows_the_broker_connection(
 
     assert (ready.status_code, ready.json()["status"]) == (200, "ready")
     assert (not_ready.status_code, not_ready.json()["status"]) == (503, "unavailable")
+    assert not_ready.json()["detail"] == "not connected to the message broker"
     assert not_ready.headers["retry-after"] == str(RETRY_AFTER_SECONDS)
+
+
+async def test_readyz_is_503_naming_why_while_job_events_are_not_followed(
+    client: httpx.AsyncClient, follower: FakeFollower
+) -> None:
+    follower.problem = "cannot follow the job events on api.job.status: ACCESS_REFUSED"
+
+    response = await client.get("/readyz")
+
+    assert response.status_code == 503
+    assert response.json() == {"status": "unavailable", "detail": follower.problem}

@@ -48,6 +48,10 @@ class Management:
         if response.status_code not in (204, 404):
             response.raise_for_status()
 
+    def delete_queue(self, vhost: str, queue: str) -> None:
+        path = f"/api/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}"
+        self.client.delete(path).raise_for_status()
+
     def queue(self, vhost: str, queue: str) -> dict[str, Any] | None:
         response = self.client.get(f"/api/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}")
         if response.status_code == 404:

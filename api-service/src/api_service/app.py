@@ -22,7 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from api_service.body_limit import BodySizeLimit
-from api_service.dependencies import BrokerDep, CallerDep, StoreDep
+from api_service.dependencies import BrokerDep, CallerDep, FollowerDep, StoreDep
+from api_service.following import NOT_CONNECTED, JobFollower
 from api_service.problems import validation_problems
 from api_service.read_model import JobEvent, Status
 from api_service.schemas import (
@@ -38,11 +39,10 @@ from api_service.settings import ApiSettings
 from api_service.store import InvalidCursor, JobStore, KeyOutcome
 from api_service.strict_route import StrictRoute
 from pipeline_shared.contract import EmailAddress, JobData
-from pipeline_shared.errors import BrokerUnavailable, TopologyMissing
-from pipeline_shared.events import JobRequested, any_event_adapter
-from pipeline_shared.messaging import Broker, Consumer
+from pipeline_shared.errors import BrokerUnavailable
+from pipeline_shared.events import JobRequested
+from pipeline_shared.messaging import Broker
 from pipeline_shared.settings import redact_url
-from pipeline_shared.topology import STATUS
 
 SERVICE = "api-service"
 RETRY_AFTER_SECONDS = 5
@@ -81,21 +81,6 @@ def request_hash(job: JobRequest) -> str:
 
 def create_app(settings: ApiSettings) -> FastAPI:
 
-    async def follow_jobs(broker: Broker, store: JobStore) -> Consumer[Any]:
-        try:
-            await broker.connect_until_ready()
-        except TopologyMissing as exc:
-            # A configuration error, not retried: /readyz answers 503 until it is fixed.
-            log.error("%s: %s", SERVICE, exc)
-            raise
-        return await broker.consume(
-            STATUS,
-            any_event_adapter,
-            RecordJobEvent(store),
-            prefetch=settings.status_prefetch,
-            max_event_bytes=settings.max_event_bytes,
-        )
-
     async def purge_periodically(store: JobStore) -> None:
         """Job records hold personal data: keep them only JOB_RETENTION_DAYS."""
         while True:
@@ -127,14 +112,20 @@ def create_app(settings: ApiSettings) -> FastAPI:
         # Connect in the background: the api answers /healthz (and 503s)
         # while the broker is away, and the robust connection takes over once
         # the first connection is made.
-        following = asyncio.create_task(follow_jobs(broker, store))
+        follower = JobFollower(
+            broker,
+            RecordJobEvent(store),
+            prefetch=settings.status_prefetch,
+            max_event_bytes=settings.max_event_bytes,
+        )
+        app.state.follower = follower
+        following = asyncio.create_task(follower.run())
         purging = asyncio.create_task(purge_periodically(store))
         try:
             yield
         finally:
             purging.cancel()
-            if following.done() and not following.cancelled() and following.exception() is None:
-                await following.result().stop(settings.shutdown_timeout_seconds)
+            await follower.stop(settings.shutdown_timeout_seconds)
             following.cancel()
             await asyncio.gather(following, purging, return_exceptions=True)
             await broker.close()
@@ -382,15 +373,23 @@ def create_app(settings: ApiSettings) -> FastAPI:
     @app.get(
         "/readyz",
         response_model=Health,
-        responses={503: {"model": Health, "description": "Not connected to the broker."}},
+        responses={
+            503: {
+                "model": Health,
+                "description": "Not connected to the broker, or not following the job events; "
+                "``detail`` says which and why.",
+            }
+        },
         tags=["health"],
     )
-    async def readyz(broker: BrokerDep) -> Health | JSONResponse:
-        """The broker connection is open, so jobs can be accepted."""
-        if broker.is_ready:
+    async def readyz(broker: BrokerDep, follower: FollowerDep) -> Health | JSONResponse:
+        """Jobs can be accepted (the broker connection is open) and their status followed."""
+        # The follower's own reason first: it says why it is not connected, too.
+        problem = follower.problem or (None if broker.is_ready else NOT_CONNECTED)
+        if problem is None:
             return Health(status="ready")
         return JSONResponse(
-            Health(status="unavailable", detail="not connected to the message broker").model_dump(),
+            Health(status="unavailable", detail=problem).model_dump(),
             status_code=503,
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )

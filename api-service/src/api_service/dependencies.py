@@ -6,7 +6,7 @@ thread hop per dependency per request for what is an attribute lookup.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Protocol
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -26,6 +26,17 @@ async def get_broker(request: Request) -> Broker:
 async def get_store(request: Request) -> JobStore:
     store: JobStore = request.app.state.store
     return store
+
+
+class Following(Protocol):
+    @property
+    def problem(self) -> str | None: ...
+
+
+async def get_follower(request: Request) -> Following:
+    """What follows the job events into the read model (``api_service.following``)."""
+    follower: Following = request.app.state.follower
+    return follower
 
 
 def caller_of(request: Request) -> str:
@@ -52,3 +63,4 @@ async def authenticate(
 BrokerDep = Annotated[Broker, Depends(get_broker)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 CallerDep = Annotated[str, Depends(authenticate)]
+FollowerDep = Annotated[Following, Depends(get_follower)]

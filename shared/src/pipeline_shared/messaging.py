@@ -30,6 +30,7 @@ but never loses one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -467,15 +468,21 @@ class Broker:
         if self._connection is None:
             raise BrokerUnavailable("not connected to the message broker")
         channel = await self._connection.channel()
-        await channel.set_qos(prefetch_count=prefetch)
-        if self.passive:
-            queue = await channel.get_queue(stage.queue, ensure=True)
-        else:
-            queue = await channel.declare_queue(
-                stage.queue, durable=True, arguments=stage.queue_arguments()
-            )
-        consumer = Consumer(self, channel, queue, stage, model, handler, max_event_bytes)
-        await consumer.start()
+        try:
+            await channel.set_qos(prefetch_count=prefetch)
+            if self.passive:
+                queue = await channel.get_queue(stage.queue, ensure=True)
+            else:
+                queue = await channel.declare_queue(
+                    stage.queue, durable=True, arguments=stage.queue_arguments()
+                )
+            consumer = Consumer(self, channel, queue, stage, model, handler, max_event_bytes)
+            await consumer.start()
+        except BaseException:
+            # Closed by us, the robust connection stops restoring it.
+            with contextlib.suppress(Exception):
+                await channel.close()
+            raise
         return consumer
 
 
@@ -510,6 +517,20 @@ class Consumer(Generic[E]):
 
     async def start(self) -> None:
         self._tag = await self._queue.consume(self._on_message)
+
+    async def is_consuming(self) -> bool:
+        """True while the channel is open and the broker has not cancelled the consumer
+        (as it does when its queue is deleted)."""
+        if self._tag is None or self._channel.is_closed:
+            return False
+        try:
+            underlay = await self._channel.get_underlay_channel()
+        except Exception:  # closed in between
+            return False
+        # aiormq drops a consumer the broker cancels from ``consumers``; its
+        # abstract type does not declare the attribute.
+        consumers: Collection[str] = getattr(underlay, "consumers", {})
+        return self._tag in consumers
 
     async def stop(self, grace_seconds: float) -> None:
         """Stop taking messages, let the in-flight ones finish for up to
