@@ -424,7 +424,7 @@ async def test_the_same_request_after_it_was_accepted_replays_the_first_job(
 ) -> None:
     first = new_job()
     await store.reserve_key(caller, "key-1", "hash-a", first, STALE_AFTER)
-    await store.settle_key(caller, "key-1", accepted=True)
+    await store.settle_key(caller, "key-1", "done")
 
     again = await store.reserve_key(caller, "key-1", "hash-a", new_job(), STALE_AFTER)
 
@@ -435,7 +435,7 @@ async def test_a_different_request_with_a_used_key_conflicts(store: JobStore, ca
     first = new_job()
     await store.reserve_key(caller, "key-1", "hash-a", first, STALE_AFTER)
     pending_conflict = await store.reserve_key(caller, "key-1", "hash-b", new_job(), STALE_AFTER)
-    await store.settle_key(caller, "key-1", accepted=True)
+    await store.settle_key(caller, "key-1", "done")
 
     settled_conflict = await store.reserve_key(caller, "key-1", "hash-b", new_job(), STALE_AFTER)
 
@@ -456,7 +456,7 @@ async def test_the_same_request_while_the_first_is_being_accepted_is_pending(
 
 async def test_a_request_that_was_not_accepted_frees_its_key(store: JobStore, caller: str) -> None:
     await store.reserve_key(caller, "key-1", "hash-a", new_job(), STALE_AFTER)
-    await store.settle_key(caller, "key-1", accepted=False)
+    await store.settle_key(caller, "key-1", "refused")
     retry = new_job()
 
     again = await store.reserve_key(caller, "key-1", "hash-b", retry, STALE_AFTER)
@@ -464,24 +464,55 @@ async def test_a_request_that_was_not_accepted_frees_its_key(store: JobStore, ca
     assert (again.outcome, again.job_id) == (KeyOutcome.NEW, retry)
 
 
-async def test_a_pending_reservation_older_than_stale_after_is_taken_over(
+async def test_a_stale_pending_reservation_is_taken_over_with_its_own_job_id(
     store: JobStore, caller: str
 ) -> None:
-    await store.reserve_key(caller, "key-1", "hash-a", new_job(), STALE_AFTER)
+    # Its api may have died after publishing: the retry publishes that job
+    # again, never a new one.
+    first = new_job()
+    await store.reserve_key(caller, "key-1", "hash-a", first, STALE_AFTER)
     await asyncio.sleep(0.3)
-    takeover = new_job()
 
-    again = await store.reserve_key(caller, "key-1", "hash-a", takeover, stale_after=0.1)
+    again = await store.reserve_key(caller, "key-1", "hash-a", new_job(), stale_after=0.1)
     after = await store.reserve_key(caller, "key-1", "hash-a", new_job(), stale_after=0.1)
 
-    assert (again.outcome, again.job_id) == (KeyOutcome.NEW, takeover)
-    assert (after.outcome, after.job_id) == (KeyOutcome.PENDING, takeover)
+    assert (again.outcome, again.job_id) == (KeyOutcome.RESUME, first)
+    assert (after.outcome, after.job_id) == (KeyOutcome.PENDING, first)
+
+
+async def test_a_reservation_with_an_unknown_outcome_is_resumed_at_once_with_its_job_id(
+    store: JobStore, caller: str
+) -> None:
+    first = new_job()
+    await store.reserve_key(caller, "key-1", "hash-a", first, STALE_AFTER)
+    await store.settle_key(caller, "key-1", "unknown")
+
+    again = await store.reserve_key(caller, "key-1", "hash-a", new_job(), STALE_AFTER)
+    other = await store.reserve_key(caller, "key-1", "hash-b", new_job(), STALE_AFTER)
+
+    assert (again.outcome, again.job_id) == (KeyOutcome.RESUME, first)
+    assert other.outcome is KeyOutcome.CONFLICT
+
+
+async def test_of_many_retries_resuming_one_unknown_key_exactly_one_resumes_it(
+    store: JobStore, caller: str
+) -> None:
+    first = new_job()
+    await store.reserve_key(caller, "key-1", "hash-a", first, STALE_AFTER)
+    await store.settle_key(caller, "key-1", "unknown")
+
+    reservations = await asyncio.gather(
+        *(store.reserve_key(caller, "key-1", "hash-a", new_job(), STALE_AFTER) for _ in range(8))
+    )
+
+    assert sorted(r.outcome.value for r in reservations) == ["pending"] * 7 + ["resume"]
+    assert {r.job_id for r in reservations} == {first}
 
 
 async def test_an_accepted_key_is_never_taken_over_as_stale(store: JobStore, caller: str) -> None:
     first = new_job()
     await store.reserve_key(caller, "key-1", "hash-a", first, STALE_AFTER)
-    await store.settle_key(caller, "key-1", accepted=True)
+    await store.settle_key(caller, "key-1", "done")
     await asyncio.sleep(0.3)
 
     again = await store.reserve_key(caller, "key-1", "hash-a", new_job(), stale_after=0.1)
@@ -492,7 +523,7 @@ async def test_an_accepted_key_is_never_taken_over_as_stale(store: JobStore, cal
 async def test_idempotency_keys_are_scoped_to_the_caller(store: JobStore, caller: str) -> None:
     other = f"key-{uuid.uuid4().hex[:16]}"
     await store.reserve_key(caller, "key-1", "hash-a", new_job(), STALE_AFTER)
-    await store.settle_key(caller, "key-1", accepted=True)
+    await store.settle_key(caller, "key-1", "done")
     theirs = new_job()
 
     reservation = await store.reserve_key(other, "key-1", "hash-b", theirs, STALE_AFTER)
@@ -519,7 +550,7 @@ async def test_a_key_freed_while_another_request_looks_it_up_is_not_a_database_e
         # Once only: a second INSERT would hold its own row, which this would wait for.
         if not freed and str(clauseelement).startswith("INSERT INTO api_idempotency_keys"):
             freed.append(True)
-            first._settle_key(caller, "key-1", accepted=False)
+            first._settle_key(caller, "key-1", "refused")
 
     second = JobStore(engine)
     try:
@@ -600,13 +631,13 @@ async def test_purge_removes_old_jobs_and_old_keys_only(store: JobStore, caller:
     await store.record(processed(young_job, LONG_AGO + timedelta(days=700)))
 
     await store.reserve_key(caller, "old-key", "hash-a", new_job(), STALE_AFTER)
-    await store.settle_key(caller, "old-key", accepted=True)
+    await store.settle_key(caller, "old-key", "done")
     await asyncio.sleep(0.05)
     keys_before = datetime.now(UTC)
     await asyncio.sleep(0.05)
     young_key_job = new_job()
     await store.reserve_key(caller, "young-key", "hash-a", young_key_job, STALE_AFTER)
-    await store.settle_key(caller, "young-key", accepted=True)
+    await store.settle_key(caller, "young-key", "done")
 
     purged_jobs, purged_keys = await store.purge(LONG_AGO + timedelta(days=365), keys_before)
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
-from fastapi import Body, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import Body, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -22,8 +20,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from api_service.body_limit import BodySizeLimit
-from api_service.dependencies import BrokerDep, CallerDep, FollowerDep, StoreDep
+from api_service.dependencies import (
+    BrokerDep,
+    CallerDep,
+    FollowerDep,
+    IdempotencyKey,
+    IntakeDep,
+    StoreDep,
+)
 from api_service.following import NOT_CONNECTED, JobFollower
+from api_service.intake import IntakePolicy, KeyConflict, NotAccepted, OutcomeUnknown
 from api_service.problems import validation_problems
 from api_service.read_model import JobEvent, Status
 from api_service.schemas import (
@@ -36,11 +42,10 @@ from api_service.schemas import (
     TaskAccepted,
 )
 from api_service.settings import ApiSettings
-from api_service.store import InvalidCursor, JobStore, KeyOutcome
+from api_service.store import InvalidCursor, JobStore
 from api_service.strict_route import StrictRoute
 from pipeline_shared.contract import EmailAddress, JobData
 from pipeline_shared.errors import BrokerUnavailable
-from pipeline_shared.events import JobRequested
 from pipeline_shared.messaging import Broker
 from pipeline_shared.settings import redact_url
 
@@ -73,10 +78,6 @@ class RecordJobEvent:
 
     async def __call__(self, event: JobEvent) -> None:
         await self._store.record(event)
-
-
-def request_hash(job: JobRequest) -> str:
-    return hashlib.sha256(job.model_dump_json().encode()).hexdigest()
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
@@ -149,61 +150,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
         timeout_seconds=settings.request_timeout_seconds,
     )
     app.state.api_keys = settings.keys
-
-    async def accept(
-        broker: Broker, store: JobStore, job: JobRequest, caller: str, job_id: UUID
-    ) -> None:
-        """Publish the job, and record it so that GET /jobs/{id} knows it at once."""
-        event = JobRequested(
-            job_id=job_id,
-            email=job.email,
-            subject=job.subject,
-            step=job.step,
-            data=job.data,
-            submitted_by=caller,
-        )
-        await broker.publish(event)
-        log.info("job %s: JobRequested published (step %s)", event.job_id, event.step)
-        try:
-            await store.record(event)
-        except SQLAlchemyError as exc:
-            # The job is safe with the broker; the read model will record it
-            # from the event itself.
-            log.warning("job %s: not recorded yet (%s)", event.job_id, type(exc).__name__)
-
-    async def accept_once(
-        broker: Broker, store: JobStore, job: JobRequest, caller: str, key: str
-    ) -> tuple[UUID, bool]:
-        """Accept the job unless this caller's key was used before; (job id, replayed)."""
-        job_id = uuid4()
-        fingerprint = request_hash(job)
-        stale_after = 3 * settings.publish_timeout_seconds
-        deadline = time.monotonic() + settings.publish_timeout_seconds + 5
-        while True:
-            reservation = await store.reserve_key(
-                caller, key, fingerprint, str(job_id), stale_after
-            )
-            if reservation.outcome is KeyOutcome.NEW:
-                try:
-                    await accept(broker, store, job, caller, job_id)
-                except BaseException:
-                    with suppress(SQLAlchemyError):
-                        await store.settle_key(caller, key, accepted=False)
-                    raise
-                await store.settle_key(caller, key, accepted=True)
-                return job_id, False
-            if reservation.outcome is KeyOutcome.REPLAY:
-                return UUID(reservation.job_id), True
-            if reservation.outcome is KeyOutcome.CONFLICT:
-                raise HTTPException(
-                    409, "this Idempotency-Key was already used with a different request"
-                )
-            # The same request is being accepted by another call: wait for it.
-            if time.monotonic() > deadline:
-                raise HTTPException(
-                    409, "a request with this Idempotency-Key is still in progress; retry later"
-                )
-            await asyncio.sleep(0.05)
+    app.state.intake_policy = IntakePolicy(
+        publish_budget=settings.publish_timeout_seconds,
+        key_stale_after=3 * settings.publish_timeout_seconds,
+        key_wait=2 * settings.publish_timeout_seconds + 5,
+    )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -226,6 +177,33 @@ def create_app(settings: ApiSettings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": validation_problems(exc.errors())}, status_code=422)
+
+    @app.exception_handler(NotAccepted)
+    async def not_accepted(request: Request, exc: NotAccepted) -> JSONResponse:
+        log.warning("answering 503 to %s %s: %s", request.method, request.url.path, exc.reason)
+        return JSONResponse(
+            {"detail": f"the job was not accepted: {exc.reason}; retry later"},
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+
+    @app.exception_handler(OutcomeUnknown)
+    async def outcome_unknown(request: Request, exc: OutcomeUnknown) -> JSONResponse:
+        log.warning("job %s: outcome unknown, answering 503: %s", exc.job_id, exc.reason)
+        return JSONResponse(
+            {
+                "detail": f"the broker may or may not have taken the job ({exc.reason}); "
+                "GET /jobs/{job_id} tells, or retry with the same Idempotency-Key",
+                "job_id": str(exc.job_id),
+                "outcome": "unknown",
+            },
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+
+    @app.exception_handler(KeyConflict)
+    async def key_conflict(request: Request, exc: KeyConflict) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
 
     @app.exception_handler(BrokerUnavailable)
     async def broker_unavailable(request: Request, exc: BrokerUnavailable) -> JSONResponse:
@@ -270,25 +248,14 @@ def create_app(settings: ApiSettings) -> FastAPI:
     async def submit_job(
         job: JobRequest,
         response: Response,
-        broker: BrokerDep,
-        store: StoreDep,
+        intake: IntakeDep,
         caller: CallerDep,
-        idempotency_key: Annotated[
-            str | None,
-            Header(
-                min_length=1,
-                max_length=255,
-                pattern=r"^[\x21-\x7e]+$",
-                description="Makes retries safe: the same key and body return the first job.",
-            ),
-        ] = None,
+        idempotency_key: IdempotencyKey = None,
     ) -> JobAccepted:
         """Accept a job. Answers once the job is safely with the broker."""
         if idempotency_key is None:
-            job_id = uuid4()
-            await accept(broker, store, job, caller, job_id)
-            return JobAccepted(job_id=job_id)
-        job_id, replayed = await accept_once(broker, store, job, caller, idempotency_key)
+            return JobAccepted(job_id=await intake.accept(job, caller))
+        job_id, replayed = await intake.accept_once(job, caller, idempotency_key)
         if replayed:
             response.status_code = 200
             response.headers["Idempotent-Replayed"] = "true"
@@ -349,20 +316,36 @@ def create_app(settings: ApiSettings) -> FastAPI:
         "/process-and-email/",
         status_code=202,
         response_model=TaskAccepted,
-        responses=_SUBMIT_ERRORS,
+        responses={
+            **_SUBMIT_ERRORS,
+            200: {
+                "model": TaskAccepted,
+                "description": "The job this Idempotency-Key already created.",
+            },
+            409: {
+                "model": Problem,
+                "description": "The Idempotency-Key was used for another request.",
+            },
+        },
         tags=["jobs"],
     )
     async def process_and_email(
         email: Annotated[EmailAddress, Query(description="Where to send the result.")],
         data: Annotated[JobData, Body(description="The data to process, a JSON object.")],
-        broker: BrokerDep,
-        store: StoreDep,
+        response: Response,
+        intake: IntakeDep,
         caller: CallerDep,
+        idempotency_key: IdempotencyKey = None,
     ) -> TaskAccepted:
         """The tutorial's endpoint, kept for people coming from it; prefer ``POST /jobs``.
         Its ``task_id`` works with ``GET /jobs/{job_id}``."""
-        job_id = uuid4()
-        await accept(broker, store, JobRequest(email=email, data=data), caller, job_id)
+        job = JobRequest(email=email, data=data)
+        if idempotency_key is None:
+            return TaskAccepted(task_id=await intake.accept(job, caller))
+        job_id, replayed = await intake.accept_once(job, caller, idempotency_key)
+        if replayed:
+            response.status_code = 200
+            response.headers["Idempotent-Replayed"] = "true"
         return TaskAccepted(task_id=job_id)
 
     @app.get("/healthz", response_model=Health, tags=["health"])

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Annotated, Protocol
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Header, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api_service.auth import ApiKeys
+from api_service.intake import IntakePolicy, JobIntake
 from api_service.store import JobStore
 from pipeline_shared.messaging import Broker
 
@@ -26,6 +27,11 @@ async def get_broker(request: Request) -> Broker:
 async def get_store(request: Request) -> JobStore:
     store: JobStore = request.app.state.store
     return store
+
+
+async def get_intake(request: Request) -> JobIntake:
+    policy: IntakePolicy = request.app.state.intake_policy
+    return JobIntake(request.app.state.broker, request.app.state.store, policy)
 
 
 class Following(Protocol):
@@ -64,3 +70,14 @@ BrokerDep = Annotated[Broker, Depends(get_broker)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 CallerDep = Annotated[str, Depends(authenticate)]
 FollowerDep = Annotated[Following, Depends(get_follower)]
+IntakeDep = Annotated[JobIntake, Depends(get_intake)]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Makes retries safe: the same key and body return the first job, and a "
+        "retry after an unknown outcome publishes that same job again, never a second one.",
+    ),
+]

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 from sqlalchemy import (
@@ -63,7 +63,7 @@ idempotency_keys = Table(
     Column("key", String(255), nullable=False),
     Column("request_hash", String(64), nullable=False),
     Column("job_id", String(36), nullable=False),
-    Column("state", String(16), nullable=False),  # pending | done
+    Column("state", String(16), nullable=False),  # pending | unknown | done
     Column("created_at", Float, nullable=False),
     PrimaryKeyConstraint("caller", "key"),
 )
@@ -123,8 +123,12 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         raise InvalidCursor("cursor is not one this api handed out") from exc
 
 
+KeyState = Literal["done", "unknown", "refused"]
+
+
 class KeyOutcome(Enum):
     NEW = "new"  # this request owns the key: publish the job
+    RESUME = "resume"  # an earlier attempt may have published the job: publish it again
     REPLAY = "replay"  # the same request was accepted before: answer its job
     CONFLICT = "conflict"  # the key was used for a different request
     PENDING = "pending"  # the same request is being accepted right now
@@ -243,14 +247,6 @@ class JobStore:
         while True:
             now = time.time()
             with self._writer.begin() as connection:
-                # A pending reservation whose request died with its api is void.
-                connection.execute(
-                    delete(idempotency_keys).where(
-                        where,
-                        idempotency_keys.c.state == "pending",
-                        idempotency_keys.c.created_at < now - stale_after,
-                    )
-                )
                 if connection.execute(_RESERVE_KEY, {**values, "now": now}).rowcount:
                     return Reservation(KeyOutcome.NEW, job_id)
                 row = connection.execute(
@@ -258,27 +254,42 @@ class JobStore:
                         idempotency_keys.c.request_hash,
                         idempotency_keys.c.job_id,
                         idempotency_keys.c.state,
+                        idempotency_keys.c.created_at,
                     ).where(where)
                 ).one_or_none()
-            if row is None:
-                continue  # freed between our insert and our look: try to take it again
-            if row.request_hash != request_hash:
-                return Reservation(KeyOutcome.CONFLICT, row.job_id)
-            if row.state == "pending":
+                if row is None:
+                    continue  # freed between our insert and our look: try to take it again
+                if row.request_hash != request_hash:
+                    return Reservation(KeyOutcome.CONFLICT, row.job_id)
+                if row.state == "done":
+                    return Reservation(KeyOutcome.REPLAY, row.job_id)
+                # An attempt whose outcome is unknown, or one that died with its
+                # api, may have reached the broker: take it over with its job id,
+                # never a new one (compare-and-set, so only one retry does).
+                if row.state == "unknown" or row.created_at < now - stale_after:
+                    taken = connection.execute(
+                        update(idempotency_keys)
+                        .where(where, idempotency_keys.c.created_at == row.created_at)
+                        .values(state="pending", created_at=now)
+                    ).rowcount
+                    if taken:
+                        return Reservation(KeyOutcome.RESUME, row.job_id)
+                    continue
                 return Reservation(KeyOutcome.PENDING, row.job_id)
-            return Reservation(KeyOutcome.REPLAY, row.job_id)
 
-    async def settle_key(self, caller: str, key: str, *, accepted: bool) -> None:
-        """Mark the reservation done once the job is accepted, or drop it if it was not."""
-        await asyncio.to_thread(self._settle_key, caller, key, accepted)
+    async def settle_key(self, caller: str, key: str, outcome: KeyState) -> None:
+        """Record what became of the job a reservation was made for: ``done`` (accepted),
+        ``unknown`` (it may have reached the broker), or ``refused`` (it did not: the key
+        is free again)."""
+        await asyncio.to_thread(self._settle_key, caller, key, outcome)
 
-    def _settle_key(self, caller: str, key: str, accepted: bool) -> None:
+    def _settle_key(self, caller: str, key: str, outcome: KeyState) -> None:
         where = and_(idempotency_keys.c.caller == caller, idempotency_keys.c.key == key)
         with self._writer.begin() as connection:
-            if accepted:
-                connection.execute(update(idempotency_keys).where(where).values(state="done"))
-            else:
+            if outcome == "refused":
                 connection.execute(delete(idempotency_keys).where(where))
+            else:
+                connection.execute(update(idempotency_keys).where(where).values(state=outcome))
 
     # --- retention ----------------------------------------------------------
 

@@ -37,6 +37,12 @@ class BrokerUnavailable(Exception):
     was nacked, returned as unroutable, or not confirmed in time."""
 
 
+class PublishOutcomeUnknown(BrokerUnavailable):
+    """The message was sent but its confirm never came (a timeout, a connection lost
+    while waiting): the broker may or may not have taken it. Publishing the very
+    same message again is safe, since consumers key on the job."""
+
+
 class TopologyMissing(Exception):
     """Exchanges or queues the service needs are not on the broker, and its broker
     user may only check them, not declare them.

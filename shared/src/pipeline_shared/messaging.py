@@ -69,6 +69,7 @@ from pipeline_shared.errors import (
     BrokerUnavailable,
     Deferred,
     PermanentFailure,
+    PublishOutcomeUnknown,
     TopologyMissing,
     TransientFailure,
 )
@@ -409,8 +410,10 @@ class Broker:
         """Publish ``event`` on the exchange and wait for the broker's confirm.
 
         Raises ``BrokerUnavailable`` when not connected, or when the broker
-        nacks the message, cannot route it, refuses it (the broker user may not
-        publish this routing key), or does not confirm in time.
+        nacks the message, cannot route it, or refuses it (the broker user may
+        not publish this routing key): the message was not taken. Raises
+        ``PublishOutcomeUnknown`` (a ``BrokerUnavailable``) when the confirm does
+        not come in time or the connection drops while waiting: it may have been.
         """
         if self._exchange is None:
             raise BrokerUnavailable("not connected to the message broker")
@@ -443,7 +446,7 @@ class Broker:
         except DeliveryError as exc:
             raise BrokerUnavailable("the broker refused the message (nack)") from exc
         except TimeoutError as exc:
-            raise BrokerUnavailable(
+            raise PublishOutcomeUnknown(
                 f"the broker did not confirm the message within {self._publish_timeout:g} s"
             ) from exc
         except ChannelAccessRefused as exc:
@@ -453,7 +456,10 @@ class Broker:
                 f"with routing key {routing_key!r} ({_reply_text(exc)})"
             ) from exc
         except (ChannelInvalidStateError, *CONNECTION_EXCEPTIONS) as exc:
-            raise BrokerUnavailable(f"lost the broker connection ({type(exc).__name__})") from exc
+            # The message may have left before the connection went.
+            raise PublishOutcomeUnknown(
+                f"lost the broker connection while publishing ({type(exc).__name__})"
+            ) from exc
 
     async def consume(
         self,

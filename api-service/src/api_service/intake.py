@@ -1,0 +1,188 @@
+"""Taking a job in: publish ``JobRequested``, and say exactly what became of it.
+
+Three answers, never a guess:
+
+* **accepted**: the broker confirmed the event;
+* **not accepted** (``NotAccepted``): it provably did not take it (not
+  connected, nacked, unroutable, refused), so a retry is a new attempt;
+* **unknown** (``OutcomeUnknown``): the event left but no confirm came (a
+  timeout, a connection lost while waiting). The *same* event is published
+  again until ``publish_budget`` runs out: a repeat is harmless downstream
+  (the processor repeats a pure step, the mailer's ledger sends one email
+  per job), while answering "not accepted" would make the client submit a
+  second job. Only if no republish is confirmed in time is the outcome
+  reported unknown, with the job's id, so the client can ask for it.
+
+With an ``Idempotency-Key`` the reservation holds the job's id through an
+unknown outcome: a retry publishes that same job again instead of a new one,
+and a key whose last state could not be written is taken over, never reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Protocol
+from uuid import UUID, uuid4
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from api_service.schemas import JobRequest
+from api_service.store import JobStore, KeyOutcome, KeyState
+from pipeline_shared.errors import BrokerUnavailable, PublishOutcomeUnknown
+from pipeline_shared.events import JobRequested
+
+log = logging.getLogger("api.intake")
+
+REPUBLISH_PAUSE_SECONDS = 0.2
+SETTLE_ATTEMPTS = 3
+
+
+class NotAccepted(Exception):
+    """The broker did not take the job; nothing was sent downstream."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class OutcomeUnknown(Exception):
+    """The job may or may not be with the broker; ``GET /jobs/{job_id}`` will tell."""
+
+    def __init__(self, job_id: UUID, reason: str) -> None:
+        super().__init__(reason)
+        self.job_id = job_id
+        self.reason = reason
+
+
+class KeyConflict(Exception):
+    """The Idempotency-Key was used for another request, or is being used right now."""
+
+
+class Publisher(Protocol):
+    """What the intake needs of the broker (``pipeline_shared.messaging.Broker``)."""
+
+    async def publish(self, event: JobRequested) -> None: ...
+
+
+def fingerprint(job: JobRequest) -> str:
+    """The request's identity for an Idempotency-Key: canonical JSON, so the same job with
+    its keys in another order (or its defaults spelled out) is the same request."""
+    canonical = json.dumps(
+        job.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class IntakePolicy:
+    publish_budget: float
+    """Seconds to keep republishing a job whose first publish had an unknown outcome."""
+    key_stale_after: float
+    """Seconds after which a reservation still pending is taken over by a retry."""
+    key_wait: float
+    """Seconds a request waits for another one holding the same key."""
+
+
+class JobIntake:
+    def __init__(self, broker: Publisher, store: JobStore, policy: IntakePolicy) -> None:
+        self._broker = broker
+        self._store = store
+        self._policy = policy
+
+    async def accept(self, job: JobRequest, caller: str, job_id: UUID | None = None) -> UUID:
+        """Publish the job and record it, so that ``GET /jobs/{id}`` knows it at once."""
+        job_id = job_id or uuid4()
+        event = JobRequested(
+            job_id=job_id,
+            email=job.email,
+            subject=job.subject,
+            step=job.step,
+            data=job.data,
+            submitted_by=caller,
+        )
+        await self._publish(event)
+        log.info("job %s: JobRequested published (step %s)", event.job_id, event.step)
+        try:
+            await self._store.record(event)
+        except SQLAlchemyError as exc:
+            # The job is safe with the broker; the read model will record it
+            # from the event itself.
+            log.warning("job %s: not recorded yet (%s)", event.job_id, type(exc).__name__)
+        return job_id
+
+    async def accept_once(self, job: JobRequest, caller: str, key: str) -> tuple[UUID, bool]:
+        """Accept the job unless this caller's key was used before; (job id, replayed)."""
+        deadline = time.monotonic() + self._policy.key_wait
+        while True:
+            reservation = await self._store.reserve_key(
+                caller, key, fingerprint(job), str(uuid4()), self._policy.key_stale_after
+            )
+            if reservation.outcome is KeyOutcome.REPLAY:
+                return UUID(reservation.job_id), True
+            if reservation.outcome is KeyOutcome.CONFLICT:
+                raise KeyConflict("this Idempotency-Key was already used with a different request")
+            if reservation.outcome in (KeyOutcome.NEW, KeyOutcome.RESUME):
+                break
+            # The same request is being accepted by another call: wait for it.
+            if time.monotonic() > deadline:
+                raise KeyConflict(
+                    "a request with this Idempotency-Key is still in progress; retry later"
+                )
+            await asyncio.sleep(0.05)
+
+        job_id = UUID(reservation.job_id)
+        resumed = reservation.outcome is KeyOutcome.RESUME
+        try:
+            await self.accept(job, caller, job_id)
+        except OutcomeUnknown:
+            await self._settle(caller, key, "unknown")
+            raise
+        except NotAccepted:
+            # A resumed job may have reached the broker on an earlier attempt.
+            await self._settle(caller, key, "unknown" if resumed else "refused")
+            raise
+        except BaseException:
+            await self._settle(caller, key, "unknown")
+            raise
+        await self._settle(caller, key, "done")
+        return job_id, False
+
+    async def _publish(self, event: JobRequested) -> None:
+        deadline: float | None = None
+        while True:
+            try:
+                await self._broker.publish(event)
+                return
+            except PublishOutcomeUnknown as exc:
+                reason = str(exc)
+                if deadline is None:
+                    deadline = time.monotonic() + self._policy.publish_budget
+                    log.warning("job %s: %s; publishing it again", event.job_id, reason)
+            except BrokerUnavailable as exc:
+                if deadline is None:
+                    raise NotAccepted(str(exc)) from exc
+                reason = str(exc)  # this attempt failed, an earlier one may not have
+            if time.monotonic() >= deadline:
+                raise OutcomeUnknown(event.job_id, reason)
+            await asyncio.sleep(REPUBLISH_PAUSE_SECONDS)
+
+    async def _settle(self, caller: str, key: str, outcome: KeyState) -> None:
+        """Best effort, a few times: a reservation left ``pending`` is taken over later by
+        a retry with the same job id, so a failure here never makes a second job."""
+        for attempt in range(SETTLE_ATTEMPTS):
+            try:
+                await self._store.settle_key(caller, key, outcome)
+                return
+            except SQLAlchemyError as exc:
+                if attempt == SETTLE_ATTEMPTS - 1:
+                    log.warning(
+                        "Idempotency-Key left pending (%s): a retry takes it over",
+                        type(exc).__name__,
+                    )
+                else:
+                    await asyncio.sleep(0.05 * (attempt + 1))
