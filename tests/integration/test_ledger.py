@@ -184,3 +184,19 @@ async def test_a_send_is_recorded_once_its_database_is_back_and_never_sent_twice
     assert len(transport.sent) == 1
     assert (await ledger.claim(str(event.job_id))).state is ClaimState.ALREADY_SENT
     await ledger.close()
+
+
+async def test_a_replica_whose_clock_runs_ahead_does_not_take_over_a_live_claim(
+    ledgers: tuple[SqlLedger, SqlLedger], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The lease is measured on the database's clock: a host an hour ahead
+    # (a clock no one can fake but through time.time) sees a fresh claim as fresh.
+    first, second = ledgers
+    job = new_job()
+    assert (await first.claim(job)).state is ClaimState.CLAIMED
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 3600)
+
+    claim = await second.claim(job)
+
+    assert claim.state is ClaimState.BUSY

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import time
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import Column, Engine, Float, MetaData, String, Table, text
+from sqlalchemy import Column, Engine, Float, MetaData, String, Table, TextClause, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline_shared.database import build_engine, create_tables, for_writing
@@ -46,30 +45,39 @@ sent_emails = Table(
     Column("provider_message_id", String(255), nullable=True),
 )
 
-# One statement, the same in SQLite and PostgreSQL: insert a claim, or take
-# over one whose lease has passed; a sent row or a live claim is left alone.
-_CLAIM = text(
-    """
-    INSERT INTO mailer_sent_emails (job_id, state, claim_token, claimed_at)
-    VALUES (:job_id, 'sending', :token, :now)
-    ON CONFLICT (job_id) DO UPDATE
-        SET claim_token = excluded.claim_token, claimed_at = excluded.claimed_at
-        WHERE mailer_sent_emails.state = 'sending'
-          AND mailer_sent_emails.claimed_at < :stale_before
-    """
-)
+# The lease is measured on the database's clock, not each host's: replicas
+# whose clocks disagree must still agree on when a claim has lapsed.
+_DATABASE_NOW = {
+    "postgresql": "EXTRACT(EPOCH FROM clock_timestamp())",
+    "sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
+}
+
+
+def _claim_statement(now: str) -> TextClause:
+    # One statement, the same in SQLite and PostgreSQL: insert a claim, or take
+    # over one whose lease has passed; a sent row or a live claim is left alone.
+    return text(
+        f"""
+        INSERT INTO mailer_sent_emails (job_id, state, claim_token, claimed_at)
+        VALUES (:job_id, 'sending', :token, {now})
+        ON CONFLICT (job_id) DO UPDATE
+            SET claim_token = excluded.claim_token, claimed_at = excluded.claimed_at
+            WHERE mailer_sent_emails.state = 'sending'
+              AND mailer_sent_emails.claimed_at < {now} - :lease
+        """  # noqa: S608 (``now`` is one of the constant expressions above)
+    )
+
+
 _READ = text(
     "SELECT state, claim_token, transport, provider_message_id "
     "FROM mailer_sent_emails WHERE job_id = :job_id"
 )
-_MARK_SENT = text(
-    """
+_MARK_SENT = """
     UPDATE mailer_sent_emails
-    SET state = 'sent', sent_at = :now, transport = :transport,
+    SET state = 'sent', sent_at = {now}, transport = :transport,
         provider_message_id = :message_id
     WHERE job_id = :job_id
-    """
-)
+"""
 _RELEASE = text(
     "DELETE FROM mailer_sent_emails "
     "WHERE job_id = :job_id AND claim_token = :token AND state = 'sending'"
@@ -102,6 +110,9 @@ class SqlLedger:
         self._engine = engine
         self._writer = for_writing(engine)
         self._lease = lease_seconds
+        now = _DATABASE_NOW[engine.dialect.name]
+        self._claim_sql = _claim_statement(now)
+        self._mark_sent_sql = text(_MARK_SENT.format(now=now))
 
     @classmethod
     def open(cls, database_url: str, *, lease_seconds: float) -> SqlLedger:
@@ -135,11 +146,9 @@ class SqlLedger:
 
     def _claim(self, job_id: str) -> Claim:
         token = str(uuid.uuid4())
-        now = time.time()
         with self._writer.begin() as connection:
             connection.execute(
-                _CLAIM,
-                {"job_id": job_id, "token": token, "now": now, "stale_before": now - self._lease},
+                self._claim_sql, {"job_id": job_id, "token": token, "lease": self._lease}
             )
             row = connection.execute(_READ, {"job_id": job_id}).one()
         if row.state == "sent":
@@ -151,13 +160,8 @@ class SqlLedger:
     def _mark_sent(self, job_id: str, transport: str, provider_message_id: str | None) -> None:
         with self._writer.begin() as connection:
             connection.execute(
-                _MARK_SENT,
-                {
-                    "job_id": job_id,
-                    "now": time.time(),
-                    "transport": transport,
-                    "message_id": provider_message_id,
-                },
+                self._mark_sent_sql,
+                {"job_id": job_id, "transport": transport, "message_id": provider_message_id},
             )
 
     def _release(self, job_id: str, claim: Claim) -> None:
