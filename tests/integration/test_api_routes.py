@@ -16,7 +16,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from api_service.app import RETRY_AFTER_SECONDS, create_app
+from api_service.answers import RETRY_AFTER_SECONDS
+from api_service.app import create_app
 from api_service.settings import ApiSettings
 from api_service.store import JobStore
 from pipeline_shared.errors import BrokerUnavailable

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -49,10 +50,11 @@ def set_api_read(users: ServiceUsers, management: Management, vhost: str, read: 
     management.set_permissions(vhost, users.names[API_USER], rule["configure"], rule["write"], read)
 
 
-@pytest.fixture
-async def follower_of(
+@asynccontextmanager
+async def running_follower(
     users: ServiceUsers, vhost: str
 ) -> AsyncIterator[tuple[JobFollower, list[Any]]]:
+    """A follower logged in as the api's user, recording the events it is handed."""
     broker = Broker(users.url(API_USER, vhost), app_id="api-service", retry_delays=(1,))
     seen: list[Any] = []
 
@@ -63,11 +65,13 @@ async def follower_of(
         broker, record, prefetch=8, max_event_bytes=1 << 20, check_every=0.1, first_pause=0.2
     )
     running = asyncio.create_task(follower.run())
-    yield follower, seen
-    await follower.stop(1)
-    running.cancel()
-    await asyncio.gather(running, return_exceptions=True)
-    await broker.close()
+    try:
+        yield follower, seen
+    finally:
+        await follower.stop(1)
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await broker.close()
 
 
 async def publish(broker_url: str, event: JobRequested) -> None:
@@ -81,17 +85,7 @@ async def test_a_follower_refused_its_queue_names_the_refusal_and_recovers_when_
     users: ServiceUsers, management: Management, vhost: str, broker_url: str
 ) -> None:
     set_api_read(users, management, vhost, "^$")  # the api's user may not read its queue
-    broker = Broker(users.url(API_USER, vhost), app_id="api-service", retry_delays=(1,))
-    seen: list[Any] = []
-
-    async def record(event: Any) -> None:
-        seen.append(event)
-
-    follower = JobFollower(
-        broker, record, prefetch=8, max_event_bytes=1 << 20, check_every=0.1, first_pause=0.2
-    )
-    running = asyncio.create_task(follower.run())
-    try:
+    async with running_follower(users, vhost) as (follower, seen):
         await until(lambda: "ACCESS_REFUSED" in (follower.problem or ""), "the refusal reported")
         assert STATUS.queue in (follower.problem or "")
         event = job_requested()
@@ -102,27 +96,22 @@ async def test_a_follower_refused_its_queue_names_the_refusal_and_recovers_when_
         await until(lambda: follower.problem is None, "following again")
         await until(lambda: len(seen) == 1, "the waiting event handled")
         assert seen[0].event_id == event.event_id
-    finally:
-        await follower.stop(1)
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
-        await broker.close()
 
 
-async def test_a_follower_whose_channel_closes_under_it_starts_consuming_again(
-    follower_of: tuple[JobFollower, list[Any]], management: Management, vhost: str, broker_url: str
+async def test_a_follower_whose_consumer_is_cancelled_starts_consuming_again(
+    users: ServiceUsers, management: Management, vhost: str, broker_url: str
 ) -> None:
-    follower, seen = follower_of
-    await until(lambda: follower.problem is None, "following")
-    # The broker cancels every consumer of a deleted queue, and the
-    # connection stays up: nothing but the follower will start it again.
-    management.delete_queue(vhost, STATUS.queue)
-    await until(lambda: follower.problem is not None, "the stop noticed")
-    admin = Broker(broker_url, app_id="test-admin", retry_delays=(1,))
-    await admin.connect()  # declares the queue again, as a service with rights would
+    async with running_follower(users, vhost) as (follower, seen):
+        await until(lambda: follower.problem is None, "following")
+        # The broker cancels every consumer of a deleted queue, and the
+        # connection stays up: nothing but the follower will start it again.
+        management.delete_queue(vhost, STATUS.queue)
+        await until(lambda: follower.problem is not None, "the stop noticed")
+        admin = Broker(broker_url, app_id="test-admin", retry_delays=(1,))
+        await admin.connect()  # declares the queue again, as a service with rights would
 
-    await until(lambda: follower.problem is None, "following again", timeout=20)
-    event = job_requested()
-    await admin.publish(event)
-    await until(lambda: [e.event_id for e in seen] == [event.event_id], "handled")
-    await admin.close()
+        await until(lambda: follower.problem is None, "following again", timeout=20)
+        event = job_requested()
+        await admin.publish(event)
+        await until(lambda: [e.event_id for e in seen] == [event.event_id], "handled")
+        await admin.close()

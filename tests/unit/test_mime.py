@@ -18,21 +18,11 @@ from mailer_service.mime import to_mime
 from mailer_service.outbox import OutboxTransport
 from pipeline_shared.contract import check_single_line
 from pipeline_shared.errors import PermanentFailure
+from support.mailbox import OUTBOX_HEADERS
 
 pytestmark = pytest.mark.unit
 
-HEADERS = {
-    "From",
-    "To",
-    "Subject",
-    "Date",
-    "Message-ID",
-    "X-Job-Id",
-    "X-Category",
-    "MIME-Version",
-    "Content-Type",
-    "Content-Transfer-Encoding",
-}
+HEADERS = set(OUTBOX_HEADERS)
 
 INJECTIONS = [
     "=?utf-8?q?Hi=0D=0ABcc:_evil@x.com?=",

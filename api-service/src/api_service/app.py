@@ -10,15 +10,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import Body, FastAPI, HTTPException, Query, Request, Response
-from fastapi.exception_handlers import http_exception_handler
+from fastapi import Body, FastAPI, HTTPException, Query, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
+from api_service.answers import RETRY_LATER, install_error_answers
 from api_service.body_limit import BodySizeLimit
 from api_service.dependencies import (
     BrokerDep,
@@ -29,8 +26,7 @@ from api_service.dependencies import (
     StoreDep,
 )
 from api_service.following import NOT_CONNECTED, JobFollower
-from api_service.intake import IntakePolicy, KeyConflict, NotAccepted, OutcomeUnknown
-from api_service.problems import validation_problems
+from api_service.intake import IntakePolicy
 from api_service.read_model import JobEvent, Status
 from api_service.schemas import (
     Health,
@@ -45,12 +41,10 @@ from api_service.settings import ApiSettings
 from api_service.store import InvalidCursor, JobStore
 from api_service.strict_route import StrictRoute
 from pipeline_shared.contract import EmailAddress, JobData
-from pipeline_shared.errors import BrokerUnavailable
 from pipeline_shared.messaging import Broker
 from pipeline_shared.settings import redact_url
 
 SERVICE = "api-service"
-RETRY_AFTER_SECONDS = 5
 PURGE_INTERVAL_SECONDS = 3600
 
 log = logging.getLogger("api")
@@ -156,77 +150,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         key_wait=2 * settings.publish_timeout_seconds + 5,
     )
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        if exc.status_code != 405:
-            return await http_exception_handler(request, exc)
-        # Starlette names only the first route that matched the path; a path
-        # served by several routes (GET and POST /jobs) allows all their methods.
-        allowed = sorted(
-            {
-                method
-                for route in app.routes
-                if isinstance(route, APIRoute) and route.matches(request.scope)[0] is not Match.NONE
-                for method in route.methods or ()
-            }
-        )
-        return JSONResponse(
-            {"detail": exc.detail}, status_code=405, headers={"Allow": ", ".join(allowed)}
-        )
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": validation_problems(exc.errors())}, status_code=422)
-
-    @app.exception_handler(NotAccepted)
-    async def not_accepted(request: Request, exc: NotAccepted) -> JSONResponse:
-        log.warning("answering 503 to %s %s: %s", request.method, request.url.path, exc.reason)
-        return JSONResponse(
-            {"detail": f"the job was not accepted: {exc.reason}; retry later"},
-            status_code=503,
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        )
-
-    @app.exception_handler(OutcomeUnknown)
-    async def outcome_unknown(request: Request, exc: OutcomeUnknown) -> JSONResponse:
-        log.warning("job %s: outcome unknown, answering 503: %s", exc.job_id, exc.reason)
-        return JSONResponse(
-            {
-                "detail": f"the broker may or may not have taken the job ({exc.reason}); "
-                "GET /jobs/{job_id} tells, or retry with the same Idempotency-Key",
-                "job_id": str(exc.job_id),
-                "outcome": "unknown",
-            },
-            status_code=503,
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        )
-
-    @app.exception_handler(KeyConflict)
-    async def key_conflict(request: Request, exc: KeyConflict) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=409)
-
-    @app.exception_handler(BrokerUnavailable)
-    async def broker_unavailable(request: Request, exc: BrokerUnavailable) -> JSONResponse:
-        log.warning("answering 503 to %s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse(
-            {"detail": f"the message broker is unavailable ({exc}); retry later"},
-            status_code=503,
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        )
-
-    @app.exception_handler(SQLAlchemyError)
-    async def store_unavailable(request: Request, exc: SQLAlchemyError) -> JSONResponse:
-        log.warning(
-            "answering 503 to %s %s: job store error %s",
-            request.method,
-            request.url.path,
-            type(exc).__name__,
-        )
-        return JSONResponse(
-            {"detail": "the job store is unavailable; retry later"},
-            status_code=503,
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        )
+    install_error_answers(app)
 
     @app.post(
         "/jobs",
@@ -374,7 +298,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         return JSONResponse(
             Health(status="unavailable", detail=problem).model_dump(),
             status_code=503,
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            headers=RETRY_LATER,
         )
 
     return app
