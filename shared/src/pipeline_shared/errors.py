@@ -71,3 +71,20 @@ class TopologyMissing(Exception):
 
 
 _SHOWN_MISSING = 3
+
+
+class BrokerRefused(Exception):
+    """The broker refused something no retry can change: the service's login, its
+    vhost, a queue or exchange already declared with other arguments, access to
+    its queue.
+
+    A configuration error like ``TopologyMissing``: the services report it once,
+    with the broker's own words and what to change, and do not retry (the
+    workers exit, the api stays unready).
+    """
+
+    def __init__(self, refused: str, reply_text: str, remedy: str) -> None:
+        self.refused = refused
+        self.reply_text = reply_text
+        self.remedy = remedy
+        super().__init__(f"the broker refused {refused} ({reply_text}): {remedy}")

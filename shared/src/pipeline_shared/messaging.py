@@ -34,7 +34,8 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -58,14 +59,18 @@ from aio_pika.exceptions import (
     DeliveryError,
     PublishError,
 )
+from aiormq import spec as amqp
 from aiormq.exceptions import (
+    AuthenticationError,
     ChannelAccessRefused,
+    ChannelPreconditionFailed,
     ConnectionClosed,
     ProbableAuthenticationError,
 )
 from pydantic import TypeAdapter, ValidationError
 
 from pipeline_shared.errors import (
+    BrokerRefused,
     BrokerUnavailable,
     Deferred,
     PermanentFailure,
@@ -195,19 +200,45 @@ async def declare_topology(channel: AbstractChannel, retry_delays: Sequence[floa
     """Declare both exchanges and every stage's queues and bindings (idempotent).
 
     Needs a broker user that may configure them all; ``rabbitmq/definitions.json``
-    holds the same topology for brokers that load it instead.
+    holds the same topology for brokers that load it instead. Raises
+    ``BrokerRefused`` if one of them exists already with other arguments.
     """
-    exchange = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
-    queues = await channel.declare_exchange(
-        QUEUE_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
-    )
+    with _same_arguments_or_refused("exchange", EXCHANGE):
+        exchange = await channel.declare_exchange(
+            EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+    with _same_arguments_or_refused("exchange", QUEUE_EXCHANGE):
+        queues = await channel.declare_exchange(
+            QUEUE_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
     for stage in STAGES.values():
         for spec in stage_queues(stage, retry_delays):
-            queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+            with _same_arguments_or_refused("queue", spec.name):
+                queue = await channel.declare_queue(
+                    spec.name, durable=True, arguments=spec.arguments
+                )
             if spec.name == stage.queue:
                 for routing_key in stage.routing_keys:
                     await queue.bind(exchange, routing_key)
             await queue.bind(queues, spec.name)
+
+
+@contextmanager
+def _same_arguments_or_refused(kind: str, name: str) -> Iterator[None]:
+    """Turn the broker's PRECONDITION_FAILED for an exchange or queue that exists
+    with other arguments (a classic queue, another delivery limit, another
+    exchange type) into ``BrokerRefused``: redeclaring never changes them."""
+    try:
+        yield
+    except ChannelPreconditionFailed as exc:
+        if kind == "queue":
+            remedy = (
+                f"delete the queue {name!r} (after moving out any messages it holds) or make "
+                "its arguments match pipeline_shared/topology.py (rabbitmq/definitions.json)"
+            )
+        else:
+            remedy = f"delete the exchange {name!r} or make it a durable topic exchange"
+        raise BrokerRefused(f"to declare {kind} {name!r}", _reply_text(exc), remedy) from exc
 
 
 def topology_names(retry_delays: Sequence[float]) -> list[tuple[str, str]]:
@@ -287,6 +318,8 @@ class Broker:
         """Whether the broker user may not configure, so the topology is only
         checked (``verify_topology``), never declared; set by ``connect``."""
         self._lost = False
+        self.user = unquote(urlsplit(url).username or "guest")
+        self.vhost = vhost_of(url)
 
     @classmethod
     def from_settings(cls, settings: PipelineSettings, *, app_id: str) -> Broker:
@@ -312,14 +345,22 @@ class Broker:
         """Connect once and declare the topology, or, if the broker user may not
         configure it, check that it exists.
 
-        Raises if the broker cannot be reached, and ``TopologyMissing`` if the
-        topology is not there and may not be declared.
+        Raises if the broker cannot be reached, ``TopologyMissing`` if the
+        topology is not there and may not be declared, and ``BrokerRefused`` if
+        the broker refuses what no retry changes (the login, the vhost, an
+        exchange or queue declared before with other arguments).
         """
-        connection = await aio_pika.connect_robust(
-            self._url,
-            client_properties={"connection_name": self.app_id},
-            timeout=self._publish_timeout,
-        )
+        try:
+            connection = await aio_pika.connect_robust(
+                self._url,
+                client_properties={"connection_name": self.app_id},
+                timeout=self._publish_timeout,
+            )
+        except (TimeoutError, *CONNECTION_EXCEPTIONS) as exc:
+            refusal = self._refusal(exc)
+            if refusal is not None:
+                raise refusal from exc
+            raise
         try:
             channel = await self._prepare_topology(connection)
             self._exchange = await channel.get_exchange(EXCHANGE, ensure=False)
@@ -354,6 +395,48 @@ class Broker:
         self.passive = True
         return await connection.channel(publisher_confirms=True, on_return_raises=True)
 
+    def _refusal(self, exc: BaseException) -> BrokerRefused | None:
+        """The configuration error a failed attempt to connect is, if it is one.
+
+        The broker refuses a login with ACCESS_REFUSED, and a vhost that does
+        not exist or that the user has no permissions on with NOT_ALLOWED. A
+        NOT_ALLOWED for a connection limit (other connections free it) or a
+        vhost that is down is left to be retried.
+        """
+        if isinstance(exc, AuthenticationError):
+            offered = exc.args[0] if exc.args else "?"
+            return BrokerRefused(
+                "every authentication mechanism aio-pika has",
+                f"it offers {offered}",
+                "configure the broker for PLAIN, or choose one of those with ?auth= in "
+                "RABBITMQ_URL: a configuration error, not retried",
+            )
+        reply = _closed_by_broker(exc)
+        if reply is None:
+            return None
+        if reply.startswith("ACCESS_REFUSED"):
+            return BrokerRefused(
+                f"the login of user {self.user!r}",
+                reply,
+                "fix the user name or password in RABBITMQ_URL, or the user on the broker: "
+                "a refused login is a configuration error, not retried",
+            )
+        if not reply.startswith("NOT_ALLOWED") or "limit" in reply or "is down" in reply:
+            return None
+        if "not found" in reply:
+            return BrokerRefused(
+                f"to open vhost {self.vhost!r}",
+                reply,
+                f"create the vhost (rabbitmqctl add_vhost {self.vhost}) or fix the vhost "
+                "at the end of RABBITMQ_URL",
+            )
+        return BrokerRefused(
+            f"to open vhost {self.vhost!r} for user {self.user!r}",
+            reply,
+            f"grant the user {self.user!r} permissions on the vhost {self.vhost!r} "
+            f"(rabbitmqctl set_permissions -p {self.vhost} {self.user} ...) or fix RABBITMQ_URL",
+        )
+
     def _on_connection_lost(self, sender: object, exc: BaseException | None) -> None:
         # The robust connection calls this when the connection drops and again
         # for every failed attempt to reconnect: one line for the loss, and
@@ -375,29 +458,31 @@ class Broker:
     ) -> None:
         """Keep trying to connect, with growing pauses, until it works or the task is cancelled.
 
-        ``TopologyMissing`` is not retried but raised: it needs an operator.
+        Only an unreachable broker, a dropped connection or a passing refusal
+        (a connection limit) is retried. Configuration errors, ``TopologyMissing``
+        and ``BrokerRefused``, are raised at once: they need an operator.
         """
         delay = first_delay
         while True:
             try:
                 await self.connect()
                 return
-            except (ProbableAuthenticationError, ConnectionClosed) as exc:
-                # Refused credentials or vhost access are retried too: a broker
-                # still importing its definitions at boot refuses them for a while.
-                log.warning(
-                    "broker at %s closed the connection (%s); retrying in %.1f s",
-                    redact_url(self._url),
-                    _reply_text(exc),
-                    delay,
-                )
             except (TimeoutError, *CONNECTION_EXCEPTIONS) as exc:
-                log.warning(
-                    "broker at %s not reachable (%s); retrying in %.1f s",
-                    redact_url(self._url),
-                    type(exc).__name__,
-                    delay,
-                )
+                reply = _closed_by_broker(exc)
+                if reply is not None:
+                    log.warning(
+                        "broker at %s closed the connection (%s); retrying in %.1f s",
+                        redact_url(self._url),
+                        reply,
+                        delay,
+                    )
+                else:
+                    log.warning(
+                        "broker at %s not reachable (%s); retrying in %.1f s",
+                        redact_url(self._url),
+                        type(exc).__name__,
+                        delay,
+                    )
             await asyncio.sleep(delay)
             delay = min(delay * 2, max_delay)
 
@@ -684,6 +769,29 @@ def _reply_text(exc: BaseException) -> str:
     """The broker's own words from an AMQP error, e.g. ``ACCESS_REFUSED - ...``."""
     texts = [arg for arg in exc.args if isinstance(arg, str)]
     return texts[-1] if texts else type(exc).__name__
+
+
+def _closed_by_broker(exc: BaseException) -> str | None:
+    """The broker's reply text if it closed the connection, e.g. ``NOT_ALLOWED - vhost x not
+    found``; None for a failure of the network (refused, reset, timed out).
+
+    aiormq reports a broker that closes the connection in reply to
+    Connection.Open (an unknown vhost, one the user may not use, a connection
+    limit) as an ``InvalidFrameError`` that has lost the broker's words; the
+    Connection.Close frame is still a local of the frame that raised it (older
+    aiormq versions put it in the error's arguments).
+    """
+    if isinstance(exc, ConnectionClosed | ProbableAuthenticationError):
+        return _reply_text(exc)
+    found: list[object] = list(exc.args)
+    traceback = exc.__traceback__
+    while traceback is not None:
+        found.extend(traceback.tb_frame.f_locals.values())
+        traceback = traceback.tb_next
+    for value in found:
+        if isinstance(value, amqp.Connection.Close):
+            return value.reply_text or f"reply code {value.reply_code}"
+    return None
 
 
 def _loss_reason(exc: BaseException) -> str:

@@ -12,7 +12,7 @@ from typing import TypeVar
 from aiormq.exceptions import ChannelAccessRefused
 from pydantic import TypeAdapter
 
-from pipeline_shared.errors import TopologyMissing
+from pipeline_shared.errors import BrokerRefused, TopologyMissing
 from pipeline_shared.events import Event
 from pipeline_shared.messaging import Broker, Handler
 from pipeline_shared.topology import Stage
@@ -68,8 +68,10 @@ async def serve_stage(
     """Connect (waiting for the broker if need be), consume ``stage`` until ``stop``
     is set, then shut down within ``shutdown_timeout``.
 
-    A broker that lacks the topology, or refuses the service's user its queue,
-    is a configuration error: the process exits with one line saying so.
+    A broker that lacks the topology, or refuses what no retry changes (the
+    service's login, its vhost, a queue declared with other arguments, its
+    queue to its user), is a configuration error: the process exits with one
+    line quoting the broker and saying what to change.
     """
     connecting = asyncio.create_task(broker.connect_until_ready())
     stopping = asyncio.create_task(stop.wait())
@@ -82,7 +84,7 @@ async def serve_stage(
     stopping.cancel()
     try:
         connecting.result()
-    except TopologyMissing as exc:
+    except (TopologyMissing, BrokerRefused) as exc:
         raise SystemExit(f"{broker.app_id}: {exc}") from None
     try:
         try:
@@ -90,10 +92,13 @@ async def serve_stage(
                 stage, model, handler, prefetch=prefetch, max_event_bytes=max_event_bytes
             )
         except ChannelAccessRefused as exc:
-            reason = exc.args[-1] if exc.args else "access refused"
-            raise SystemExit(
-                f"{broker.app_id}: the broker refused to let it consume {stage.queue} ({reason})"
-            ) from None
+            refused = BrokerRefused(
+                f"to let it consume {stage.queue!r}",
+                exc.args[-1] if exc.args else "access refused",
+                f"grant the user {broker.user!r} read permission on the queue {stage.queue!r} "
+                f"in the vhost {broker.vhost!r} (rabbitmqctl set_permissions)",
+            )
+            raise SystemExit(f"{broker.app_id}: {refused}") from None
         log.info("consuming %s (prefetch %d)", stage.queue, prefetch)
         await stop.wait()
         log.info("stopping: no new messages from %s", stage.queue)
