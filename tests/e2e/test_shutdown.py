@@ -29,6 +29,7 @@ def test_a_mailer_stopped_while_the_provider_hangs_exits_0_in_time_and_sends_eac
         SHUTDOWN_TIMEOUT_SECONDS=str(SHUTDOWN_TIMEOUT),
         MAILTRAP_TIMEOUT_SECONDS="60",
         SEND_LEASE_SECONDS="61",
+        HANDLER_TIMEOUT_SECONDS="120",
         MAILER_CONCURRENCY="4",
     )
     pipeline.start()

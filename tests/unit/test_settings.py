@@ -252,6 +252,23 @@ def test_the_default_event_limit_carries_the_default_request_limit() -> None:
     assert settings.max_event_bytes >= 10 * settings.max_request_bytes
 
 
+def test_a_mailer_handler_timeout_too_short_for_a_send_is_refused_naming_both(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HANDLER_TIMEOUT_SECONDS", "35")
+
+    message = exit_message(MailerSettings, "mailer-service")
+
+    assert "HANDLER_TIMEOUT_SECONDS (35) must be longer than MAILTRAP_TIMEOUT_SECONDS" in message
+    assert "HANDLER_TIMEOUT_SECONDS=80" in message
+
+
+def test_a_processor_may_have_a_short_handler_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HANDLER_TIMEOUT_SECONDS", "5")
+
+    assert ProcessorSettings().handler_timeout_seconds == 5
+
+
 def test_the_lease_defaults_to_three_provider_timeouts() -> None:
     assert MailerSettings().lease_seconds == 90
     assert MailerSettings(mailtrap_timeout_seconds=5).lease_seconds == 15

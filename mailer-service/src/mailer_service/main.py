@@ -91,6 +91,7 @@ async def serve(settings: MailerSettings, stop: asyncio.Event) -> None:
             SendEmail(transport, broker, ledger, sender),
             prefetch=settings.prefetch,
             max_event_bytes=settings.max_event_bytes,
+            handler_timeout=settings.handler_timeout_seconds,
             shutdown_timeout=settings.shutdown_timeout_seconds,
             stop=stop,
         )

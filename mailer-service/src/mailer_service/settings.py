@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from pipeline_shared.contract import NAME_MAX_LENGTH, SenderAddress, SingleLine
 from pipeline_shared.settings import DatabaseUrl, WorkerSettings, url_secrets
@@ -96,6 +96,18 @@ class MailerSettings(WorkerSettings):
                 f"SEND_LEASE_SECONDS={LEASE_PER_TIMEOUT * timeout:g}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _a_send_fits_in_a_handling(self) -> MailerSettings:
+        needed = self.mailtrap_timeout_seconds + self.publish_timeout_seconds
+        if self.handler_timeout_seconds <= needed:
+            # Otherwise a send still waiting for the provider would be cancelled.
+            raise ValueError(
+                f"HANDLER_TIMEOUT_SECONDS ({self.handler_timeout_seconds:g}) must be longer than "
+                f"MAILTRAP_TIMEOUT_SECONDS plus PUBLISH_TIMEOUT_SECONDS ({needed:g}); for "
+                f"example HANDLER_TIMEOUT_SECONDS={2 * needed:g}"
+            )
+        return self
 
     @field_validator("mailtrap_token")
     @classmethod

@@ -35,6 +35,7 @@ async def serve(settings: ProcessorSettings, stop: asyncio.Event) -> None:
             handler,
             prefetch=settings.processor_prefetch,
             max_event_bytes=settings.max_event_bytes,
+            handler_timeout=settings.handler_timeout_seconds,
             shutdown_timeout=settings.shutdown_timeout_seconds,
             stop=stop,
         )

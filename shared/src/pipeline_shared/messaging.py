@@ -554,8 +554,13 @@ class Broker:
         *,
         prefetch: int,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        handler_timeout: float | None = None,
     ) -> Consumer[E]:
-        """Start consuming ``stage``'s work queue with manual acks and a bounded prefetch."""
+        """Start consuming ``stage``'s work queue with manual acks and a bounded prefetch.
+
+        A handler still running after ``handler_timeout`` seconds is cancelled and its
+        message retried as a transient failure, so a hung step cannot hold a message
+        until the broker's ``consumer_timeout``."""
         if self._connection is None:
             raise BrokerUnavailable("not connected to the message broker")
         channel = await self._connection.channel()
@@ -567,7 +572,9 @@ class Broker:
                 queue = await channel.declare_queue(
                     stage.queue, durable=True, arguments=stage.queue_arguments()
                 )
-            consumer = Consumer(self, channel, queue, stage, model, handler, max_event_bytes)
+            consumer = Consumer(
+                self, channel, queue, stage, model, handler, max_event_bytes, handler_timeout
+            )
             await consumer.start()
         except BaseException:
             # Closed by us, the robust connection stops restoring it.
@@ -595,8 +602,10 @@ class Consumer(Generic[E]):
         model: type[E] | TypeAdapter[E],
         handler: Handler[E],
         max_event_bytes: int,
+        handler_timeout: float | None = None,
     ) -> None:
         self._broker = broker
+        self._handler_timeout = handler_timeout
         self._channel = channel
         self._queue = queue
         self._stage = stage
@@ -654,6 +663,21 @@ class Consumer(Generic[E]):
         handling.add_done_callback(self._in_flight.discard)
         await asyncio.shield(handling)
 
+    async def _run_handler(self, event: E) -> None:
+        if self._handler_timeout is None:
+            await self._handler(event)
+            return
+        try:
+            async with asyncio.timeout(self._handler_timeout) as deadline:
+                await self._handler(event)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the handler's own timeout, not ours
+            raise TransientFailure(
+                f"handling took longer than {self._handler_timeout:g} s "
+                "(HANDLER_TIMEOUT_SECONDS) and was cancelled"
+            ) from None
+
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         started = time.perf_counter()
         attempts = attempts_of(message)
@@ -662,7 +686,7 @@ class Consumer(Generic[E]):
         try:
             event = decode_event(message.body, self._model, self._max_event_bytes)
             delivery_attempt.set(attempts)
-            await self._handler(event)
+            await self._run_handler(event)
         except asyncio.CancelledError:
             await self._return(message)
             raise

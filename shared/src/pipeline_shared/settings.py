@@ -108,6 +108,14 @@ class PipelineSettings(BaseSettings):
 class WorkerSettings(PipelineSettings):
     """What a consuming worker needs on top of the common settings."""
 
+    handler_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="How long handling one message may take before it is cancelled and "
+        "retried as a transient failure.",
+    )
+
 
 S = TypeVar("S", bound=BaseSettings)
 

@@ -64,6 +64,7 @@ async def serve_stage(
     max_event_bytes: int,
     shutdown_timeout: float,
     stop: asyncio.Event,
+    handler_timeout: float | None = None,
 ) -> None:
     """Connect (waiting for the broker if need be), consume ``stage`` until ``stop``
     is set, then shut down within ``shutdown_timeout``.
@@ -89,7 +90,12 @@ async def serve_stage(
     try:
         try:
             consumer = await broker.consume(
-                stage, model, handler, prefetch=prefetch, max_event_bytes=max_event_bytes
+                stage,
+                model,
+                handler,
+                prefetch=prefetch,
+                max_event_bytes=max_event_bytes,
+                handler_timeout=handler_timeout,
             )
         except ChannelAccessRefused as exc:
             refused = BrokerRefused(
