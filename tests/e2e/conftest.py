@@ -76,8 +76,7 @@ def pipeline_factory(
             "API_PORT": str(free_port()),
             "OUTBOX_DIR": str(workdir / "outbox"),
             "RETRY_DELAYS": "0.2,0.4,0.8",
-            # A short lease, so takeovers happen within a test; it must outlive
-            # one provider request.
+            # A short lease, so takeovers happen within a test.
             "MAILTRAP_TIMEOUT_SECONDS": "0.9",
             "SEND_LEASE_SECONDS": "1",
             "DATABASE_URL": f"sqlite:///{workdir / 'ledger.sqlite3'}",

@@ -200,3 +200,52 @@ async def test_a_replica_whose_clock_runs_ahead_does_not_take_over_a_live_claim(
     claim = await second.claim(job)
 
     assert claim.state is ClaimState.BUSY
+
+
+async def test_a_claim_its_live_owner_renews_is_never_taken_over(
+    ledgers: tuple[SqlLedger, SqlLedger],
+) -> None:
+    # The lease is 0.5 s; the owner renews every 0.1 s for three leases.
+    first, second = ledgers
+    job = new_job()
+    assert (await first.claim(job)).state is ClaimState.CLAIMED
+
+    for _ in range(15):
+        assert await first.heartbeat() == 1
+        assert (await second.claim(job)).state is ClaimState.BUSY
+        await asyncio.sleep(0.1)
+
+
+async def test_a_claim_whose_owner_stopped_renewing_is_taken_over_after_the_lease(
+    ledgers: tuple[SqlLedger, SqlLedger],
+) -> None:
+    first, second = ledgers
+    job = new_job()
+    await first.claim(job)
+    await first.heartbeat()
+    await asyncio.sleep(0.7)  # one lease (0.5 s) and a little: the owner is gone
+
+    assert (await second.claim(job)).state is ClaimState.CLAIMED
+    assert await first.heartbeat() == 0  # the claim is no longer the first's
+
+
+async def test_a_ledger_from_before_claims_had_owners_gains_the_column(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old-ledger.sqlite3'}"
+    old = create_engine(url)
+    with old.begin() as connection:
+        connection.execute(
+            text(
+                "CREATE TABLE mailer_sent_emails (job_id VARCHAR(36) PRIMARY KEY, "
+                "state VARCHAR(16) NOT NULL, claim_token VARCHAR(36) NOT NULL, "
+                "claimed_at FLOAT NOT NULL, sent_at FLOAT, transport VARCHAR(32), "
+                "provider_message_id VARCHAR(255))"
+            )
+        )
+    old.dispose()
+
+    ledger = SqlLedger.open(url, lease_seconds=5)
+    job = new_job()
+
+    assert (await ledger.claim(job)).state is ClaimState.CLAIMED
+    assert await ledger.heartbeat() == 1
+    await ledger.close()

@@ -1,11 +1,16 @@
 """The mailer's ledger: which jobs have had their email sent, shared by every replica.
 
 Before sending, a mailer *claims* the job: it writes a ``sending`` row with a
-claim token of its own, unless the job is already ``sent`` or another mailer
-holds a claim younger than the lease. After the provider accepted the email,
-the row becomes ``sent`` (with the provider's message id) before the message
-is acknowledged. So a redelivered or re-published ``DataProcessed`` finds
+claim token and its own owner id, unless the job is already ``sent`` or
+another mailer holds a live claim. After the provider accepted the email, the
+row becomes ``sent`` (with the provider's message id) before the message is
+acknowledged. So a redelivered or re-published ``DataProcessed`` finds
 ``sent`` and sends nothing.
+
+A claim lives as long as its owner does: a running mailer renews all its
+claims every few seconds (``heartbeat``), however slow its provider, and a
+claim not renewed for the lease is taken over. So a survivor sends a dead
+mailer's emails within seconds, and never a live one's.
 
 The one window left: a mailer that dies (or is stopped past its grace period)
 while its email is at the provider leaves a ``sending`` claim behind. Once the
@@ -26,7 +31,7 @@ import enum
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import Column, Engine, Float, MetaData, String, Table, TextClause, text
+from sqlalchemy import Column, Engine, Float, MetaData, String, Table, TextClause, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline_shared.database import build_engine, create_tables, for_writing
@@ -39,6 +44,7 @@ sent_emails = Table(
     Column("job_id", String(36), primary_key=True),
     Column("state", String(16), nullable=False),  # sending | sent
     Column("claim_token", String(36), nullable=False),
+    Column("owner", String(36), nullable=True),  # the mailer process holding the claim
     Column("claimed_at", Float, nullable=False),
     Column("sent_at", Float, nullable=True),
     Column("transport", String(32), nullable=True),
@@ -58,10 +64,11 @@ def _claim_statement(now: str) -> TextClause:
     # over one whose lease has passed; a sent row or a live claim is left alone.
     return text(
         f"""
-        INSERT INTO mailer_sent_emails (job_id, state, claim_token, claimed_at)
-        VALUES (:job_id, 'sending', :token, {now})
+        INSERT INTO mailer_sent_emails (job_id, state, claim_token, owner, claimed_at)
+        VALUES (:job_id, 'sending', :token, :owner, {now})
         ON CONFLICT (job_id) DO UPDATE
-            SET claim_token = excluded.claim_token, claimed_at = excluded.claimed_at
+            SET claim_token = excluded.claim_token, owner = excluded.owner,
+                claimed_at = excluded.claimed_at
             WHERE mailer_sent_emails.state = 'sending'
               AND mailer_sent_emails.claimed_at < {now} - :lease
         """  # noqa: S608 (``now`` is one of the constant expressions above)
@@ -82,6 +89,10 @@ _RELEASE = text(
     "DELETE FROM mailer_sent_emails "
     "WHERE job_id = :job_id AND claim_token = :token AND state = 'sending'"
 )
+_HEARTBEAT = """
+    UPDATE mailer_sent_emails SET claimed_at = {now}
+    WHERE owner = :owner AND state = 'sending'
+"""
 _PURGE = text("DELETE FROM mailer_sent_emails WHERE state = 'sent' AND sent_at < :before")
 
 
@@ -110,9 +121,12 @@ class SqlLedger:
         self._engine = engine
         self._writer = for_writing(engine)
         self._lease = lease_seconds
+        self.owner = str(uuid.uuid4())
+        """This process's id on its claims: renewed by ``heartbeat``, new at each start."""
         now = _DATABASE_NOW[engine.dialect.name]
         self._claim_sql = _claim_statement(now)
         self._mark_sent_sql = text(_MARK_SENT.format(now=now))
+        self._heartbeat_sql = text(_HEARTBEAT.format(now=now))
 
     @classmethod
     def open(cls, database_url: str, *, lease_seconds: float) -> SqlLedger:
@@ -122,6 +136,12 @@ class SqlLedger:
 
     def create_schema(self) -> None:
         create_tables(self._engine, metadata)
+        # A ledger made before claims had owners gains the column.
+        if "owner" not in {c["name"] for c in inspect(self._engine).get_columns(sent_emails.name)}:
+            with self._writer.begin() as connection:
+                connection.execute(
+                    text("ALTER TABLE mailer_sent_emails ADD COLUMN owner VARCHAR(36)")
+                )
 
     async def claim(self, job_id: str) -> Claim:
         return await asyncio.to_thread(self._claim, job_id)
@@ -138,6 +158,13 @@ class SqlLedger:
     async def release(self, job_id: str, claim: Claim) -> None:
         await asyncio.to_thread(self._release, job_id, claim)
 
+    async def heartbeat(self) -> int:
+        """Renew every claim this process holds; how many. Raises ``LedgerUnavailable``."""
+        try:
+            return await asyncio.to_thread(self._heartbeat)
+        except SQLAlchemyError as exc:
+            raise LedgerUnavailable(type(exc).__name__) from exc
+
     async def purge_sent_before(self, before: float) -> int:
         return await asyncio.to_thread(self._purge, before)
 
@@ -148,7 +175,8 @@ class SqlLedger:
         token = str(uuid.uuid4())
         with self._writer.begin() as connection:
             connection.execute(
-                self._claim_sql, {"job_id": job_id, "token": token, "lease": self._lease}
+                self._claim_sql,
+                {"job_id": job_id, "token": token, "owner": self.owner, "lease": self._lease},
             )
             row = connection.execute(_READ, {"job_id": job_id}).one()
         if row.state == "sent":
@@ -167,6 +195,10 @@ class SqlLedger:
     def _release(self, job_id: str, claim: Claim) -> None:
         with self._writer.begin() as connection:
             connection.execute(_RELEASE, {"job_id": job_id, "token": claim.token})
+
+    def _heartbeat(self) -> int:
+        with self._writer.begin() as connection:
+            return connection.execute(self._heartbeat_sql, {"owner": self.owner}).rowcount
 
     def _purge(self, before: float) -> int:
         with self._writer.begin() as connection:

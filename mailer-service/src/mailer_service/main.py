@@ -10,7 +10,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mailer_service.compose import Sender
 from mailer_service.handlers import SendEmail
-from mailer_service.ledger import SqlLedger
+from mailer_service.ledger import LedgerUnavailable, SqlLedger
 from mailer_service.mailtrap_transport import MailtrapTransport
 from mailer_service.outbox import OutboxTransport
 from mailer_service.settings import MailerSettings
@@ -54,7 +54,7 @@ def build_transport(settings: MailerSettings) -> EmailTransport:
 async def open_ledger(settings: MailerSettings) -> SqlLedger:
     try:
         ledger = await asyncio.to_thread(
-            SqlLedger.open, settings.database_url, lease_seconds=settings.lease_seconds
+            SqlLedger.open, settings.database_url, lease_seconds=settings.send_lease_seconds
         )
     except SQLAlchemyError as exc:
         raise SystemExit(
@@ -77,9 +77,27 @@ async def purge_ledger(ledger: SqlLedger, retention_days: float) -> None:
         await asyncio.sleep(PURGE_INTERVAL_SECONDS)
 
 
+async def renew_claims(ledger: SqlLedger, every: float) -> None:
+    """The heartbeat: keep this mailer's claims alive, however slow its sends."""
+    failing = False
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await ledger.heartbeat()
+        except LedgerUnavailable as exc:
+            if not failing:
+                log.warning("could not renew this mailer's claims (%s); trying again", exc)
+            failing = True
+            continue
+        if failing:
+            log.info("renewing this mailer's claims again")
+        failing = False
+
+
 async def serve(settings: MailerSettings, stop: asyncio.Event) -> None:
     ledger = await open_ledger(settings)
     purging = asyncio.create_task(purge_ledger(ledger, settings.ledger_retention_days))
+    renewing = asyncio.create_task(renew_claims(ledger, settings.heartbeat_seconds))
     broker = Broker.from_settings(settings, app_id=SERVICE)
     transport = build_transport(settings)
     sender = Sender(settings.mail_from, settings.mail_from_name, settings.mail_category)
@@ -97,6 +115,7 @@ async def serve(settings: MailerSettings, stop: asyncio.Event) -> None:
         )
     finally:
         purging.cancel()
+        renewing.cancel()
         await transport.close()
         await ledger.close()
 

@@ -13,9 +13,6 @@ from pipeline_shared.settings import DatabaseUrl, WorkerSettings, url_secrets
 
 Transport = Literal["mailtrap", "outbox"]
 
-LEASE_PER_TIMEOUT = 3
-"""The default lease, in provider timeouts: room for a request, and for recording it."""
-
 _HOST_PORT = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?")
 
 
@@ -73,29 +70,16 @@ class MailerSettings(WorkerSettings):
         description="How long one provider request may take (to connect, and again to read "
         "the answer) before it is given up.",
     )
-    send_lease_seconds: float | None = Field(
-        default=None,
-        gt=0,
-        description="How long a mailer's claim on a job keeps other mailers from sending it; "
-        "must be longer than MAILTRAP_TIMEOUT_SECONDS; by default three times it.",
+    send_lease_seconds: float = Field(
+        default=15.0,
+        ge=1,
+        le=3600,
+        description="How long a claim on a job outlives the last sign of life of the mailer "
+        "holding it; a live mailer renews its claims every third of it.",
     )
     ledger_retention_days: float = Field(
         default=7.0, gt=0, description="How long the ledger remembers a sent email."
     )
-
-    @field_validator("send_lease_seconds")
-    @classmethod
-    def _lease_outlives_a_request(cls, value: float | None, info: ValidationInfo) -> float | None:
-        timeout = info.data.get("mailtrap_timeout_seconds")
-        if value is not None and timeout is not None and value <= timeout:
-            # Otherwise a claim could lapse while its request is still at the
-            # provider, and another mailer send the same email again.
-            raise ValueError(
-                f"must be longer than MAILTRAP_TIMEOUT_SECONDS ({timeout:g} s), or a send still "
-                f"at the provider could be taken over and sent twice; for example "
-                f"SEND_LEASE_SECONDS={LEASE_PER_TIMEOUT * timeout:g}"
-            )
-        return value
 
     @model_validator(mode="after")
     def _a_send_fits_in_a_handling(self) -> MailerSettings:
@@ -138,11 +122,9 @@ class MailerSettings(WorkerSettings):
         return "mailtrap" if self.mailtrap_token is not None else "outbox"
 
     @property
-    def lease_seconds(self) -> float:
-        """SEND_LEASE_SECONDS, or the default that follows from the provider's timeout."""
-        if self.send_lease_seconds is not None:
-            return self.send_lease_seconds
-        return LEASE_PER_TIMEOUT * self.mailtrap_timeout_seconds
+    def heartbeat_seconds(self) -> float:
+        """How often a mailer renews its claims: three times per lease."""
+        return self.send_lease_seconds / 3
 
     @property
     def prefetch(self) -> int:
