@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
@@ -103,6 +105,31 @@ def proxy(broker_url: str) -> Iterator[TcpProxy]:
     proxy.close()
 
 
+LOSS = "lost the broker connection"
+ROUTED_PROBE = "test.job.requested"
+
+
+async def bind_probe(url: str, queue: str, routing_key: str) -> None:
+    """A queue of the test's own that receives a copy of every event with ``routing_key``."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, durable=True)
+        await declared.bind("events", routing_key)
+
+
+async def drain(url: str, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Every message ``queue`` holds now, taken from it."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.get_queue(queue, ensure=True)
+        taken = []
+        while (message := await declared.get(no_ack=True, fail=False)) is not None:
+            taken.append(message)
+        return taken
+
+
 def test_a_broker_outage_mid_stream_loses_no_accepted_job_and_every_consumer_comes_back(
     pipeline_factory: PipelineFactory,
     mailtrap: MailtrapStub,
@@ -113,18 +140,64 @@ def test_a_broker_outage_mid_stream_loses_no_accepted_job_and_every_consumer_com
     through_proxy = urlsplit(broker_url)._replace(netloc=f"guest:guest@127.0.0.1:{proxy.port}")
     pipeline = pipeline_factory(**mailtrap_settings, RABBITMQ_URL=through_proxy.geturl())
     pipeline.start()
+    # Straight to the broker, not through the proxy: a copy of every JobRequested
+    # the broker routed, whatever the api answered. It tells when the pipeline
+    # has carried everything the broker holds, and which jobs it holds.
+    asyncio.run(bind_probe(broker_url, ROUTED_PROBE, "job.requested"))
     stream = JobStream(pipeline.api.url, JOBS).start()
     stream.wait_answered(JOBS // 4)
 
+    refused_before = len(stream.refused)
     proxy.cut()
-    time.sleep(1.5)  # the outage itself: a span of time is what is being tested
+    # The outage lasts until every service has lost the broker and the api has
+    # refused a job for it (unless the stream ended first).
+    wait_for(
+        lambda: (
+            all(LOSS in service.output() for service in pipeline.services)
+            and (len(stream.refused) > refused_before or stream.answered == JOBS)
+        ),
+        timeout=30,
+        what="every service to lose the broker and the api to refuse a job",
+    )
     proxy.open()
     stream.wait_done()
 
     assert len(stream.accepted) >= JOBS // 4
     assert set(stream.refused) <= {503}
-    wait_all_delivered(mailtrap, stream.accepted)
+
+    accepted = set(stream.accepted)
+    routed: set[str] = set()
+
+    def everything_routed_delivered() -> bool:
+        routed.update(
+            str(message.correlation_id) for message in asyncio.run(drain(broker_url, ROUTED_PROBE))
+        )
+        return (accepted | routed) <= set(mailtrap.deliveries_by_job())
+
+    try:
+        wait_for(
+            everything_routed_delivered,
+            timeout=90,
+            interval=0.5,  # each look at the probe is a connection to the broker
+            what="an email for every job the api accepted or the broker routed",
+        )
+    except AssertionError as timeout:
+        delivered = set(mailtrap.deliveries_by_job())
+        raise AssertionError(
+            f"{timeout}: no email for {len(accepted - delivered)} jobs answered 202 "
+            f"{sorted(accepted - delivered)}, nor for {len((routed - accepted) - delivered)} "
+            f"jobs answered 503 that the broker routed {sorted((routed - accepted) - delivered)}"
+        ) from None
+
+    print(
+        f"outage: {len(accepted)} jobs answered 202, {len(stream.refused)} answered 503, "
+        f"{len(routed - accepted)} of those 503s routed by the broker all the same"
+    )
+    # Every job answered 202 is emailed exactly once.
+    assert accepted <= routed, f"jobs answered 202 the broker never routed: {accepted - routed}"
+    assert accepted <= set(mailtrap.deliveries_by_job())
     assert duplicates(mailtrap) == {}
+    # Every service is back.
     for service in pipeline.services:
         assert service.running, service.output()
     wait_for(
@@ -137,6 +210,34 @@ def test_a_broker_outage_mid_stream_loses_no_accepted_job_and_every_consumer_com
     )
     for worker in (pipeline.processor, pipeline.mailer):
         assert "reconnected" in worker.output()
+    # And no job answered a plain 503 is emailed: that 503 says the job was not
+    # taken, and the caller retries it. Only a 503 that names its job with
+    # "outcome": "unknown" (the api could not tell) may arrive, once. Checked
+    # last, so that a failure here says that all the rest held. Each job is
+    # named with its request's recipient (user<n>) and whether the broker
+    # routed it, beside the api's 503 answers by reason.
+    marker = "answering 503 to POST /jobs: "
+    reasons = Counter(
+        line.split(marker, 1)[1] for line in pipeline.api.output().splitlines() if marker in line
+    )
+    unknown = {
+        match[1] for reason in reasons if (match := re.match(r"job (\S+): outcome unknown", reason))
+    }
+    refused_but_sent = {
+        request.job_id: (request.to, request.job_id in routed)
+        for request in mailtrap.delivered
+        if request.job_id not in accepted | unknown
+    }
+    print(
+        f"outage: {len(unknown)} answered 503 with an unknown outcome, of them "
+        f"{len(unknown & set(mailtrap.deliveries_by_job()))} emailed"
+    )
+    assert refused_but_sent == {}, (
+        f"{len(refused_but_sent)} of the {len(stream.refused)} jobs answered 503 were emailed "
+        f"(job: (recipients, routed by the broker)): {refused_but_sent}; "
+        f"the api's 503 answers by reason: {dict(reasons)}"
+    )
+    assert set(mailtrap.deliveries_by_job()) <= accepted | unknown
 
 
 @pytest.mark.parametrize("stage", ["processor", "mailer"])
