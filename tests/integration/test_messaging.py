@@ -21,7 +21,7 @@ from pipeline_shared.errors import (
 from pipeline_shared.events import DataProcessed, JobFailed, JobRequested
 from pipeline_shared.messaging import Broker, delivery_attempt
 from pipeline_shared.topology import DELIVERY_LIMIT, EXCHANGE, MAILER, PROCESSOR, STAGES, STATUS
-from support.rabbit import Management
+from support.rabbit import Management, counter, messages_ready_now
 from support.waiting import async_wait_for
 
 FAST_RETRIES = (0.1, 0.2)
@@ -159,7 +159,7 @@ async def _true(items: Sequence[object]) -> bool:
 
 
 async def test_a_handled_message_is_acked_and_leaves_the_queue(
-    broker: Broker, management: Management, vhost: str
+    broker: Broker, channel: AbstractChannel, management: Management, vhost: str
 ) -> None:
     done = asyncio.Event()
 
@@ -171,11 +171,22 @@ async def test_a_handled_message_is_acked_and_leaves_the_queue(
     await asyncio.wait_for(done.wait(), 10)
     await consumer.stop(5)
 
-    async def drained() -> bool:
+    # The depth alone could be the zero the management API showed before the
+    # publish; the publish and ack counters only grow, so once they count this
+    # message the depth read with them is not from before it.
+    async def acked_and_drained() -> bool:
         info = management.queue(vhost, PROCESSOR.queue)
-        return info is not None and info.get("messages") == 0
+        return (
+            counter(info, "publish") >= 1
+            and counter(info, "ack") >= 1
+            and info is not None
+            and info.get("messages") == 0
+        )
 
-    await async_wait_for(drained, what="the work queue to drain")
+    await async_wait_for(acked_and_drained, what="the message's ack and the work queue to drain")
+    info = management.queue(vhost, PROCESSOR.queue)
+    assert (counter(info, "publish"), counter(info, "ack")) == (1, 1)
+    assert await messages_ready_now(channel, PROCESSOR.queue) == 0
 
 
 async def test_a_permanent_failure_is_dead_lettered_with_its_reason_and_reported_as_job_failed(
@@ -359,7 +370,7 @@ async def test_stopping_a_consumer_lets_in_flight_messages_finish_within_the_gra
 
 
 async def test_a_message_still_running_when_the_grace_period_ends_is_returned_to_the_queue(
-    broker: Broker, management: Management, vhost: str
+    broker: Broker, channel: AbstractChannel, management: Management, vhost: str
 ) -> None:
     started = asyncio.Event()
 
@@ -372,11 +383,13 @@ async def test_a_message_still_running_when_the_grace_period_ends_is_returned_to
     await asyncio.wait_for(started.wait(), 10)
     await consumer.stop(0.2)
 
+    # From the broker itself: the management API's messages_ready is a
+    # snapshot that may be from the moment between the publish and the delivery.
     async def back_in_queue() -> bool:
-        info = management.queue(vhost, PROCESSOR.queue)
-        return info is not None and info.get("messages_ready") == 1
+        return await messages_ready_now(channel, PROCESSOR.queue) == 1
 
     await async_wait_for(back_in_queue, what="the message to be requeued")
+    assert management.consumers(vhost, PROCESSOR.queue) == 0
 
 
 async def test_a_message_that_keeps_coming_back_is_dead_lettered_by_the_delivery_limit(

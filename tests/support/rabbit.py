@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
+from aio_pika.abc import AbstractChannel
 
 BROKER_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 MANAGEMENT_URL = os.environ.get("RABBITMQ_MANAGEMENT_URL", "http://127.0.0.1:15672")
@@ -53,6 +54,14 @@ class Management:
         self.client.delete(path).raise_for_status()
 
     def queue(self, vhost: str, queue: str) -> dict[str, Any] | None:
+        """The queue as the management API shows it, or None if there is none.
+
+        Its depth (``messages``, ``messages_ready``, ``messages_unacknowledged``)
+        is a snapshot the broker refreshes every statistics interval (5 s by
+        default): read just after a publish it may still be the zero of before,
+        or missing. Wait for a ``counter`` instead, or read the depth now with
+        ``messages_ready_now``.
+        """
         response = self.client.get(f"/api/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}")
         if response.status_code == 404:
             return None
@@ -128,6 +137,25 @@ class Management:
 
     def close(self) -> None:
         self.client.close()
+
+
+def counter(queue: dict[str, Any] | None, name: str) -> int:
+    """One of a queue's message counters (``publish``, ``deliver_get``, ``ack``,
+    ``redeliver``...) from ``Management.queue``, 0 until the broker reports it.
+
+    These only grow, so a wait for one to reach the number of messages a test
+    sent cannot pass on a figure from before they were sent.
+    """
+    stats = (queue or {}).get("message_stats") or {}
+    return int(stats.get(name, 0))
+
+
+async def messages_ready_now(channel: AbstractChannel, queue: str) -> int:
+    """Messages ready in ``queue`` at this moment, from the broker itself (a
+    passive declare), not the management API's periodic snapshot."""
+    underlay = await channel.get_underlay_channel()
+    declared = await underlay.queue_declare(queue, passive=True)
+    return declared.message_count or 0
 
 
 def new_vhost_name(prefix: str = "test") -> str:
