@@ -11,7 +11,7 @@ T = TypeVar("T")
 
 
 def wait_for(
-    probe: Callable[[], T],
+    probe: Callable[[], T | None],
     *,
     timeout: float = 20.0,
     interval: float = 0.05,
@@ -29,7 +29,7 @@ def wait_for(
 
 
 async def async_wait_for(
-    probe: Callable[[], Awaitable[T]],
+    probe: Callable[[], Awaitable[T | None]],
     *,
     timeout: float = 20.0,
     interval: float = 0.05,
