@@ -11,7 +11,7 @@ import pytest
 from hypothesis import settings
 
 from support.mailtrap_stub import MailtrapStub
-from support.postgres import temporary_database
+from support.postgres import shown_url, temporary_database
 from support.rabbit import Management, new_vhost_name, url_for_vhost
 
 TIERS = ("unit", "integration", "e2e")
@@ -60,12 +60,13 @@ def broker_url(vhost: str) -> str:
 
 @pytest.fixture(scope="module")
 def postgres_database(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A PostgreSQL database of the test module's own, dropped afterwards; the
-    test is skipped, saying why, when no server answers at TEST_POSTGRES_URL."""
+    """A PostgreSQL database of the test module's own, dropped afterwards. When no
+    server answers at TEST_POSTGRES_URL the test is skipped, saying why; under
+    CI=true it fails instead."""
     prefix = request.module.__name__.rsplit(".", 1)[-1]
     with temporary_database(prefix) as url:
         if url is None:
-            pytest.skip("no PostgreSQL answers at TEST_POSTGRES_URL")
+            pytest.skip(f"no PostgreSQL answers at TEST_POSTGRES_URL ({shown_url()})")
         yield url
 
 
