@@ -1,6 +1,6 @@
 """`make run` as a developer uses it: on a terminal, stopped with Ctrl-C.
 
-Each test copies the Makefile, the Procfile and scripts/ensure_rabbitmq.py into
+Each test copies the Makefile, the Procfile and the scripts make run uses into
 a folder of its own (with the project's .venv linked in), so no .env or state
 file of the working tree is read or written, and runs the real `make run`
 there: the real honcho, the three real services and the real broker.
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(sys.executable).parent.parent
 MAKE = shutil.which("make") or "make"
 # What make run reads from the working tree.
-RUN_FILES = ("Makefile", "Procfile", "scripts/ensure_rabbitmq.py")
+RUN_FILES = ("Makefile", "Procfile", "scripts/ensure_rabbitmq.py", "scripts/run_services.py")
 # `make run` without reinstalling: the test uses the installed .venv as it is.
 MAKE_RUN = [MAKE, "--no-print-directory", "-o", ".venv/.installed", "run"]
 # Makes the pseudo-terminal on stdin the controlling terminal of a new session,
