@@ -21,7 +21,7 @@ from pipeline_shared.errors import (
 from pipeline_shared.events import DataProcessed, JobFailed, JobRequested
 from pipeline_shared.messaging import Broker, delivery_attempt
 from pipeline_shared.topology import DELIVERY_LIMIT, EXCHANGE, MAILER, PROCESSOR, STAGES, STATUS
-from support.rabbit import Management, counter, messages_ready_now
+from support.rabbit import Management, messages_ready_now
 from support.waiting import async_wait_for
 
 FAST_RETRIES = (0.1, 0.2)
@@ -159,7 +159,7 @@ async def _true(items: Sequence[object]) -> bool:
 
 
 async def test_a_handled_message_is_acked_and_leaves_the_queue(
-    broker: Broker, channel: AbstractChannel, management: Management, vhost: str
+    broker: Broker, channel: AbstractChannel
 ) -> None:
     done = asyncio.Event()
 
@@ -171,21 +171,9 @@ async def test_a_handled_message_is_acked_and_leaves_the_queue(
     await asyncio.wait_for(done.wait(), 10)
     await consumer.stop(5)
 
-    # The depth alone could be the zero the management API showed before the
-    # publish; the publish and ack counters only grow, so once they count this
-    # message the depth read with them is not from before it.
-    async def acked_and_drained() -> bool:
-        info = management.queue(vhost, PROCESSOR.queue)
-        return (
-            counter(info, "publish") >= 1
-            and counter(info, "ack") >= 1
-            and info is not None
-            and info.get("messages") == 0
-        )
-
-    await async_wait_for(acked_and_drained, what="the message's ack and the work queue to drain")
-    info = management.queue(vhost, PROCESSOR.queue)
-    assert (counter(info, "publish"), counter(info, "ack")) == (1, 1)
+    # Stopping closed the consumer's channel: a message it had not acked would
+    # be back in the queue now. Asked of the broker itself, not of the
+    # management API, whose figures lag and are dropped with a closed channel.
     assert await messages_ready_now(channel, PROCESSOR.queue) == 0
 
 

@@ -59,8 +59,7 @@ class Management:
         Its depth (``messages``, ``messages_ready``, ``messages_unacknowledged``)
         is a snapshot the broker refreshes every statistics interval (5 s by
         default): read just after a publish it may still be the zero of before,
-        or missing. Wait for a ``counter`` instead, or read the depth now with
-        ``messages_ready_now``.
+        or missing. Read the depth now with ``messages_ready_now`` instead.
         """
         response = self.client.get(f"/api/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}")
         if response.status_code == 404:
@@ -137,17 +136,6 @@ class Management:
 
     def close(self) -> None:
         self.client.close()
-
-
-def counter(queue: dict[str, Any] | None, name: str) -> int:
-    """One of a queue's message counters (``publish``, ``deliver_get``, ``ack``,
-    ``redeliver``...) from ``Management.queue``, 0 until the broker reports it.
-
-    These only grow, so a wait for one to reach the number of messages a test
-    sent cannot pass on a figure from before they were sent.
-    """
-    stats = (queue or {}).get("message_stats") or {}
-    return int(stats.get(name, 0))
 
 
 async def messages_ready_now(channel: AbstractChannel, queue: str) -> int:
