@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import HTTPException
 
 from api_service.problems import validation_problems
-from pipeline_shared.contract import MAX_DATA_DEPTH
+from pipeline_shared.contract import MAX_DATA_DEPTH, has_lone_surrogate, walk_json
 
 Location = tuple[str | int, ...]
 
@@ -62,7 +62,6 @@ _NONZERO_MANTISSA = re.compile(r"-?[0.]*[1-9]")
 # A \u escape of a UTF-16 surrogate: json.loads pairs two of them into one
 # character, and keeps a lone one as a string UTF-8 cannot encode.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _Parser:
@@ -105,13 +104,11 @@ _LONE = "contains a lone surrogate (half of a UTF-16 pair), which is not text"
 def _problems_in(value: Any) -> list[BodyProblem]:
     # All of them, to count them; the answer shows the first few.
     problems: list[BodyProblem] = []
-    pending: list[tuple[Any, Location]] = [(value, ("body",))]
-    while pending:
-        item, where = pending.pop()
+    for item, where in walk_json(value, ("body",)):
         if isinstance(item, _Refused):
             problems.append(BodyProblem(where, item.problem))
         elif isinstance(item, str):
-            if _LONE_SURROGATE.search(item):
+            if has_lone_surrogate(item):
                 problems.append(BodyProblem(where, _LONE, "lone_surrogate"))
         elif isinstance(item, dict):
             if isinstance(item, _WithDuplicates):
@@ -122,11 +119,8 @@ def _problems_in(value: Any) -> list[BodyProblem]:
             problems.extend(
                 BodyProblem((*where, k), f"a key {_LONE}", "lone_surrogate")
                 for k in item
-                if _LONE_SURROGATE.search(k)
+                if has_lone_surrogate(k)
             )
-            pending.extend((v, (*where, k)) for k, v in reversed(item.items()))
-        elif isinstance(item, list):
-            pending.extend((v, (*where, i)) for i, v in reversed(list(enumerate(item))))
     return problems
 
 

@@ -57,10 +57,6 @@ class DaemonThreadPool:
         for _ in self._threads:
             self._work.put(None)
 
-    @property
-    def busy_threads(self) -> int:
-        return sum(thread.is_alive() for thread in self._threads)
-
     def _serve(self) -> None:
         while (item := self._work.get()) is not None:
             loop, future, function = item

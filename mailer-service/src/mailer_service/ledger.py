@@ -31,7 +31,7 @@ import enum
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import Column, Engine, Float, MetaData, String, Table, TextClause, inspect, text
+from sqlalchemy import Column, Engine, Float, MetaData, String, Table, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline_shared.database import build_engine, create_tables, for_writing
@@ -52,29 +52,24 @@ sent_emails = Table(
 )
 
 # The lease is measured on the database's clock, not each host's: replicas
-# whose clocks disagree must still agree on when a claim has lapsed.
+# whose clocks disagree must still agree on when a claim has lapsed. The
+# statements that read the clock are templates, given the dialect's {now}.
 _DATABASE_NOW = {
     "postgresql": "EXTRACT(EPOCH FROM clock_timestamp())",
     "sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
 }
 
-
-def _claim_statement(now: str) -> TextClause:
-    # One statement, the same in SQLite and PostgreSQL: insert a claim, or take
-    # over one whose lease has passed; a sent row or a live claim is left alone.
-    return text(
-        f"""
-        INSERT INTO mailer_sent_emails (job_id, state, claim_token, owner, claimed_at)
-        VALUES (:job_id, 'sending', :token, :owner, {now})
-        ON CONFLICT (job_id) DO UPDATE
-            SET claim_token = excluded.claim_token, owner = excluded.owner,
-                claimed_at = excluded.claimed_at
-            WHERE mailer_sent_emails.state = 'sending'
-              AND mailer_sent_emails.claimed_at < {now} - :lease
-        """  # noqa: S608 (``now`` is one of the constant expressions above)
-    )
-
-
+# One statement, the same in SQLite and PostgreSQL: insert a claim, or take
+# over one whose lease has passed; a sent row or a live claim is left alone.
+_CLAIM = """
+    INSERT INTO mailer_sent_emails (job_id, state, claim_token, owner, claimed_at)
+    VALUES (:job_id, 'sending', :token, :owner, {now})
+    ON CONFLICT (job_id) DO UPDATE
+        SET claim_token = excluded.claim_token, owner = excluded.owner,
+            claimed_at = excluded.claimed_at
+        WHERE mailer_sent_emails.state = 'sending'
+          AND mailer_sent_emails.claimed_at < {now} - :lease
+"""
 _READ = text(
     "SELECT state, claim_token, transport, provider_message_id "
     "FROM mailer_sent_emails WHERE job_id = :job_id"
@@ -124,9 +119,9 @@ class SqlLedger:
         self.owner = str(uuid.uuid4())
         """This process's id on its claims: renewed by ``heartbeat``, new at each start."""
         now = _DATABASE_NOW[engine.dialect.name]
-        self._claim_sql = _claim_statement(now)
-        self._mark_sent_sql = text(_MARK_SENT.format(now=now))
-        self._heartbeat_sql = text(_HEARTBEAT.format(now=now))
+        self._claim_sql, self._mark_sent_sql, self._heartbeat_sql = (
+            text(template.format(now=now)) for template in (_CLAIM, _MARK_SENT, _HEARTBEAT)
+        )
 
     @classmethod
     def open(cls, database_url: str, *, lease_seconds: float) -> SqlLedger:

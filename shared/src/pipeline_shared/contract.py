@@ -197,21 +197,29 @@ def _check_number(value: int | float, path: tuple[str | int, ...]) -> None:
         raise ContractViolation("number out of range (beyond ±1.8e308)", path)
 
 
-def _walk(data: Any, path: tuple[str | int, ...]) -> Iterator[tuple[Any, tuple[str | int, ...]]]:
-    """Every container under ``data`` with its path, depth first, without recursion."""
+def walk_json(
+    data: Any, path: tuple[str | int, ...] = ()
+) -> Iterator[tuple[Any, tuple[str | int, ...]]]:
+    """Every value in ``data`` with its path, in document order, without recursion (a
+    value may be nested far deeper than Python's stack allows)."""
     pending = [(data, path)]
     while pending:
         value, where = pending.pop()
         yield value, where
         if isinstance(value, dict):
-            pending.extend((item, (*where, key)) for key, item in value.items())
+            pending.extend((item, (*where, key)) for key, item in reversed(value.items()))
         elif isinstance(value, list):
-            pending.extend((item, (*where, index)) for index, item in enumerate(value))
+            pending.extend((item, (*where, i)) for i, item in reversed(list(enumerate(value))))
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """Whether ``text`` holds half of a UTF-16 pair, which UTF-8 cannot encode."""
+    return _SURROGATE.search(text) is not None
 
 
 def check_json_data(data: Any) -> Any:
     """``data`` if it is within the limits of job data, else ``ContractViolation`` naming where."""
-    for value, path in _walk(data, ()):
+    for value, path in walk_json(data):
         if isinstance(value, str):
             _check_text(value, path, key=False)
         elif isinstance(value, bool) or value is None:
