@@ -871,8 +871,11 @@ async def test_a_connection_whose_headers_never_complete_is_closed_after_the_tim
     pipeline.api.start()
     pipeline.api.wait_ready()
 
-    connections = [await asyncio.open_connection("127.0.0.1", pipeline.api.port) for _ in range(20)]
-    opened = time.monotonic()
+    # Each connection's deadline runs from its own opening: measure from there.
+    connections, opened_at = [], []
+    for _ in range(20):
+        opened_at.append(time.monotonic())
+        connections.append(await asyncio.open_connection("127.0.0.1", pipeline.api.port))
     senders = [
         asyncio.create_task(dribble(writer, SLOW_HEADERS[kind], 0.3)) for _, writer in connections
     ]
@@ -880,7 +883,7 @@ async def test_a_connection_whose_headers_never_complete_is_closed_after_the_tim
         normal = await client.post("/jobs", json={"email": "ada@example.com", "data": {}})
     closed_after = []
     try:
-        for reader, _ in connections:
+        for (reader, _), opened in zip(connections, opened_at, strict=True):
             remaining = opened + REQUEST_TIMEOUT + GRACE - time.monotonic()
             try:
                 await asyncio.wait_for(reader.read(), remaining)
