@@ -1,5 +1,6 @@
 """pipeline-admin: look into the dead-letter queues, replay or purge them.
 
+    pipeline-admin status [--watch] [--json]
     pipeline-admin dlq list processor
     pipeline-admin dlq show mailer 6f1c0b2e-...
     pipeline-admin dlq replay mailer [--job 6f1c0b2e-...]
@@ -9,7 +10,8 @@ It connects through ``RABBITMQ_URL``. Listing and showing leave the messages
 where they are (they are read without an ack and returned when the command
 ends); replaying copies each chosen message back to its stage's work queue
 with a fresh attempt count, waits for the broker's confirm, and only then
-removes it from the dead-letter queue.
+removes it from the dead-letter queue. ``status`` reads the management HTTP
+API instead (see ``admin_status``).
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelNotFoundEntity
 
+from pipeline_shared import admin_status
 from pipeline_shared.logs import configure_logging
 from pipeline_shared.messaging import ATTEMPTS_HEADER, copy_message
-from pipeline_shared.settings import PipelineSettings, load_settings, redact_url
+from pipeline_shared.settings import AdminSettings, load_settings, redact_url
 from pipeline_shared.topology import QUEUE_EXCHANGE, STAGES, Stage
 
 PROGRAM = "pipeline-admin"
@@ -199,6 +202,8 @@ def _confirm(question: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="group", required=True)
+    status = commands.add_parser("status", help="each stage's queues: depth, rates, dead letters")
+    admin_status.configure_parser(status)
     dlq = commands.add_parser("dlq", help="the dead-letter queues")
     actions = dlq.add_subparsers(dest="action", required=True)
     stages = sorted(STAGES)
@@ -240,14 +245,17 @@ async def run(args: argparse.Namespace, url: str, out: TextIO) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    settings = load_settings(PipelineSettings, PROGRAM)
+    settings = load_settings(AdminSettings, PROGRAM)
     # The command reports problems itself, in one line; the AMQP libraries
     # would add their own tracebacks.
     configure_logging("ERROR", secrets=settings.secret_values())
     for library in ("aiormq", "aio_pika"):
         logging.getLogger(library).setLevel(logging.CRITICAL)
     try:
-        code = asyncio.run(run(args, settings.rabbitmq_url, sys.stdout))
-    except AdminError as exc:
+        if args.group == "status":
+            code = admin_status.run(args, settings, sys.stdout)
+        else:
+            code = asyncio.run(run(args, settings.rabbitmq_url, sys.stdout))
+    except (AdminError, admin_status.StatusError) as exc:
         sys.exit(f"{PROGRAM}: {exc}")
     sys.exit(code)

@@ -117,6 +117,34 @@ class WorkerSettings(PipelineSettings):
     )
 
 
+class AdminSettings(PipelineSettings):
+    """What ``pipeline-admin`` needs on top of the common settings. A class of its
+    own, so that the services neither read nor validate what only the command uses."""
+
+    rabbitmq_management_url: str | None = Field(
+        default=None,
+        description="Base URL of the RabbitMQ management HTTP API; by default "
+        "http://<RABBITMQ_URL's host>:15672 (https://...:15671 with amqps://). "
+        "Credentials in it win over RABBITMQ_URL's.",
+    )
+
+    def secret_values(self) -> list[str]:
+        return [*super().secret_values(), *url_secrets(self.rabbitmq_management_url or "")]
+
+    @field_validator("rabbitmq_management_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in {"http", "https"} or not parts.hostname:
+                raise ValueError("must be an http:// or https:// URL with a host")
+            try:
+                parts.port  # noqa: B018 (reading it validates it)
+            except ValueError:
+                raise ValueError("has an invalid port") from None
+        return value
+
+
 S = TypeVar("S", bound=BaseSettings)
 
 
