@@ -380,6 +380,34 @@ async def test_a_message_still_running_when_the_grace_period_ends_is_returned_to
     assert management.consumers(vhost, PROCESSOR.queue) == 0
 
 
+async def test_clean_stops_past_the_delivery_limit_never_dead_letter_a_message(
+    broker: Broker, channel: AbstractChannel
+) -> None:
+    # More stops than the queue's delivery limit, each with the message in
+    # flight: the message is given back as a copy (a nack would count), so it
+    # is still there, unchanged, and was never marked redelivered.
+    started = asyncio.Event()
+
+    async def stuck(received: JobRequested) -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    event = job()
+    await broker.publish(event)
+    for _ in range(DELIVERY_LIMIT + 2):
+        started.clear()
+        consumer = await broker.consume(PROCESSOR, JobRequested, stuck, prefetch=1)
+        await asyncio.wait_for(started.wait(), 10)
+        await consumer.stop(0.05)
+
+    assert await messages_ready_now(channel, PROCESSOR.dead_letter_queue) == 0
+    message = await get(channel, PROCESSOR.queue)
+    assert message.redelivered is False
+    assert (message.headers or {}).get("x-delivery-count", 0) == 0
+    assert JobRequested.model_validate_json(message.body).job_id == event.job_id
+    assert message.message_id == str(event.event_id)
+
+
 async def test_a_message_that_keeps_coming_back_is_dead_lettered_by_the_delivery_limit(
     broker: Broker, channel: AbstractChannel, management: Management, vhost: str
 ) -> None:

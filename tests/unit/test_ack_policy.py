@@ -27,6 +27,7 @@ from pipeline_shared.messaging import (
     attempts_of,
     copy_message,
     decode_event,
+    deferral_delay,
     event_message,
     settle,
 )
@@ -329,3 +330,17 @@ def test_each_stage_is_bound_to_the_routing_key_of_the_event_it_consumes() -> No
     assert PROCESSOR.routing_keys == (JobRequested.routing_key,)
     assert MAILER.routing_keys == (DataProcessed.routing_key,)
     assert set(STATUS.routing_keys) == {e.routing_key for e in EVENT_TYPES}
+
+
+@pytest.mark.parametrize(
+    ("wait", "delay"),
+    [(0.0, 1), (0.5, 1), (1.0, 1), (4.9, 1), (5.0, 5), (59.0, 30), (10_000.0, 600)],
+)
+def test_a_deferral_takes_the_longest_retry_delay_within_its_known_wait(
+    wait: float, delay: float
+) -> None:
+    assert deferral_delay(wait, (1, 5, 30, 120, 600)) == delay
+
+
+def test_a_deferral_with_no_delay_short_enough_takes_the_shortest() -> None:
+    assert deferral_delay(0.5, (30, 2, 600)) == 2

@@ -27,9 +27,16 @@ class TransientFailure(HandlerFailure):
 
 
 class Deferred(TransientFailure):
-    """Not now, for a reason that ends by itself (another worker holds the job right now):
-    the message is tried again after the shortest retry delay without spending an attempt,
-    so waiting can never use up a job's retries."""
+    """Not now, for a reason that ends by itself (another worker holds the job right now,
+    the provider's logs cannot show a send yet): the message is tried again after a retry
+    delay without spending an attempt, so waiting can never use up a job's retries.
+
+    ``wait_seconds`` says how long the wait is known to last: the message then takes the
+    longest retry delay that does not overshoot it (the shortest when none fits)."""
+
+    def __init__(self, reason: str, wait_seconds: float = 0.0) -> None:
+        super().__init__(reason)
+        self.wait_seconds = wait_seconds
 
 
 class BrokerUnavailable(Exception):

@@ -10,7 +10,8 @@ service's handler and applies the acknowledgement policy (``settle``):
 handler outcome               what happens to the message
 ============================  ===============================================
 returns                       ack
-``Deferred``                  copied to the stage's shortest retry queue with
+``Deferred``                  copied to a retry queue (the longest delay within
+                              its known wait, else the shortest) with
                               ``x-attempts`` unchanged, then acked
 ``TransientFailure``,         copied to the stage's retry queue for the next
 unexpected exception,         delay (header ``x-attempts`` + 1), then acked;
@@ -106,6 +107,8 @@ DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 _BOUND_ROUTING_KEYS = frozenset(key for stage in STAGES.values() for key in stage.routing_keys)
 
 _SETTLE_ERRORS = (BrokerUnavailable, ChannelInvalidStateError, *CONNECTION_EXCEPTIONS)
+# At a stop, how long giving one message back may take before it is nacked instead.
+GIVE_BACK_TIMEOUT_SECONDS = 2.0
 
 
 class Disposition(enum.Enum):
@@ -134,6 +137,13 @@ def settle(
     if attempts <= len(retry_delays):
         return Disposition.RETRY
     return Disposition.DEAD_LETTER
+
+
+def deferral_delay(wait_seconds: float, retry_delays: Sequence[float]) -> float:
+    """The retry delay a deferred message takes: the longest one within the known
+    wait, so a long wait costs few round trips; the shortest if none fits."""
+    fitting = [delay for delay in retry_delays if delay <= wait_seconds]
+    return max(fitting) if fitting else min(retry_delays)
 
 
 class PoisonMessage(Exception):
@@ -179,7 +189,9 @@ def copy_message(
 ) -> aio_pika.Message:
     """A persistent copy of ``message`` with the same body and properties, plus
     ``headers`` and less the headers named in ``without``."""
-    kept = {k: v for k, v in (message.headers or {}).items() if k not in without}
+    # The queue's own count of this message's deliveries means nothing on a copy.
+    dropped = {*without, "x-delivery-count"}
+    kept = {k: v for k, v in (message.headers or {}).items() if k not in dropped}
     return aio_pika.Message(
         body=message.body,
         headers={**kept, **headers},
@@ -688,7 +700,7 @@ class Consumer(Generic[E]):
             delivery_attempt.set(attempts)
             await self._run_handler(event)
         except asyncio.CancelledError:
-            await self._return(message)
+            await self._give_back(message)
             raise
         except (PoisonMessage, PermanentFailure, TransientFailure, BrokerUnavailable) as exc:
             failure = exc
@@ -707,7 +719,8 @@ class Consumer(Generic[E]):
             assert failure is not None
             details = _describe(failure)
             if disposition is Disposition.DEFER:
-                delay = min(self._broker.retry_delays)
+                assert isinstance(failure, Deferred)
+                delay = deferral_delay(failure.wait_seconds, self._broker.retry_delays)
                 await self._retry(message, attempts, delay, details)
                 log.info("job %s: deferred (%s); again in %g s", job, details.reason, delay)
             elif disposition is Disposition.RETRY:
@@ -777,6 +790,19 @@ class Consumer(Generic[E]):
                 )
             )
         await message.ack()
+
+    async def _give_back(self, message: AbstractIncomingMessage) -> None:
+        """At a stop: put a copy of the message back at the end of its queue, then ack.
+        A nack would count toward the quorum queue's delivery limit, and enough stops
+        would dead-letter a healthy message without its ``JobFailed``."""
+        try:
+            async with asyncio.timeout(GIVE_BACK_TIMEOUT_SECONDS):
+                await self._broker.send_to_queue(self._queue.name, copy_message(message, {}))
+                await message.ack()
+        except (TimeoutError, *_SETTLE_ERRORS):
+            # Returned by nack instead (or by the broker when the channel goes);
+            # a copy that did arrive is a repeat, which the handlers absorb.
+            await self._return(message)
 
     async def _return(self, message: AbstractIncomingMessage) -> None:
         """Give the message back to the queue for another consumer (best effort: if
