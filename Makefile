@@ -11,7 +11,7 @@ PYTEST := $(BIN)/pytest
 ASYNCAPI_TOOLS := tools/asyncapi
 ASYNCAPI_STAMP := $(VENV)/asyncapi/node_modules/.package-lock.json
 
-.PHONY: install run test test-unit test-integration test-e2e lint format bench clean docs
+.PHONY: install test-tools run test test-unit test-integration test-e2e lint format bench clean docs
 
 $(STAMP): $(addsuffix /pyproject.toml,$(PACKAGES)) requirements-dev.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,22 +19,24 @@ $(STAMP): $(addsuffix /pyproject.toml,$(PACKAGES)) requirements-dev.txt
 		$(addprefix -e ./,$(PACKAGES)) -r requirements-dev.txt
 	@touch $@
 
-install: $(STAMP) $(ASYNCAPI_STAMP) ## create .venv and install the four distributions and the dev tools
+install: $(STAMP) ## create .venv and install the four distributions and the dev tools
+
+test-tools: install $(ASYNCAPI_STAMP) ## and the tools only the tests use (the AsyncAPI parser)
 
 run: install ## start the three services with prefixed logs (Ctrl-C stops them)
 	@$(BIN)/python scripts/ensure_rabbitmq.py
 	@PATH="$(abspath $(BIN)):$$PATH" exec $(BIN)/python scripts/run_services.py
 
-test: lint ## lint, then every test tier
+test: lint test-tools ## lint, then every test tier
 	$(PYTEST)
 
-test-unit: install
+test-unit: test-tools
 	$(PYTEST) -m unit
 
-test-integration: install
+test-integration: test-tools
 	$(PYTEST) -m integration
 
-test-e2e: install
+test-e2e: test-tools
 	$(PYTEST) -m e2e
 
 lint: install ## ruff (lint and format check) and mypy --strict
