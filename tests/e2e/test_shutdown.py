@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 import time
 from collections.abc import Callable
 
@@ -53,11 +54,19 @@ def test_a_mailer_stopped_while_the_provider_hangs_exits_0_in_time_and_sends_eac
     assert took <= SHUTDOWN_TIMEOUT + MARGIN, f"the mailer took {took:.1f} s to stop"
     assert "Traceback" not in pipeline.mailer.output()
 
-    # The held requests are refused (none was taken); a new mailer, with the
-    # provider healthy, sends each email once: the stopped mailer's claims
-    # lapse after the lease, shortened here by a restart with a short one.
+    # The sends in flight were left uncertain, not lapsing claims.
+    assert ledger_states(pipeline.mailer.env["DATABASE_URL"], jobs) == ["uncertain"] * len(jobs)
+
+    # The held requests are refused (none was taken). A new mailer, with the
+    # provider healthy, asks the Email Logs about each (the lease, 61 s, is
+    # not what gets them out), finds nothing, and sends each email once.
     mailtrap.release()
-    pipeline.mailer.env.update(MAILTRAP_TIMEOUT_SECONDS="0.9", SEND_LEASE_SECONDS="1")
+    pipeline.mailer.env.update(
+        MAILTRAP_TIMEOUT_SECONDS="0.9",
+        MAILTRAP_ACCOUNT_ID=mailtrap.account_id,
+        MAILTRAP_GENERAL_API_HOST=mailtrap.host,
+        RECONCILE_AFTER_SECONDS="0.5",
+    )
     pipeline.mailer.start()
     wait_for(
         lambda: all(mailtrap.deliveries_by_job()[job] == 1 for job in jobs),
@@ -65,3 +74,16 @@ def test_a_mailer_stopped_while_the_provider_hangs_exits_0_in_time_and_sends_eac
         what="each email after the restart",
     )
     assert all(mailtrap.deliveries_by_job()[job] == 1 for job in jobs)
+    assert len(mailtrap.log_searches) >= len(jobs)
+
+
+def ledger_states(database_url: str, jobs: list[str]) -> list[str]:
+    path = database_url.removeprefix("sqlite:///")
+    with sqlite3.connect(path, timeout=10) as connection:
+        return [
+            row[0]
+            for job in jobs
+            for row in connection.execute(
+                "SELECT state FROM mailer_sent_emails WHERE job_id = ?", (job,)
+            )
+        ]

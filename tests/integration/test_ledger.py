@@ -49,7 +49,7 @@ async def test_a_job_once_sent_is_reported_sent_to_every_replica(
     job = new_job()
     claim = await first.claim(job)
     assert claim.state is ClaimState.CLAIMED
-    await first.mark_sent(job, "mailtrap", "msg-1")
+    await first.mark_sent(job, claim, "mailtrap", "msg-1")
 
     again = await second.claim(job)
 
@@ -109,8 +109,7 @@ async def test_sent_emails_older_than_the_retention_are_forgotten(
 ) -> None:
     first, _ = ledgers
     job = new_job()
-    await first.claim(job)
-    await first.mark_sent(job, "outbox", None)
+    await first.mark_sent(job, await first.claim(job), "outbox", None)
 
     assert await first.purge_sent_before(time.time() - 3600) == 0
     assert await first.purge_sent_before(time.time() + 1) >= 1
@@ -159,7 +158,9 @@ async def test_a_send_is_recorded_once_its_database_is_back_and_never_sent_twice
     ledger = SqlLedger.open(postgres_database, lease_seconds=60)
     transport, publisher = OutageAfterSend(postgres_database), FakePublisher()
     sender = Sender(email="pipeline@example.com", name="Pipeline", category="test")
-    handler = SendEmail(transport, publisher, ledger, sender, ledger_retry_seconds=(0.05, 0.2))
+    handler = SendEmail(
+        transport, publisher, ledger, sender, lease_seconds=15, ledger_retry_seconds=(0.05, 0.2)
+    )
     event = data_processed()
     outage = 1.5
 
@@ -229,7 +230,7 @@ async def test_a_claim_whose_owner_stopped_renewing_is_taken_over_after_the_leas
     assert await first.heartbeat() == 0  # the claim is no longer the first's
 
 
-async def test_a_ledger_from_before_claims_had_owners_gains_the_column(tmp_path: Path) -> None:
+async def test_a_ledger_from_before_claims_had_owners_gains_the_columns(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'old-ledger.sqlite3'}"
     old = create_engine(url)
     with old.begin() as connection:
@@ -246,6 +247,113 @@ async def test_a_ledger_from_before_claims_had_owners_gains_the_column(tmp_path:
     ledger = SqlLedger.open(url, lease_seconds=5)
     job = new_job()
 
-    assert (await ledger.claim(job)).state is ClaimState.CLAIMED
+    claim = await ledger.claim(job)
+    assert claim.state is ClaimState.CLAIMED
     assert await ledger.heartbeat() == 1
+    await ledger.mark_uncertain(job, claim)
+    assert (await ledger.claim(job)).uncertain is not None
     await ledger.close()
+
+
+# --- sends whose outcome is unknown ---------------------------------------------
+
+
+async def test_a_fresh_claim_is_not_uncertain_and_a_released_one_stays_so(
+    ledgers: tuple[SqlLedger, SqlLedger],
+) -> None:
+    first, second = ledgers
+    job = new_job()
+    claim = await first.claim(job)
+    assert claim.uncertain is None
+    await first.release(job, claim)  # the send provably did not happen
+
+    again = await second.claim(job)
+
+    assert again.state is ClaimState.CLAIMED
+    assert again.uncertain is None
+
+
+async def test_an_unknown_outcome_makes_the_next_claim_uncertain_at_once(
+    ledgers: tuple[SqlLedger, SqlLedger],
+) -> None:
+    first, second = ledgers
+    job = new_job()
+    before = time.time()
+    claim = await first.claim(job)
+    await first.mark_uncertain(job, claim)
+
+    again = await second.claim(job)  # no lease to wait for: nobody holds it
+
+    assert again.state is ClaimState.CLAIMED
+    assert again.uncertain is not None
+    assert 0 <= again.uncertain.age < 5
+    assert before - 5 <= again.uncertain.since <= time.time() + 5
+    assert await first.heartbeat() == 0  # the first no longer renews it
+
+
+async def test_an_uncertain_claim_given_back_stays_uncertain_with_its_first_time(
+    ledgers: tuple[SqlLedger, SqlLedger],
+) -> None:
+    first, second = ledgers
+    job = new_job()
+    await first.mark_uncertain(job, await first.claim(job))
+    deferred = await second.claim(job)
+    assert deferred.uncertain is not None
+    await second.release(job, deferred)  # deferred: nobody can tell yet
+    await asyncio.sleep(0.05)
+
+    third = await first.claim(job)
+
+    assert third.uncertain is not None
+    assert third.uncertain.since == deferred.uncertain.since
+    assert third.uncertain.age > deferred.uncertain.age
+
+
+async def test_a_lapsed_claim_is_taken_over_as_uncertain(
+    ledgers: tuple[SqlLedger, SqlLedger],
+) -> None:
+    # Its owner may have sent before it went: the takeover must not assume not.
+    first, second = ledgers
+    job = new_job()
+    await first.claim(job)
+    await asyncio.sleep(0.7)  # the lease (0.5 s) passes without a heartbeat
+
+    taken = await second.claim(job)
+
+    assert taken.state is ClaimState.CLAIMED
+    assert taken.uncertain is not None
+    assert taken.uncertain.age >= 0.5
+
+
+async def test_a_cancelled_send_is_no_longer_renewed(
+    ledgers: tuple[SqlLedger, SqlLedger],
+) -> None:
+    first, second = ledgers
+    job, other = new_job(), new_job()
+    abandoned = await first.claim(job)
+    await first.claim(other)
+    first.abandon(abandoned)
+
+    assert await first.heartbeat() == 1  # only the claim still worked on
+    await asyncio.sleep(0.7)
+    await first.heartbeat()
+    assert (await second.claim(job)).uncertain is not None
+    assert (await second.claim(other)).state is ClaimState.BUSY
+
+
+async def test_at_a_stop_the_claims_in_flight_are_left_uncertain_for_the_next_mailer(
+    ledgers: tuple[SqlLedger, SqlLedger],
+) -> None:
+    first, second = ledgers
+    in_flight, cancelled, done = new_job(), new_job(), new_job()
+    await first.claim(in_flight)
+    first.abandon(await first.claim(cancelled))
+    await first.mark_sent(done, await first.claim(done), "mailtrap", "msg-1")
+
+    assert await first.leave_uncertain() == 2
+
+    for job in (in_flight, cancelled):  # at once, not after the lease
+        claim = await second.claim(job)
+        assert claim.state is ClaimState.CLAIMED
+        assert claim.uncertain is not None
+    assert (await second.claim(done)).state is ClaimState.ALREADY_SENT

@@ -1,12 +1,16 @@
-"""A stand-in for Mailtrap's sending API, served over real HTTPS on loopback.
+"""A stand-in for Mailtrap's sending and Email Logs APIs, served over real HTTPS on loopback.
 
 The real ``mailtrap`` SDK talks to it: the services get
-``MAILTRAP_API_HOST=127.0.0.1:<port>`` and ``REQUESTS_CA_BUNDLE`` pointing at
-the stand-in's own certificate authority. It answers ``POST /api/send`` and
+``MAILTRAP_API_HOST=127.0.0.1:<port>`` (and ``MAILTRAP_GENERAL_API_HOST``,
+the same) and ``REQUESTS_CA_BUNDLE`` pointing at the stand-in's own
+certificate authority. It answers ``POST /api/send`` and
 ``POST /api/send/<inbox_id>`` the way Mailtrap documents them, records every
 request (with the ``time.monotonic()`` it arrived at), and can be told to
-fail the next requests with a given status, or to take ``latency`` seconds
-over each answer, as a real provider does.
+fail the next requests with a given status, to take ``latency`` seconds over
+each answer, or to accept an email and then never answer, as a real provider
+may. ``GET /api/accounts/<id>/email_logs`` lists the accepted emails, newest
+first, filtered by recipient and time and paged with a cursor, each showing
+only ``log_delay`` seconds after it was accepted, as Mailtrap's logs do.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import trustme
 
@@ -36,6 +42,8 @@ class Received:
     message_id: str | None
     received_at: float = field(default_factory=time.monotonic)
     """``time.monotonic()`` when the request reached the stand-in."""
+    accepted_at: float = field(default_factory=time.time)
+    """The Unix time the email was taken, as the Email Logs show it."""
 
     @property
     def job_id(self) -> str | None:
@@ -50,6 +58,19 @@ class Received:
 @dataclass
 class _Script:
     failures: list[int] = field(default_factory=list)
+    # For each of the next sends: accept it, then answer this status, or None
+    # to answer nothing until ``release()``.
+    after_accepting: list[int | None] = field(default_factory=list)
+
+
+# The fields of an Email Logs entry that the SDK requires.
+_LOG_ENTRY_DEFAULTS = {
+    "status": "delivered",
+    "sending_stream": "transactional",
+    "sending_domain_id": 1,
+    "opens_count": 0,
+    "clicks_count": 0,
+}
 
 
 class MailtrapStub:
@@ -58,9 +79,21 @@ class MailtrapStub:
     ``latency`` (seconds) delays every answer, in the request's own thread.
     """
 
-    def __init__(self, directory: Path, token: str = "test-token", latency: float = 0.0) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        token: str = "test-token",
+        latency: float = 0.0,
+        account_id: str = "4242",
+        log_delay: float = 0.0,
+        log_page_size: int = 3,
+    ) -> None:
         self.token = token
         self.latency = latency
+        self.account_id = account_id
+        self.log_delay = log_delay
+        self.log_page_size = log_page_size
+        self.log_searches: list[dict[str, list[str]]] = []
         self._directory = directory
         self._lock = threading.Lock()
         self._script = _Script()
@@ -111,6 +144,18 @@ class MailtrapStub:
         with self._lock:
             self._script.failures.extend([status] * count)
 
+    def accept_then_hang(self, count: int = 1) -> None:
+        """Take the next ``count`` emails (they count as delivered), then answer nothing
+        until ``release()``: the client times out not knowing they went out."""
+        with self._lock:
+            self._script.after_accepting.extend([None] * count)
+            self._released.clear()
+
+    def accept_then_fail(self, count: int, status: int) -> None:
+        """Take the next ``count`` emails, then answer ``status`` (500, 502, 504...)."""
+        with self._lock:
+            self._script.after_accepting.extend([status] * count)
+
     def hold(self) -> None:
         """Leave every request from now on unanswered, as a provider that hangs, until
         ``release()``; held requests are then answered 503: none of them was taken."""
@@ -152,6 +197,51 @@ class MailtrapStub:
     def deliveries_by_job(self) -> Counter[str | None]:
         return Counter(request.job_id for request in self.delivered)
 
+    # --- the Email Logs API ---------------------------------------------------
+
+    def _email_logs(self, path: str, authorization: str, query: str) -> tuple[int, dict[str, Any]]:
+        if path != f"/api/accounts/{self.account_id}/email_logs":
+            return 404, {"error": "Not Found"}
+        if authorization != f"Bearer {self.token}":
+            return 401, {"errors": ["Unauthorized"]}
+        params = parse_qs(query)
+        with self._lock:
+            self.log_searches.append(params)
+        recipient = (params.get("filters[to][value]") or [None])[0]
+        after = (params.get("filters[sent_after]") or [None])[0]
+        since = datetime.fromisoformat(after).timestamp() if after else 0.0
+        now = time.time()
+        shown = [
+            request
+            for request in self.delivered
+            if request.accepted_at + self.log_delay <= now
+            and request.accepted_at >= since
+            and (recipient is None or recipient.lower() in (to.lower() for to in request.to))
+        ]
+        shown.sort(key=lambda request: request.accepted_at, reverse=True)
+        start = int((params.get("search_after") or ["0"])[0])
+        page = shown[start : start + self.log_page_size]
+        more = start + self.log_page_size < len(shown)
+        return 200, {
+            "messages": [self._log_entry(request) for request in page],
+            "total_count": len(shown),
+            "next_page_cursor": str(start + self.log_page_size) if more else None,
+        }
+
+    @staticmethod
+    def _log_entry(request: Received) -> dict[str, Any]:
+        sender = request.payload.get("from") or {}
+        return {
+            **_LOG_ENTRY_DEFAULTS,
+            "message_id": request.message_id,
+            "subject": request.payload.get("subject"),
+            "from": sender.get("email", ""),
+            "to": ", ".join(request.to),
+            "sent_at": datetime.fromtimestamp(request.accepted_at, UTC).isoformat(),
+            "category": request.payload.get("category"),
+            "custom_variables": request.payload.get("custom_variables") or {},
+        }
+
     # --- serving -----------------------------------------------------------
 
     def _answer(
@@ -170,6 +260,11 @@ class MailtrapStub:
             message_id = str(uuid.uuid4()) if status == 200 else None
             if status == 200:
                 answer = {"success": True, "message_ids": [message_id]}
+                if self._script.after_accepting:
+                    then = self._script.after_accepting.pop(0)
+                    # The email is taken; the answer says otherwise, or never comes.
+                    answer = {"_hang": True} if then is None else {"errors": ["server error"]}
+                    answer["_status"] = then or 0
             self._received.append(
                 Received(
                     path=path,
@@ -223,6 +318,21 @@ class _Handler(BaseHTTPRequestHandler):
             status, answer = self.owner._answer(
                 self.path, self.headers.get("Authorization", ""), body, received_at
             )
+            if answer.pop("_hang", False):
+                self.owner._released.wait()
+                self.close_connection = True
+                return
+            status = answer.pop("_status", status)
+        self._reply(status, answer)
+
+    def do_GET(self) -> None:
+        parts = urlsplit(self.path)
+        status, answer = self.owner._email_logs(
+            parts.path, self.headers.get("Authorization", ""), parts.query
+        )
+        self._reply(status, answer)
+
+    def _reply(self, status: int, answer: dict[str, Any]) -> None:
         data = json.dumps(answer).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")

@@ -6,7 +6,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from mailer_service.compose import OutgoingEmail
-from mailer_service.ledger import Claim, ClaimState
+from mailer_service.ledger import Claim, ClaimState, Uncertainty
 from mailer_service.transport import Receipt
 from pipeline_shared.events import DataProcessed, Event, JobRequested
 
@@ -43,6 +43,12 @@ class FakeTransport:
         self.sent.append(email)
         return Receipt(message_id=self._message_id)
 
+    reconciles = False
+    settle_seconds = 0.0
+
+    async def find_sent(self, email: OutgoingEmail, since: float) -> Receipt | None:
+        return None
+
     async def close(self) -> None:
         self.closed = True
 
@@ -74,11 +80,15 @@ FIXED_JOB_ID = UUID("3f2b8c1e-0d4a-4f6b-9a57-2c1e8d9b7a60")
 
 
 class FakeLedger:
-    """The ledger's protocol in memory: ``rows`` maps job id to (state, claim token)."""
+    """The ledger's protocol in memory: ``rows`` maps job id to (state, claim token).
 
-    def __init__(self) -> None:
+    An uncertain job's next claim reports an attempt ``uncertain_age`` seconds old."""
+
+    def __init__(self, uncertain_age: float = 0.0) -> None:
         self.rows: dict[str, tuple[str, str]] = {}
         self.sent: dict[str, tuple[str, str | None]] = {}
+        self.abandoned: list[str] = []
+        self.uncertain_age = uncertain_age
 
     async def claim(self, job_id: str) -> Claim:
         token = str(uuid4())
@@ -86,15 +96,33 @@ class FakeLedger:
         if state == "sent":
             transport, message_id = self.sent[job_id]
             return Claim(ClaimState.ALREADY_SENT, token, transport, message_id)
-        if state == "sending":
+        if state.startswith("sending"):
             return Claim(ClaimState.BUSY, token)
+        if state == "uncertain":
+            self.rows[job_id] = ("sending-uncertain", token)
+            uncertainty = Uncertainty(since=0.0, age=self.uncertain_age)
+            return Claim(ClaimState.CLAIMED, token, uncertain=uncertainty)
         self.rows[job_id] = ("sending", token)
         return Claim(ClaimState.CLAIMED, token)
 
-    async def mark_sent(self, job_id: str, transport: str, provider_message_id: str | None) -> None:
+    async def mark_sent(
+        self, job_id: str, claim: Claim, transport: str, provider_message_id: str | None
+    ) -> None:
         self.rows[job_id] = ("sent", self.rows[job_id][1])
         self.sent[job_id] = (transport, provider_message_id)
 
     async def release(self, job_id: str, claim: Claim) -> None:
-        if self.rows.get(job_id) == ("sending", claim.token):
+        state, token = self.rows.get(job_id, ("", ""))
+        if token != claim.token:
+            return
+        if state == "sending":
             del self.rows[job_id]
+        elif state == "sending-uncertain":
+            self.rows[job_id] = ("uncertain", token)
+
+    async def mark_uncertain(self, job_id: str, claim: Claim) -> None:
+        if self.rows.get(job_id, ("", ""))[1] == claim.token:
+            self.rows[job_id] = ("uncertain", claim.token)
+
+    def abandon(self, claim: Claim) -> None:
+        self.abandoned.append(claim.token)

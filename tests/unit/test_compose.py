@@ -26,6 +26,7 @@ from pipeline_shared.events import EmailSent
 from unit.fakes import FIXED_JOB_ID, FakeLedger, FakePublisher, data_processed
 
 SENDER = Sender(email="pipeline@example.com", name="Email Pipeline", category="background-job")
+LEASE = 15.0
 
 
 def parse(raw: bytes) -> EmailMessage:
@@ -230,7 +231,9 @@ async def test_the_mailer_handler_through_the_outbox_publishes_the_files_message
     publisher = FakePublisher()
     event = data_processed(subject="Weekly visits")
 
-    await SendEmail(OutboxTransport(tmp_path), publisher, FakeLedger(), SENDER)(event)
+    await SendEmail(
+        OutboxTransport(tmp_path), publisher, FakeLedger(), SENDER, lease_seconds=LEASE
+    )(event)
 
     written = parse((tmp_path / f"{event.job_id}.eml").read_bytes())
     [sent] = publisher.published

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+from http.client import RemoteDisconnected
+
 import mailtrap
 import pytest
 import requests
 from mailtrap.exceptions import APIError, AuthorizationError, ClientConfigurationError
+from urllib3.exceptions import MaxRetryError, NameResolutionError, NewConnectionError, ProtocolError
 
 from mailer_service.compose import OutgoingEmail, Sender, compose_email
 from mailer_service.handlers import SendEmail
 from mailer_service.mailtrap_transport import classify, is_transient_status, to_mail
+from mailer_service.transport import SendOutcomeUnknown
 from pipeline_shared.errors import PermanentFailure, TransientFailure
 from pipeline_shared.events import EmailSent
 from unit.fakes import FakeLedger, FakePublisher, FakeTransport, data_processed
 
 SENDER = Sender(email="pipeline@example.com", name="Email Pipeline", category="background-job")
+LEASE = 15.0
 
 # --- status codes -----------------------------------------------------------
 
@@ -44,14 +49,23 @@ def test_an_api_error_with_a_client_status_is_permanent_and_names_the_status(
     )
 
 
-@pytest.mark.parametrize("status", [408, 429, 500, 503])
-def test_an_api_error_with_a_passing_status_is_transient_and_names_the_status(
+@pytest.mark.parametrize("status", [408, 429, 503])
+def test_a_status_saying_the_email_was_not_taken_is_a_plain_transient_failure(
     status: int,
 ) -> None:
     failure = classify(APIError(status, ["try again later"]))
 
     assert type(failure) is TransientFailure
     assert failure.reason == f"Mailtrap answered {status}: try again later"
+
+
+@pytest.mark.parametrize("status", [500, 502, 504, 599])
+def test_a_server_error_that_may_follow_acceptance_is_an_unknown_outcome(status: int) -> None:
+    failure = classify(APIError(status, ["internal error"]))
+
+    assert type(failure) is SendOutcomeUnknown
+    assert isinstance(failure, TransientFailure)  # retried, after asking the provider
+    assert failure.reason == f"Mailtrap answered {status}: internal error"
 
 
 def test_an_authorization_error_is_permanent_with_status_401() -> None:
@@ -64,32 +78,57 @@ def test_an_authorization_error_is_permanent_with_status_401() -> None:
 def test_an_api_error_without_details_still_names_the_status() -> None:
     failure = classify(APIError(502, []))
 
-    assert type(failure) is TransientFailure
+    assert type(failure) is SendOutcomeUnknown
     assert "502" in failure.reason
+
+
+def _wrapped(reason: Exception) -> requests.ConnectionError:
+    """What requests raises: its ConnectionError around urllib3's MaxRetryError."""
+    return requests.ConnectionError(MaxRetryError(None, "/api/send", reason))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
     "exc",
-    [requests.ConnectionError("refused"), requests.exceptions.SSLError("bad certificate")],
-    ids=["ConnectionError", "SSLError"],
+    [
+        _wrapped(NewConnectionError(None, "Connection refused")),  # type: ignore[arg-type]
+        _wrapped(NameResolutionError("send.api.mailtrap.io", None, OSError("no name"))),  # type: ignore[arg-type]
+        requests.exceptions.SSLError("certificate verify failed"),
+        requests.exceptions.ConnectTimeout("connect timed out"),
+    ],
+    ids=["refused", "dns", "tls", "connect-timeout"],
 )
-def test_a_connection_error_is_transient(exc: Exception) -> None:
+def test_a_request_that_never_left_is_a_plain_transient_failure(exc: Exception) -> None:
     failure = classify(exc)
 
     assert type(failure) is TransientFailure
     assert failure.reason == f"could not reach Mailtrap: {type(exc).__name__}"
 
 
+def test_a_read_timeout_is_an_unknown_outcome() -> None:
+    failure = classify(requests.exceptions.ReadTimeout("read timed out"))
+
+    assert type(failure) is SendOutcomeUnknown
+    assert failure.reason == "Mailtrap did not answer in time: ReadTimeout"
+
+
 @pytest.mark.parametrize(
     "exc",
-    [requests.Timeout(), requests.exceptions.ReadTimeout(), requests.exceptions.ConnectTimeout()],
-    ids=["Timeout", "ReadTimeout", "ConnectTimeout"],
+    [
+        requests.ConnectionError(
+            ProtocolError("Connection aborted.", ConnectionResetError(104, "reset"))
+        ),
+        requests.ConnectionError(ProtocolError("Connection aborted.", RemoteDisconnected("x"))),
+        requests.exceptions.ChunkedEncodingError("connection broken"),
+    ],
+    ids=["reset", "remote-disconnected", "chunked"],
 )
-def test_a_timeout_is_transient(exc: Exception) -> None:
+def test_a_connection_lost_while_waiting_for_the_answer_is_an_unknown_outcome(
+    exc: Exception,
+) -> None:
     failure = classify(exc)
 
-    assert type(failure) is TransientFailure
-    assert failure.reason == f"Mailtrap did not answer in time: {type(exc).__name__}"
+    assert type(failure) is SendOutcomeUnknown
+    assert type(exc).__name__ in failure.reason
 
 
 def test_a_client_configuration_error_is_permanent() -> None:
@@ -99,10 +138,10 @@ def test_a_client_configuration_error_is_permanent() -> None:
     assert failure.reason == "Mailtrap client error: Please provide inbox_id for sandbox mode"
 
 
-def test_an_unexpected_exception_is_transient_and_named() -> None:
+def test_an_unexpected_exception_is_an_unknown_outcome_and_named() -> None:
     failure = classify(RuntimeError("connection pool is full"))
 
-    assert type(failure) is TransientFailure
+    assert type(failure) is SendOutcomeUnknown
     assert failure.reason == (
         "unexpected error sending through Mailtrap: RuntimeError: connection pool is full"
     )
@@ -143,7 +182,7 @@ async def test_sending_an_email_publishes_email_sent_with_the_receipt() -> None:
     publisher = FakePublisher()
     event = data_processed(email="grace@example.org")
 
-    await SendEmail(transport, publisher, FakeLedger(), SENDER)(event)
+    await SendEmail(transport, publisher, FakeLedger(), SENDER, lease_seconds=LEASE)(event)
 
     [sent] = publisher.published
     assert isinstance(sent, EmailSent)
@@ -157,7 +196,7 @@ async def test_the_transport_is_given_the_composed_email() -> None:
     transport = FakeTransport()
     event = data_processed(subject=None)
 
-    await SendEmail(transport, FakePublisher(), FakeLedger(), SENDER)(event)
+    await SendEmail(transport, FakePublisher(), FakeLedger(), SENDER, lease_seconds=LEASE)(event)
 
     [email] = transport.sent
     assert isinstance(email, OutgoingEmail)
@@ -167,9 +206,9 @@ async def test_the_transport_is_given_the_composed_email() -> None:
 async def test_a_receipt_without_a_message_id_publishes_none() -> None:
     publisher = FakePublisher()
 
-    await SendEmail(FakeTransport(message_id=None), publisher, FakeLedger(), SENDER)(
-        data_processed()
-    )
+    await SendEmail(
+        FakeTransport(message_id=None), publisher, FakeLedger(), SENDER, lease_seconds=LEASE
+    )(data_processed())
 
     assert publisher.published[0].provider_message_id is None  # type: ignore[attr-defined]
 
@@ -185,9 +224,9 @@ async def test_a_transport_failure_propagates_and_nothing_is_published(
     publisher = FakePublisher()
 
     with pytest.raises(type(failure)) as caught:
-        await SendEmail(FakeTransport(failure=failure), publisher, FakeLedger(), SENDER)(
-            data_processed()
-        )
+        await SendEmail(
+            FakeTransport(failure=failure), publisher, FakeLedger(), SENDER, lease_seconds=LEASE
+        )(data_processed())
 
     assert caught.value is failure
     assert publisher.published == []

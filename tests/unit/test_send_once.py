@@ -8,18 +8,19 @@ import pytest
 
 from mailer_service.compose import OutgoingEmail, Sender
 from mailer_service.handlers import SendEmail
-from mailer_service.ledger import LedgerUnavailable
-from mailer_service.transport import Receipt
+from mailer_service.ledger import Claim, LedgerUnavailable
+from mailer_service.transport import Receipt, SendOutcomeUnknown
 from pipeline_shared.errors import Deferred, PermanentFailure, TransientFailure
 from pipeline_shared.events import EmailSent
 from unit.fakes import FakeLedger, FakePublisher, FakeTransport, data_processed
 
 SENDER = Sender(email="pipeline@example.com", name="Email Pipeline", category="background-job")
+LEASE = 15.0
 
 
 async def test_a_redelivered_job_is_not_sent_twice_but_email_sent_is_published_again() -> None:
     transport, publisher, ledger = FakeTransport(), FakePublisher(), FakeLedger()
-    handler = SendEmail(transport, publisher, ledger, SENDER)
+    handler = SendEmail(transport, publisher, ledger, SENDER, lease_seconds=LEASE)
     event = data_processed()
 
     await handler(event)
@@ -39,7 +40,7 @@ async def test_a_job_another_mailer_is_sending_is_deferred_without_sending() -> 
     await ledger.claim(str(event.job_id))  # another mailer holds the claim
 
     with pytest.raises(Deferred, match="another mailer"):
-        await SendEmail(transport, publisher, ledger, SENDER)(event)
+        await SendEmail(transport, publisher, ledger, SENDER, lease_seconds=LEASE)(event)
 
     assert transport.sent == []
     assert publisher.published == []
@@ -53,9 +54,11 @@ async def test_a_failed_send_releases_the_claim_so_a_retry_can_send(
     event = data_processed()
 
     with pytest.raises(type(failure)):
-        await SendEmail(FakeTransport(failure=failure), FakePublisher(), ledger, SENDER)(event)
+        await SendEmail(
+            FakeTransport(failure=failure), FakePublisher(), ledger, SENDER, lease_seconds=LEASE
+        )(event)
     transport = FakeTransport()
-    await SendEmail(transport, FakePublisher(), ledger, SENDER)(event)
+    await SendEmail(transport, FakePublisher(), ledger, SENDER, lease_seconds=LEASE)(event)
 
     assert len(transport.sent) == 1
 
@@ -63,9 +66,15 @@ async def test_a_failed_send_releases_the_claim_so_a_retry_can_send(
 class HangingTransport:
     name = "hanging"
 
+    reconciles = False
+    settle_seconds = 0.0
+
     async def send(self, email: OutgoingEmail) -> Receipt:
         await asyncio.sleep(60)
         raise AssertionError("unreachable")
+
+    async def find_sent(self, email: OutgoingEmail, since: float) -> Receipt | None:
+        return None
 
     async def close(self) -> None:
         return None
@@ -75,7 +84,7 @@ async def test_a_send_cancelled_at_shutdown_keeps_its_claim_for_the_lease_to_dec
     ledger = FakeLedger()
     event = data_processed()
     task = asyncio.create_task(
-        SendEmail(HangingTransport(), FakePublisher(), ledger, SENDER)(event)
+        SendEmail(HangingTransport(), FakePublisher(), ledger, SENDER, lease_seconds=LEASE)(event)
     )
     await asyncio.sleep(0.01)
 
@@ -84,6 +93,7 @@ async def test_a_send_cancelled_at_shutdown_keeps_its_claim_for_the_lease_to_dec
         await task
 
     assert ledger.rows[str(event.job_id)][0] == "sending"
+    assert len(ledger.abandoned) == 1  # no longer renewed: it lapses into uncertain
 
 
 class FlakyLedger(FakeLedger):
@@ -94,18 +104,27 @@ class FlakyLedger(FakeLedger):
         self.failures = failures
         self.attempts = 0
 
-    async def mark_sent(self, job_id: str, transport: str, provider_message_id: str | None) -> None:
+    async def mark_sent(
+        self, job_id: str, claim: Claim, transport: str, provider_message_id: str | None
+    ) -> None:
         self.attempts += 1
         if self.attempts <= self.failures:
             raise LedgerUnavailable("OperationalError")
-        await super().mark_sent(job_id, transport, provider_message_id)
+        await super().mark_sent(job_id, claim, transport, provider_message_id)
 
 
 async def test_a_sent_email_is_recorded_as_sent_however_long_the_ledger_refuses() -> None:
     transport, publisher, ledger = FakeTransport(), FakePublisher(), FlakyLedger(failures=5)
     event = data_processed()
 
-    await SendEmail(transport, publisher, ledger, SENDER, ledger_retry_seconds=(0.001, 0.01))(event)
+    await SendEmail(
+        transport,
+        publisher,
+        ledger,
+        SENDER,
+        lease_seconds=LEASE,
+        ledger_retry_seconds=(0.001, 0.01),
+    )(event)
 
     assert len(transport.sent) == 1
     assert ledger.attempts == 6
@@ -116,7 +135,9 @@ async def test_a_sent_email_is_recorded_as_sent_however_long_the_ledger_refuses(
 async def test_a_stop_while_waiting_for_the_ledger_keeps_the_claim_and_sends_nothing_more() -> None:
     transport, publisher, ledger = FakeTransport(), FakePublisher(), FlakyLedger(failures=10**6)
     event = data_processed()
-    send = SendEmail(transport, publisher, ledger, SENDER, ledger_retry_seconds=(0.01, 0.01))
+    send = SendEmail(
+        transport, publisher, ledger, SENDER, lease_seconds=LEASE, ledger_retry_seconds=(0.01, 0.01)
+    )
 
     handling = asyncio.create_task(send(event))
     await asyncio.sleep(0.1)
@@ -127,3 +148,116 @@ async def test_a_stop_while_waiting_for_the_ledger_keeps_the_claim_and_sends_not
     assert len(transport.sent) == 1
     assert ledger.rows[str(event.job_id)][0] == "sending"  # the claim is kept, not released
     assert publisher.published == []
+
+
+# --- sends whose outcome is unknown -------------------------------------------
+
+
+class ReconcilingTransport(FakeTransport):
+    """A transport whose provider keeps logs: ``logged`` is what ``find_sent`` finds."""
+
+    reconciles = True
+    settle_seconds = 60.0
+
+    def __init__(self, logged: Receipt | None = None, lookup_failure: Exception | None = None):
+        super().__init__()
+        self.logged = logged
+        self.lookup_failure = lookup_failure
+        self.lookups: list[float] = []
+
+    async def find_sent(self, email: OutgoingEmail, since: float) -> Receipt | None:
+        self.lookups.append(since)
+        if self.lookup_failure is not None:
+            raise self.lookup_failure
+        return self.logged
+
+
+async def test_an_unknown_outcome_keeps_the_claim_uncertain_instead_of_releasing_it() -> None:
+    ledger = FakeLedger()
+    event = data_processed()
+    unknown = SendOutcomeUnknown("Mailtrap did not answer in time: ReadTimeout")
+
+    with pytest.raises(SendOutcomeUnknown):
+        await SendEmail(
+            FakeTransport(failure=unknown), FakePublisher(), ledger, SENDER, lease_seconds=LEASE
+        )(event)
+
+    assert ledger.rows[str(event.job_id)][0] == "uncertain"
+
+
+@pytest.mark.parametrize("age", [0.0, 9.0, LEASE - 0.5])
+async def test_without_provider_logs_an_uncertain_email_waits_out_the_lease(age: float) -> None:
+    transport, ledger = FakeTransport(), FakeLedger(uncertain_age=age)
+    event = data_processed()
+    ledger.rows[str(event.job_id)] = ("uncertain", "earlier-token")
+
+    with pytest.raises(Deferred, match="MAILTRAP_ACCOUNT_ID") as deferred:
+        await SendEmail(transport, FakePublisher(), ledger, SENDER, lease_seconds=LEASE)(event)
+
+    assert deferred.value.wait_seconds == pytest.approx(LEASE - age)
+    assert transport.sent == []
+    assert ledger.rows[str(event.job_id)][0] == "uncertain"  # given back, still uncertain
+
+
+async def test_without_provider_logs_an_uncertain_email_is_sent_again_after_the_lease() -> None:
+    transport, publisher, ledger = FakeTransport(), FakePublisher(), FakeLedger(uncertain_age=LEASE)
+    event = data_processed()
+    ledger.rows[str(event.job_id)] = ("uncertain", "earlier-token")
+
+    await SendEmail(transport, publisher, ledger, SENDER, lease_seconds=LEASE)(event)
+
+    assert len(transport.sent) == 1
+    assert ledger.sent[str(event.job_id)] == ("fake", "fake-message-1")
+
+
+async def test_the_provider_logs_are_not_asked_before_they_can_show_the_send() -> None:
+    transport, ledger = ReconcilingTransport(), FakeLedger(uncertain_age=20.0)
+    event = data_processed()
+    ledger.rows[str(event.job_id)] = ("uncertain", "earlier-token")
+
+    with pytest.raises(Deferred, match="logs") as deferred:
+        await SendEmail(transport, FakePublisher(), ledger, SENDER, lease_seconds=LEASE)(event)
+
+    assert deferred.value.wait_seconds == pytest.approx(40.0)
+    assert transport.lookups == []
+    assert transport.sent == []
+
+
+async def test_an_uncertain_email_found_in_the_provider_logs_is_recorded_not_sent() -> None:
+    transport = ReconcilingTransport(logged=Receipt(message_id="mt-from-the-logs"))
+    publisher, ledger = FakePublisher(), FakeLedger(uncertain_age=61.0)
+    event = data_processed()
+    ledger.rows[str(event.job_id)] = ("uncertain", "earlier-token")
+
+    await SendEmail(transport, publisher, ledger, SENDER, lease_seconds=LEASE)(event)
+
+    assert transport.sent == []
+    assert len(transport.lookups) == 1
+    assert ledger.sent[str(event.job_id)] == ("fake", "mt-from-the-logs")
+    [sent] = publisher.published
+    assert isinstance(sent, EmailSent)
+    assert sent.provider_message_id == "mt-from-the-logs"
+
+
+async def test_an_uncertain_email_missing_from_the_settled_logs_is_sent_again() -> None:
+    transport, ledger = ReconcilingTransport(logged=None), FakeLedger(uncertain_age=61.0)
+    event = data_processed()
+    ledger.rows[str(event.job_id)] = ("uncertain", "earlier-token")
+
+    await SendEmail(transport, FakePublisher(), ledger, SENDER, lease_seconds=LEASE)(event)
+
+    assert len(transport.sent) == 1
+    assert ledger.rows[str(event.job_id)][0] == "sent"
+
+
+async def test_a_failed_lookup_keeps_the_email_uncertain_and_sends_nothing() -> None:
+    failure = TransientFailure("could not ask Mailtrap's Email Logs")
+    transport, ledger = ReconcilingTransport(lookup_failure=failure), FakeLedger(uncertain_age=61.0)
+    event = data_processed()
+    ledger.rows[str(event.job_id)] = ("uncertain", "earlier-token")
+
+    with pytest.raises(TransientFailure, match="Email Logs"):
+        await SendEmail(transport, FakePublisher(), ledger, SENDER, lease_seconds=LEASE)(event)
+
+    assert transport.sent == []
+    assert ledger.rows[str(event.job_id)][0] == "uncertain"

@@ -6,9 +6,9 @@ import asyncio
 import logging
 from typing import Protocol
 
-from mailer_service.compose import Sender, compose_email
-from mailer_service.ledger import Claim, ClaimState, LedgerUnavailable
-from mailer_service.transport import EmailTransport
+from mailer_service.compose import OutgoingEmail, Sender, compose_email
+from mailer_service.ledger import Claim, ClaimState, LedgerUnavailable, Uncertainty
+from mailer_service.transport import EmailTransport, Receipt, SendOutcomeUnknown
 from pipeline_shared.errors import Deferred
 from pipeline_shared.events import DataProcessed, EmailSent, Event
 from pipeline_shared.messaging import delivery_attempt
@@ -24,18 +24,27 @@ class Ledger(Protocol):
     async def claim(self, job_id: str) -> Claim: ...
 
     async def mark_sent(
-        self, job_id: str, transport: str, provider_message_id: str | None
+        self, job_id: str, claim: Claim, transport: str, provider_message_id: str | None
     ) -> None: ...
 
     async def release(self, job_id: str, claim: Claim) -> None: ...
+
+    async def mark_uncertain(self, job_id: str, claim: Claim) -> None: ...
+
+    def abandon(self, claim: Claim) -> None: ...
 
 
 class SendEmail:
     """Send the job's email once, whatever the number of deliveries, then publish ``EmailSent``.
 
     The ledger is checked before sending and written before the message is
-    acked (see ``mailer_service.ledger`` for the one window that remains).
-    Transport failures propagate as ``PermanentFailure``/``TransientFailure``
+    acked. What the transport says decides the claim: accepted, recorded as
+    sent; provably not sent, released for a retry; *unknown* (the provider may
+    have taken it), kept as uncertain. Before any new send of an uncertain job
+    the transport is asked whether the email went out (``find_sent``), once
+    its logs can show it (``settle_seconds``); a transport that cannot tell
+    sends again only when ``lease_seconds`` have passed since the uncertain
+    attempt. Failures propagate as ``PermanentFailure``/``TransientFailure``
     and the messaging layer turns them into a dead letter or a delayed retry.
     """
 
@@ -46,12 +55,14 @@ class SendEmail:
         ledger: Ledger,
         sender: Sender,
         *,
+        lease_seconds: float,
         ledger_retry_seconds: tuple[float, float] = (0.1, 5.0),
     ) -> None:
         self._transport = transport
         self._publisher = publisher
         self._ledger = ledger
         self._sender = sender
+        self._lease = lease_seconds
         # The first and the longest wait between attempts to record a send.
         self._ledger_retry = ledger_retry_seconds
 
@@ -66,19 +77,57 @@ class SendEmail:
             return
 
         email = compose_email(event, self._sender)
+        if claim.uncertain is not None:
+            found = await self._settle_uncertain(job_id, claim, claim.uncertain, email)
+            if found is not None:
+                log.info("job %s: an earlier send went out after all; not sending again", job_id)
+                await self._record_sent(job_id, claim, found.message_id)
+                await self._publish_sent(event, self._transport.name, found.message_id)
+                return
         try:
             receipt = await self._transport.send(email)
         except asyncio.CancelledError:
-            # The send may still complete in its thread: keep the claim, so
-            # the lease, not this cancellation, decides when to try again.
+            # The send may still complete in its thread: the claim lapses and
+            # is then uncertain, so the provider is asked before a new send.
+            self._ledger.abandon(claim)
+            raise
+        except SendOutcomeUnknown:
+            await self._ledger.mark_uncertain(job_id, claim)
             raise
         except BaseException:
             await self._ledger.release(job_id, claim)
             raise
-        await self._record_sent(job_id, receipt.message_id)
+        await self._record_sent(job_id, claim, receipt.message_id)
         await self._publish_sent(event, self._transport.name, receipt.message_id)
 
-    async def _record_sent(self, job_id: str, message_id: str | None) -> None:
+    async def _settle_uncertain(
+        self, job_id: str, claim: Claim, uncertain: Uncertainty, email: OutgoingEmail
+    ) -> Receipt | None:
+        """Whether an earlier send went out: its receipt, or None when sending again is
+        safe. Raises ``Deferred`` (the claim given back) while nobody can tell yet."""
+        if not self._transport.reconciles:
+            if uncertain.age < self._lease:
+                await self._ledger.release(job_id, claim)
+                raise Deferred(
+                    "an earlier send may have gone out; without the provider's logs "
+                    "(MAILTRAP_ACCOUNT_ID) it is sent again only after SEND_LEASE_SECONDS",
+                    wait_seconds=self._lease - uncertain.age,
+                )
+            return None
+        settle = self._transport.settle_seconds
+        if uncertain.age < settle:
+            await self._ledger.release(job_id, claim)
+            raise Deferred(
+                "an earlier send may have gone out; waiting for the provider's logs to show it",
+                wait_seconds=settle - uncertain.age,
+            )
+        try:
+            return await self._transport.find_sent(email, uncertain.since)
+        except BaseException:
+            await self._ledger.release(job_id, claim)
+            raise
+
+    async def _record_sent(self, job_id: str, claim: Claim, message_id: str | None) -> None:
         """Write ``sent`` to the ledger, however long the database takes to come back.
 
         Giving up here would leave the claim to lapse and the email to be sent
@@ -89,7 +138,7 @@ class SendEmail:
         failures = 0
         while True:
             try:
-                await self._ledger.mark_sent(job_id, self._transport.name, message_id)
+                await self._ledger.mark_sent(job_id, claim, self._transport.name, message_id)
             except LedgerUnavailable as exc:
                 failures += 1
                 if failures == 1:

@@ -7,17 +7,17 @@ row becomes ``sent`` (with the provider's message id) before the message is
 acknowledged. So a redelivered or re-published ``DataProcessed`` finds
 ``sent`` and sends nothing.
 
-A claim lives as long as its owner does: a running mailer renews all its
-claims every few seconds (``heartbeat``), however slow its provider, and a
-claim not renewed for the lease is taken over. So a survivor sends a dead
-mailer's emails within seconds, and never a live one's.
+A claim lives as long as its owner works on it: a running mailer renews the
+claims it holds every few seconds (``heartbeat``), however slow its
+provider, and a claim not renewed for the lease is taken over. So a survivor
+takes a dead mailer's emails within seconds, and never a live one's.
 
-The one window left: a mailer that dies (or is stopped past its grace period)
-while its email is at the provider leaves a ``sending`` claim behind. Once the
-lease has passed, another attempt takes the claim over and sends again, which
-duplicates the email if the provider had accepted the first one. At most the
-emails in flight at that moment (``MAILER_CONCURRENCY`` per mailer) are
-exposed to this.
+A send whose outcome is unknown (the provider may have accepted it: a timeout
+after the request went out, a 5xx, or a mailer that died or stopped with the
+request in flight) leaves the row ``uncertain``, with ``attempted_at``. A
+lapsed claim is uncertain too: its mailer may have sent before it died. The
+next claim of an uncertain row says so (``Claim.uncertain``), and the handler
+asks the provider before sending again (``mailer_service.handlers``).
 
 SQLite (the default) serves the mailers of one host; PostgreSQL, named by
 ``DATABASE_URL``, serves replicas on any number of hosts. Both run the same
@@ -28,24 +28,30 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import Column, Engine, Float, MetaData, String, Table, inspect, text
+from sqlalchemy import Column, Engine, Float, MetaData, String, Table, bindparam, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.sql.elements import BindParameter
 
 from pipeline_shared.database import build_engine, create_tables, for_writing
 
+log = logging.getLogger("mailer.ledger")
 metadata = MetaData()
 
 sent_emails = Table(
     "mailer_sent_emails",
     metadata,
     Column("job_id", String(36), primary_key=True),
-    Column("state", String(16), nullable=False),  # sending | sent
+    Column("state", String(16), nullable=False),  # sending | uncertain | sent
     Column("claim_token", String(36), nullable=False),
     Column("owner", String(36), nullable=True),  # the mailer process holding the claim
-    Column("claimed_at", Float, nullable=False),
+    Column("claimed_at", Float, nullable=False),  # renewed by the owner's heartbeat
+    Column("first_claimed_at", Float, nullable=True),  # no send of the job is older
+    Column("attempted_at", Float, nullable=True),  # the last send whose outcome is unknown
     Column("sent_at", Float, nullable=True),
     Column("transport", String(32), nullable=True),
     Column("provider_message_id", String(255), nullable=True),
@@ -60,33 +66,56 @@ _DATABASE_NOW = {
 }
 
 # One statement, the same in SQLite and PostgreSQL: insert a claim, or take
-# over one whose lease has passed; a sent row or a live claim is left alone.
+# over an uncertain one or one whose lease has passed (which is uncertain from
+# then on: its owner may have sent before it went); a sent row or a live claim
+# is left alone.
 _CLAIM = """
-    INSERT INTO mailer_sent_emails (job_id, state, claim_token, owner, claimed_at)
-    VALUES (:job_id, 'sending', :token, :owner, {now})
+    INSERT INTO mailer_sent_emails
+        (job_id, state, claim_token, owner, claimed_at, first_claimed_at)
+    VALUES (:job_id, 'sending', :token, :owner, {now}, {now})
     ON CONFLICT (job_id) DO UPDATE
-        SET claim_token = excluded.claim_token, owner = excluded.owner,
-            claimed_at = excluded.claimed_at
-        WHERE mailer_sent_emails.state = 'sending'
-          AND mailer_sent_emails.claimed_at < {now} - :lease
+        SET state = 'sending', claim_token = excluded.claim_token, owner = excluded.owner,
+            claimed_at = excluded.claimed_at,
+            attempted_at = CASE WHEN mailer_sent_emails.state = 'sending'
+                THEN mailer_sent_emails.claimed_at ELSE mailer_sent_emails.attempted_at END
+        WHERE mailer_sent_emails.state = 'uncertain'
+           OR (mailer_sent_emails.state = 'sending'
+               AND mailer_sent_emails.claimed_at < {now} - :lease)
 """
-_READ = text(
-    "SELECT state, claim_token, transport, provider_message_id "
-    "FROM mailer_sent_emails WHERE job_id = :job_id"
-)
+_READ = """
+    SELECT state, claim_token, transport, provider_message_id,
+           COALESCE(first_claimed_at, claimed_at) AS first_claimed_at, attempted_at,
+           {now} AS now
+    FROM mailer_sent_emails WHERE job_id = :job_id
+"""
 _MARK_SENT = """
     UPDATE mailer_sent_emails
     SET state = 'sent', sent_at = {now}, transport = :transport,
         provider_message_id = :message_id
     WHERE job_id = :job_id
 """
+# A claim given up after a send that provably did not happen: gone, unless an
+# earlier send of the job is still uncertain.
 _RELEASE = text(
-    "DELETE FROM mailer_sent_emails "
+    "DELETE FROM mailer_sent_emails WHERE job_id = :job_id AND claim_token = :token "
+    "AND state = 'sending' AND attempted_at IS NULL"
+)
+_KEEP_UNCERTAIN = text(
+    "UPDATE mailer_sent_emails SET state = 'uncertain', owner = NULL "
     "WHERE job_id = :job_id AND claim_token = :token AND state = 'sending'"
 )
+_MARK_UNCERTAIN = """
+    UPDATE mailer_sent_emails SET state = 'uncertain', owner = NULL, attempted_at = {now}
+    WHERE job_id = :job_id AND claim_token = :token AND state = 'sending'
+"""
 _HEARTBEAT = """
     UPDATE mailer_sent_emails SET claimed_at = {now}
-    WHERE owner = :owner AND state = 'sending'
+    WHERE owner = :owner AND state = 'sending' AND claim_token IN :tokens
+"""
+# At a stop: whatever this mailer still holds may be at the provider.
+_LEAVE_UNCERTAIN = """
+    UPDATE mailer_sent_emails SET state = 'uncertain', owner = NULL, attempted_at = {now}
+    WHERE owner = :owner AND state = 'sending' AND claim_token IN :tokens
 """
 _PURGE = text("DELETE FROM mailer_sent_emails WHERE state = 'sent' AND sent_at < :before")
 
@@ -102,11 +131,23 @@ class ClaimState(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class Uncertainty:
+    """An earlier send of the job whose outcome is unknown, on the database's clock."""
+
+    since: float
+    """No send of the job is older than this (Unix time): where to start looking."""
+    age: float
+    """Seconds since the last uncertain attempt."""
+
+
+@dataclass(frozen=True, slots=True)
 class Claim:
     state: ClaimState
     token: str
     transport: str | None = None
     provider_message_id: str | None = None
+    uncertain: Uncertainty | None = None
+    """Set on a claim of a job an earlier send of which may have gone out."""
 
 
 class SqlLedger:
@@ -117,10 +158,20 @@ class SqlLedger:
         self._writer = for_writing(engine)
         self._lease = lease_seconds
         self.owner = str(uuid.uuid4())
-        """This process's id on its claims: renewed by ``heartbeat``, new at each start."""
+        """This process's id on its claims, new at each start."""
+        self._held: set[str] = set()
+        """The tokens of the claims this process is working on: only these are renewed."""
+        self._abandoned: set[str] = set()
+        """Claims no longer renewed whose sends may yet complete: uncertain at a stop."""
         now = _DATABASE_NOW[engine.dialect.name]
-        self._claim_sql, self._mark_sent_sql, self._heartbeat_sql = (
-            text(template.format(now=now)) for template in (_CLAIM, _MARK_SENT, _HEARTBEAT)
+        tokens: BindParameter[list[str]] = bindparam("tokens", expanding=True)
+        self._claim_sql, self._read_sql, self._mark_sent_sql, self._mark_uncertain_sql = (
+            text(template.format(now=now))
+            for template in (_CLAIM, _READ, _MARK_SENT, _MARK_UNCERTAIN)
+        )
+        self._heartbeat_sql, self._leave_uncertain_sql = (
+            text(template.format(now=now)).bindparams(tokens)
+            for template in (_HEARTBEAT, _LEAVE_UNCERTAIN)
         )
 
     @classmethod
@@ -131,32 +182,78 @@ class SqlLedger:
 
     def create_schema(self) -> None:
         create_tables(self._engine, metadata)
-        # A ledger made before claims had owners gains the column.
-        if "owner" not in {c["name"] for c in inspect(self._engine).get_columns(sent_emails.name)}:
-            with self._writer.begin() as connection:
-                connection.execute(
-                    text("ALTER TABLE mailer_sent_emails ADD COLUMN owner VARCHAR(36)")
-                )
+        # A ledger made by an earlier version gains the columns added since.
+        present = {c["name"] for c in inspect(self._engine).get_columns(sent_emails.name)}
+        with self._writer.begin() as connection:
+            for column in sent_emails.columns:
+                if column.name not in present:
+                    kind = column.type.compile(dialect=self._engine.dialect)
+                    connection.execute(
+                        text(f"ALTER TABLE {sent_emails.name} ADD COLUMN {column.name} {kind}")
+                    )
+
+    @property
+    def held(self) -> int:
+        """How many claims this process is working on."""
+        return len(self._held)
 
     async def claim(self, job_id: str) -> Claim:
-        return await asyncio.to_thread(self._claim, job_id)
+        claim = await asyncio.to_thread(self._claim, job_id)
+        if claim.state is ClaimState.CLAIMED:
+            self._held.add(claim.token)
+        return claim
 
-    async def mark_sent(self, job_id: str, transport: str, provider_message_id: str | None) -> None:
+    async def mark_sent(
+        self, job_id: str, claim: Claim, transport: str, provider_message_id: str | None
+    ) -> None:
         """Record the email as sent. Whoever holds the claim now, it was sent: say so.
 
-        Raises ``LedgerUnavailable`` when the database cannot take the write."""
+        Raises ``LedgerUnavailable`` when the database cannot take the write (the
+        claim is still renewed meanwhile)."""
         try:
             await asyncio.to_thread(self._mark_sent, job_id, transport, provider_message_id)
         except SQLAlchemyError as exc:
             raise LedgerUnavailable(type(exc).__name__) from exc
+        self._held.discard(claim.token)
 
     async def release(self, job_id: str, claim: Claim) -> None:
-        await asyncio.to_thread(self._release, job_id, claim)
+        """Give the claim up after a send that provably did not happen. If the write
+        fails, the claim lapses after the lease and is then treated as uncertain."""
+        self._held.discard(claim.token)
+        await self._quietly(self._release, job_id, claim.token)
+
+    async def mark_uncertain(self, job_id: str, claim: Claim) -> None:
+        """Record that a send may have gone out, and give the claim up; its next claim
+        says so. If the write fails, the claim lapses and is uncertain all the same."""
+        self._held.discard(claim.token)
+        await self._quietly(self._mark_uncertain, job_id, claim.token)
+
+    def abandon(self, claim: Claim) -> None:
+        """Stop renewing a claim without touching the database (a cancelled send): it
+        lapses after the lease and is then treated as uncertain (at once, if this
+        process stops first: ``leave_uncertain``)."""
+        self._held.discard(claim.token)
+        self._abandoned.add(claim.token)
+
+    async def leave_uncertain(self) -> int:
+        """At a stop: mark every claim this process still holds uncertain, so that the
+        next mailer need not wait for the lease. How many."""
+        tokens = [*self._held, *self._abandoned]
+        self._held, self._abandoned = set(), set()
+        if not tokens:
+            return 0
+        try:
+            return await asyncio.to_thread(self._leave_uncertain, tokens)
+        except SQLAlchemyError as exc:
+            raise LedgerUnavailable(type(exc).__name__) from exc
 
     async def heartbeat(self) -> int:
-        """Renew every claim this process holds; how many. Raises ``LedgerUnavailable``."""
+        """Renew every claim this process works on; how many. Raises ``LedgerUnavailable``."""
+        tokens = list(self._held)
+        if not tokens:
+            return 0
         try:
-            return await asyncio.to_thread(self._heartbeat)
+            return await asyncio.to_thread(self._heartbeat, tokens)
         except SQLAlchemyError as exc:
             raise LedgerUnavailable(type(exc).__name__) from exc
 
@@ -166,6 +263,16 @@ class SqlLedger:
     async def close(self) -> None:
         await asyncio.to_thread(self._engine.dispose)
 
+    async def _quietly(self, write: Callable[[str, str], None], job_id: str, token: str) -> None:
+        try:
+            await asyncio.to_thread(write, job_id, token)
+        except SQLAlchemyError as exc:
+            log.warning(
+                "job %s: could not update its claim (%s); it lapses after the lease",
+                job_id,
+                type(exc).__name__,
+            )
+
     def _claim(self, job_id: str) -> Claim:
         token = str(uuid.uuid4())
         with self._writer.begin() as connection:
@@ -173,12 +280,18 @@ class SqlLedger:
                 self._claim_sql,
                 {"job_id": job_id, "token": token, "owner": self.owner, "lease": self._lease},
             )
-            row = connection.execute(_READ, {"job_id": job_id}).one()
+            row = connection.execute(self._read_sql, {"job_id": job_id}).one()
         if row.state == "sent":
             return Claim(ClaimState.ALREADY_SENT, token, row.transport, row.provider_message_id)
         if row.claim_token != token:
             return Claim(ClaimState.BUSY, token)
-        return Claim(ClaimState.CLAIMED, token)
+        uncertain = None
+        if row.attempted_at is not None:
+            # PostgreSQL's clock comes back as a Decimal.
+            uncertain = Uncertainty(
+                since=float(row.first_claimed_at), age=float(row.now) - float(row.attempted_at)
+            )
+        return Claim(ClaimState.CLAIMED, token, uncertain=uncertain)
 
     def _mark_sent(self, job_id: str, transport: str, provider_message_id: str | None) -> None:
         with self._writer.begin() as connection:
@@ -187,13 +300,28 @@ class SqlLedger:
                 {"job_id": job_id, "transport": transport, "message_id": provider_message_id},
             )
 
-    def _release(self, job_id: str, claim: Claim) -> None:
+    def _release(self, job_id: str, token: str) -> None:
         with self._writer.begin() as connection:
-            connection.execute(_RELEASE, {"job_id": job_id, "token": claim.token})
+            connection.execute(_RELEASE, {"job_id": job_id, "token": token})
+            connection.execute(_KEEP_UNCERTAIN, {"job_id": job_id, "token": token})
 
-    def _heartbeat(self) -> int:
+    def _mark_uncertain(self, job_id: str, token: str) -> None:
         with self._writer.begin() as connection:
-            return connection.execute(self._heartbeat_sql, {"owner": self.owner}).rowcount
+            connection.execute(self._mark_uncertain_sql, {"job_id": job_id, "token": token})
+
+    def _heartbeat(self, tokens: list[str]) -> int:
+        with self._writer.begin() as connection:
+            result = connection.execute(
+                self._heartbeat_sql, {"owner": self.owner, "tokens": tokens}
+            )
+            return result.rowcount
+
+    def _leave_uncertain(self, tokens: list[str]) -> int:
+        with self._writer.begin() as connection:
+            result = connection.execute(
+                self._leave_uncertain_sql, {"owner": self.owner, "tokens": tokens}
+            )
+            return result.rowcount
 
     def _purge(self, before: float) -> int:
         with self._writer.begin() as connection:

@@ -1,52 +1,97 @@
 """The Mailtrap transport: the official, synchronous ``mailtrap`` SDK, in worker threads.
 
 This is the only module that imports the SDK. Its blocking calls run in a
-thread pool of ``concurrency`` threads, which bounds how many emails are at
+thread pool of ``concurrency`` threads, which bounds how many requests are at
 the provider at once, and its exceptions are translated into our
-``PermanentFailure`` / ``TransientFailure``.
+``PermanentFailure`` / ``TransientFailure`` / ``SendOutcomeUnknown``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from datetime import UTC, datetime
 
 import mailtrap
 import requests
+from mailtrap.api.resources.email_logs import EmailLogsApi
 from mailtrap.api.sending import SendingApi
-from mailtrap.config import SANDBOX_HOST, SENDING_HOST
+from mailtrap.config import GENERAL_HOST, SANDBOX_HOST, SENDING_HOST
 from mailtrap.exceptions import APIError, MailtrapError
 from mailtrap.http import HttpClient
+from mailtrap.models.email_logs import EmailLogsListFilters, filter_ci_equal
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
 from mailer_service.blocking_pool import DaemonThreadPool
 from mailer_service.compose import OutgoingEmail
-from mailer_service.transport import Receipt
+from mailer_service.transport import Receipt, SendOutcomeUnknown
 from pipeline_shared.errors import HandlerFailure, PermanentFailure, TransientFailure
 
 DEFAULT_TIMEOUT_SECONDS = 30.0
+# How long Mailtrap's Email Logs may take to show an accepted email.
+DEFAULT_SETTLE_SECONDS = 60.0
+CLOCK_MARGIN_SECONDS = 300.0
+# One recipient's emails since an uncertain send: a few pages at most.
+MAX_LOG_PAGES = 20
+
+
+# Statuses that say the provider did not take the request: sending again is safe.
+_NOT_TAKEN_STATUSES = frozenset({408, 429, 503})
 
 
 def is_transient_status(status: int) -> bool:
     """429 (rate limited), 408 and 5xx may pass later; any other 4xx will not."""
-    return status in {408, 429} or status >= 500
+    return status in _NOT_TAKEN_STATUSES or status >= 500
+
+
+def _never_left(exc: BaseException) -> bool:
+    """Whether a connection error happened before the request was written: the
+    connection was never made (refused, DNS, connect timeout) or TLS failed."""
+    if isinstance(exc, requests.exceptions.ConnectTimeout | requests.exceptions.SSLError):
+        return True
+    seen: set[int] = set()
+    pending: list[object] = [exc]
+    while pending:
+        current = pending.pop()
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, NewConnectionError | ConnectTimeoutError):
+            return True
+        pending.extend([*current.args, current.__cause__, current.__context__])
+        pending.append(getattr(current, "reason", None))  # urllib3's MaxRetryError
+    return False
 
 
 def classify(exc: BaseException) -> HandlerFailure:
-    """Translate an SDK or network exception into a permanent or transient failure."""
+    """Translate an SDK or network exception into what it says about the email.
+
+    Rejected (a 4xx other than 408/429): ``PermanentFailure``. Not taken (408,
+    429, 503, no connection, TLS failure): ``TransientFailure``. Anything that
+    may have followed the provider's acceptance (a timeout or a lost connection
+    after the request went out, 500, 502, 504, an answer we cannot read):
+    ``SendOutcomeUnknown``.
+    """
     if isinstance(exc, APIError):
         reason = f"Mailtrap answered {exc.status}: {'; '.join(exc.errors)}"
-        if is_transient_status(exc.status):
+        if exc.status in _NOT_TAKEN_STATUSES:
             return TransientFailure(reason)
+        if exc.status >= 500:
+            return SendOutcomeUnknown(reason)
         return PermanentFailure(reason)
     if isinstance(exc, requests.exceptions.InvalidURL | requests.exceptions.InvalidHeader):
         return PermanentFailure(f"Mailtrap request is malformed: {type(exc).__name__}: {exc}")
-    if isinstance(exc, requests.Timeout):
-        return TransientFailure(f"Mailtrap did not answer in time: {type(exc).__name__}")
-    if isinstance(exc, requests.RequestException):
+    if isinstance(exc, requests.RequestException) and _never_left(exc):
         return TransientFailure(f"could not reach Mailtrap: {type(exc).__name__}")
+    if isinstance(exc, requests.Timeout):
+        return SendOutcomeUnknown(f"Mailtrap did not answer in time: {type(exc).__name__}")
+    if isinstance(exc, requests.RequestException):
+        return SendOutcomeUnknown(
+            f"lost the connection to Mailtrap while waiting for its answer: {type(exc).__name__}"
+        )
     if isinstance(exc, MailtrapError):
         return PermanentFailure(f"Mailtrap client error: {exc}")
-    return TransientFailure(
+    return SendOutcomeUnknown(
         f"unexpected error sending through Mailtrap: {type(exc).__name__}: {exc}"
     )
 
@@ -63,6 +108,9 @@ def to_mail(email: OutgoingEmail) -> mailtrap.Mail:
 
 
 class MailtrapTransport:
+    """Sends through Mailtrap's sending API and, given an account id, finds past sends
+    in its Email Logs API (on the general API host)."""
+
     name = "mailtrap"
 
     def __init__(
@@ -73,6 +121,9 @@ class MailtrapTransport:
         inbox_id: str | None,
         concurrency: int,
         timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+        account_id: str | None = None,
+        general_api_host: str = GENERAL_HOST,
+        settle_seconds: float = DEFAULT_SETTLE_SECONDS,
     ) -> None:
         self._client = mailtrap.MailtrapClient(
             token=token, api_host=api_host, sandbox=inbox_id is not None, inbox_id=inbox_id
@@ -80,8 +131,19 @@ class MailtrapTransport:
         self._host = api_host or (SANDBOX_HOST if inbox_id is not None else SENDING_HOST)
         self._inbox_id = inbox_id
         self._timeout = timeout_seconds
+        self._account_id = account_id
+        self._general_host = general_api_host
+        self._settle = settle_seconds
         self._pool = DaemonThreadPool(concurrency, name="mailtrap")
         self._local = threading.local()
+
+    @property
+    def reconciles(self) -> bool:
+        return self._account_id is not None
+
+    @property
+    def settle_seconds(self) -> float:
+        return self._settle
 
     def _sending_api(self) -> SendingApi:
         # The client's ``send`` opens a new HTTP session, so a new TLS
@@ -95,9 +157,38 @@ class MailtrapTransport:
             api = self._local.api = SendingApi(client=client, inbox_id=self._inbox_id)
         return api
 
+    def _email_logs(self) -> EmailLogsApi:
+        assert self._account_id is not None
+        logs: EmailLogsApi | None = getattr(self._local, "logs", None)
+        if logs is None:
+            # The SDK's own client fixes the general host to mailtrap.io.
+            client = HttpClient(self._general_host, self._client.headers, timeout=self._timeout)
+            logs = self._local.logs = EmailLogsApi(client=client, account_id=self._account_id)
+        return logs
+
     def _send_blocking(self, mail: mailtrap.Mail) -> Receipt:
         response = self._sending_api().send(mail)
         return Receipt(message_id=response.message_ids[0] if response.message_ids else None)
+
+    def _find_blocking(self, email: OutgoingEmail, since: float) -> Receipt | None:
+        # The provider's clock may differ from ours: widen the window.
+        after = datetime.fromtimestamp(since - CLOCK_MARGIN_SECONDS, UTC)
+        filters = EmailLogsListFilters(
+            sent_after=after.isoformat(timespec="seconds").replace("+00:00", "Z"),
+            to=filter_ci_equal(email.to),
+        )
+        cursor: str | None = None
+        for _ in range(MAX_LOG_PAGES):
+            page = self._email_logs().get_list(filters=filters, search_after=cursor)
+            for message in page.messages:
+                if str(message.custom_variables.get("job_id")) == email.job_id:
+                    return Receipt(message_id=message.message_id)
+            cursor = page.next_page_cursor
+            if not cursor or not page.messages:
+                return None
+        raise TransientFailure(
+            f"the Email Logs search for {email.job_id} went past {MAX_LOG_PAGES} pages"
+        )
 
     async def send(self, email: OutgoingEmail) -> Receipt:
         try:
@@ -111,6 +202,19 @@ class MailtrapTransport:
             raise
         except Exception as exc:
             raise classify(exc) from exc
+
+    async def find_sent(self, email: OutgoingEmail, since: float) -> Receipt | None:
+        if self._account_id is None:
+            return None
+        try:
+            return await self._pool.run(lambda: self._find_blocking(email, since))
+        except (asyncio.CancelledError, TransientFailure):
+            raise
+        except Exception as exc:
+            raise TransientFailure(
+                f"could not ask Mailtrap's Email Logs whether the email went out: "
+                f"{classify(exc).reason}"
+            ) from exc
 
     async def close(self) -> None:
         # Does not wait for requests still at the provider: they are bounded by

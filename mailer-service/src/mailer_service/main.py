@@ -24,6 +24,8 @@ from pipeline_shared.worker import run_until_signalled, serve_stage
 
 SERVICE = "mailer-service"
 PURGE_INTERVAL_SECONDS = 3600
+# Part of the stop's budget: a database that does not answer must not hold the exit.
+LEAVE_TIMEOUT_SECONDS = 2.0
 log = logging.getLogger("mailer")
 
 
@@ -36,12 +38,20 @@ def build_transport(settings: MailerSettings) -> EmailTransport:
             else "sending"
         )
         log.info("sending through Mailtrap (%s) with %d threads", mode, settings.mailer_concurrency)
+        if settings.mailtrap_account_id is None:
+            log.warning(
+                "MAILTRAP_ACCOUNT_ID is not set: a send whose outcome is unknown is sent "
+                "again after SEND_LEASE_SECONDS without asking Mailtrap's Email Logs"
+            )
         return MailtrapTransport(
             token=settings.mailtrap_token.get_secret_value(),
             api_host=settings.mailtrap_api_host,
             inbox_id=settings.mailtrap_inbox_id,
             concurrency=settings.mailer_concurrency,
             timeout_seconds=settings.mailtrap_timeout_seconds,
+            account_id=settings.mailtrap_account_id,
+            general_api_host=settings.mailtrap_general_api_host,
+            settle_seconds=settings.reconcile_after_seconds,
         )
     if settings.mailer_transport is None:
         log.warning(
@@ -106,7 +116,7 @@ async def serve(settings: MailerSettings, stop: asyncio.Event) -> None:
             broker,
             MAILER,
             DataProcessed,
-            SendEmail(transport, broker, ledger, sender),
+            SendEmail(transport, broker, ledger, sender, lease_seconds=settings.send_lease_seconds),
             prefetch=settings.prefetch,
             max_event_bytes=settings.max_event_bytes,
             handler_timeout=settings.handler_timeout_seconds,
@@ -117,7 +127,20 @@ async def serve(settings: MailerSettings, stop: asyncio.Event) -> None:
         purging.cancel()
         renewing.cancel()
         await transport.close()
+        await leave_uncertain(ledger)
         await ledger.close()
+
+
+async def leave_uncertain(ledger: SqlLedger) -> None:
+    """At a stop, the claims still held are sends that may be at the provider: mark
+    them uncertain, so the next mailer settles them at once instead of after the lease."""
+    try:
+        left = await asyncio.wait_for(ledger.leave_uncertain(), timeout=LEAVE_TIMEOUT_SECONDS)
+    except (LedgerUnavailable, TimeoutError) as exc:
+        log.warning("could not mark the sends in flight uncertain (%s); their claims lapse", exc)
+        return
+    if left:
+        log.info("left %d send(s) in flight uncertain, to be settled by the next attempt", left)
 
 
 def main() -> None:

@@ -33,6 +33,23 @@ class MailerSettings(WorkerSettings):
         default=None,
         description="Mailtrap sandbox inbox id: when set, emails go to that test inbox.",
     )
+    mailtrap_account_id: str | None = Field(
+        default=None,
+        pattern=r"^[0-9]{1,20}$",
+        description="Mailtrap account id: lets the mailer ask the Email Logs API whether a "
+        "send whose outcome is unknown went out, instead of sending it again.",
+    )
+    mailtrap_general_api_host: str = Field(
+        default="mailtrap.io",
+        description="Host of Mailtrap's general API (Email Logs), host:port.",
+    )
+    reconcile_after_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        le=3600,
+        description="How long after an uncertain send the Email Logs are asked about it "
+        "(they show an accepted email only after a delay).",
+    )
     mail_from: SenderAddress = Field(
         default="pipeline@example.com",
         validate_default=True,
@@ -104,7 +121,7 @@ class MailerSettings(WorkerSettings):
             raise ValueError("is required when MAILER_TRANSPORT=mailtrap")
         return value
 
-    @field_validator("mailtrap_api_host")
+    @field_validator("mailtrap_api_host", "mailtrap_general_api_host")
     @classmethod
     def _host_port(cls, value: str | None) -> str | None:
         if value is not None and not _HOST_PORT.fullmatch(value):
