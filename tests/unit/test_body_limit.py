@@ -168,6 +168,24 @@ async def test_a_refusal_asks_the_client_to_close_the_connection(
     assert int(response.headers["content-length"]) == len(response.content)
 
 
+async def test_a_path_with_a_limit_of_its_own_takes_larger_bodies_and_only_that_path(
+    app: RecordingApp,
+) -> None:
+    limited = BodySizeLimit(app, max_bytes=LIMIT, max_bytes_by_path={"/jobs/batch": 4 * LIMIT})
+    transport = httpx.ASGITransport(app=limited)
+    body = b"x" * (2 * LIMIT)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as client:
+        batch = await client.post("/jobs/batch", content=body)
+        single = await client.post("/jobs", content=body)
+        too_large = await client.post("/jobs/batch", content=chunks(body, body, body))
+
+    assert batch.status_code == 200
+    assert app.bodies == [body]
+    assert single.status_code == 413
+    assert too_large.status_code == 413
+    assert too_large.json() == {"detail": f"request body larger than {4 * LIMIT} bytes"}
+
+
 # --- other ASGI traffic -----------------------------------------------------
 
 
