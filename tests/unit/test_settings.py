@@ -252,6 +252,16 @@ def test_the_default_event_limit_carries_the_default_request_limit() -> None:
     assert settings.max_event_bytes >= 10 * settings.max_request_bytes
 
 
+def test_the_api_refuses_a_batch_body_limit_smaller_than_one_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MAX_BATCH_REQUEST_BYTES", "4096")
+
+    message = exit_message(ApiSettings, "api-service")
+
+    assert "MAX_BATCH_REQUEST_BYTES (4096) must be at least MAX_REQUEST_BYTES (262144)" in message
+
+
 def test_a_mailer_handler_timeout_too_short_for_a_send_is_refused_naming_both(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -19,6 +19,18 @@ class ApiSettings(PipelineSettings):
     max_request_bytes: int = Field(
         default=256 * 1024, ge=1024, description="Largest request body accepted; bigger gets 413."
     )
+    max_batch_jobs: int = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        description="Most jobs one POST /jobs/batch may hold; more gets 422.",
+    )
+    max_batch_request_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        description="Largest POST /jobs/batch body accepted; bigger gets 413. Each of its jobs "
+        "is still held to MAX_REQUEST_BYTES.",
+    )
     request_timeout_seconds: float = Field(
         default=15.0,
         gt=0,
@@ -54,6 +66,18 @@ class ApiSettings(PipelineSettings):
                 f"MAX_EVENT_BYTES ({self.max_event_bytes}) must be at least {EVENT_GROWTH} times "
                 f"MAX_REQUEST_BYTES ({self.max_request_bytes}), or a job the api accepts could "
                 f"be too large for the next stage; for example MAX_EVENT_BYTES={needed}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _a_batch_can_carry_any_job(self) -> ApiSettings:
+        # Each job in a batch is held to MAX_REQUEST_BYTES (so the rule above covers
+        # its events); a batch body smaller than that would refuse jobs POST /jobs takes.
+        if self.max_batch_request_bytes < self.max_request_bytes:
+            raise ValueError(
+                f"MAX_BATCH_REQUEST_BYTES ({self.max_batch_request_bytes}) must be at least "
+                f"MAX_REQUEST_BYTES ({self.max_request_bytes}), or a job POST /jobs accepts "
+                "could not be sent in a batch"
             )
         return self
 
