@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from api_service.answers import RETRY_AFTER_SECONDS
 from api_service.app import create_app
+from api_service.recorder import JobRecorder
 from api_service.settings import ApiSettings
 from api_service.store import JobStore
 from pipeline_shared.errors import BrokerUnavailable
@@ -63,6 +64,7 @@ def app(broker: FakeBroker, follower: FakeFollower, tmp_path: Path) -> Iterator[
     application.state.follower = follower
     store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
     application.state.store = store
+    application.state.recorder = JobRecorder(store.record_batch)
     yield application
     asyncio.run(store.close())
 

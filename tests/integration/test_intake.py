@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from sqlalchemy.exc import OperationalError
 
 from api_service.app import create_app
+from api_service.recorder import JobRecorder
 from api_service.settings import ApiSettings
 from api_service.store import JobStore, KeyState
 from pipeline_shared.errors import BrokerUnavailable, PublishOutcomeUnknown
@@ -79,6 +80,7 @@ def app(broker: ScriptedBroker, store: JobStore) -> FastAPI:
     application = create_app(settings)
     application.state.broker = broker
     application.state.store = store
+    application.state.recorder = JobRecorder(store.record_batch)
     application.state.follower = Ready()
     return application
 

@@ -13,6 +13,7 @@ import pytest
 from fastapi import FastAPI
 
 from api_service.app import create_app
+from api_service.recorder import JobRecorder
 from api_service.settings import ApiSettings
 from api_service.store import JobStore
 from unit.fakes import FakePublisher
@@ -36,6 +37,7 @@ def build_app(broker: FakeBroker, tmp_path: Path, **settings: Any) -> Iterator[F
     application.state.broker = broker
     store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
     application.state.store = store
+    application.state.recorder = JobRecorder(store.record_batch)
     yield application
     asyncio.run(store.close())
 

@@ -23,11 +23,13 @@ from api_service.dependencies import (
     FollowerDep,
     IdempotencyKey,
     IntakeDep,
+    RecorderDep,
     StoreDep,
 )
 from api_service.following import NOT_CONNECTED, JobFollower
 from api_service.intake import IntakePolicy
 from api_service.read_model import JobEvent, Status
+from api_service.recorder import JobRecorder
 from api_service.schemas import (
     Health,
     JobAccepted,
@@ -65,13 +67,14 @@ _SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 class RecordJobEvent:
-    """The read model's handler: fold each job event into its job's record."""
+    """The read model's handler: fold each job event into its job's record, in the
+    recorder's next batch; the message is acked once that batch is committed."""
 
-    def __init__(self, store: JobStore) -> None:
-        self._store = store
+    def __init__(self, recorder: JobRecorder) -> None:
+        self._recorder = recorder
 
     async def __call__(self, event: JobEvent) -> None:
-        await self._store.record(event)
+        await self._recorder.record(event)
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
@@ -103,13 +106,14 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 settings.api_port,
             )
         broker = Broker.from_settings(settings, app_id=SERVICE)
-        app.state.broker, app.state.store = broker, store
+        recorder = JobRecorder(store.record_batch)
+        app.state.broker, app.state.store, app.state.recorder = broker, store, recorder
         # Connect in the background: the api answers /healthz (and 503s)
         # while the broker is away, and the robust connection takes over once
         # the first connection is made.
         follower = JobFollower(
             broker,
-            RecordJobEvent(store),
+            RecordJobEvent(recorder),
             prefetch=settings.status_prefetch,
             max_event_bytes=settings.max_event_bytes,
         )
@@ -124,6 +128,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             following.cancel()
             await asyncio.gather(following, purging, return_exceptions=True)
             await broker.close()
+            await recorder.close()
             await store.close()
 
     app = FastAPI(
@@ -195,10 +200,12 @@ def create_app(settings: ApiSettings) -> FastAPI:
         },
         tags=["jobs"],
     )
-    async def get_job(job_id: UUID, store: StoreDep, caller: CallerDep) -> JobView:
+    async def get_job(
+        job_id: UUID, store: StoreDep, recorder: RecorderDep, caller: CallerDep
+    ) -> JobView:
         """A job's status and timeline. 404 means the job was never accepted (for this caller)."""
-        record = await store.get(str(job_id), caller)
-        if record is None:
+        record = recorder.pending(str(job_id), await store.get(str(job_id), caller))
+        if record is None or record.caller != caller:
             raise HTTPException(404, f"no job {job_id}")
         return JobView.of(record)
 

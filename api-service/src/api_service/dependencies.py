@@ -13,6 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api_service.auth import ApiKeys
 from api_service.intake import IntakePolicy, JobIntake
+from api_service.recorder import JobRecorder
 from api_service.store import JobStore
 from pipeline_shared.messaging import Broker
 
@@ -29,9 +30,15 @@ async def get_store(request: Request) -> JobStore:
     return store
 
 
+async def get_recorder(request: Request) -> JobRecorder:
+    recorder: JobRecorder = request.app.state.recorder
+    return recorder
+
+
 async def get_intake(request: Request) -> JobIntake:
     policy: IntakePolicy = request.app.state.intake_policy
-    return JobIntake(request.app.state.broker, request.app.state.store, policy)
+    state = request.app.state
+    return JobIntake(state.broker, state.store, policy, state.recorder)
 
 
 class Following(Protocol):
@@ -68,6 +75,7 @@ async def authenticate(
 
 BrokerDep = Annotated[Broker, Depends(get_broker)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
+RecorderDep = Annotated[JobRecorder, Depends(get_recorder)]
 CallerDep = Annotated[str, Depends(authenticate)]
 FollowerDep = Annotated[Following, Depends(get_follower)]
 IntakeDep = Annotated[JobIntake, Depends(get_intake)]

@@ -31,6 +31,7 @@ from uuid import UUID, uuid4
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from api_service.recorder import JobRecorder
 from api_service.schemas import JobRequest
 from api_service.store import JobStore, KeyOutcome, KeyState
 from pipeline_shared.errors import BrokerUnavailable, PublishOutcomeUnknown
@@ -89,13 +90,17 @@ class IntakePolicy:
 
 
 class JobIntake:
-    def __init__(self, broker: Publisher, store: JobStore, policy: IntakePolicy) -> None:
+    def __init__(
+        self, broker: Publisher, store: JobStore, policy: IntakePolicy, recorder: JobRecorder
+    ) -> None:
         self._broker = broker
         self._store = store
         self._policy = policy
+        self._recorder = recorder
 
     async def accept(self, job: JobRequest, caller: str, job_id: UUID | None = None) -> UUID:
-        """Publish the job and record it, so that ``GET /jobs/{id}`` knows it at once."""
+        """Publish the job and hand it to the read model, so that ``GET /jobs/{id}`` knows
+        it at once; the answer does not wait for the record's commit."""
         job_id = job_id or uuid4()
         event = JobRequested(
             job_id=job_id,
@@ -107,12 +112,7 @@ class JobIntake:
         )
         await self._publish(event)
         log.info("job %s: JobRequested published (step %s)", event.job_id, event.step)
-        try:
-            await self._store.record(event)
-        except SQLAlchemyError as exc:
-            # The job is safe with the broker; the read model will record it
-            # from the event itself.
-            log.warning("job %s: not recorded yet (%s)", event.job_id, type(exc).__name__)
+        self._recorder.note(event)
         return job_id
 
     async def accept_once(self, job: JobRequest, caller: str, key: str) -> tuple[UUID, bool]:

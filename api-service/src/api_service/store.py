@@ -31,6 +31,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     delete,
     or_,
     select,
@@ -73,11 +74,27 @@ _INSERT_JOB = text(
     "VALUES (:job_id, :caller, :status, :created_at, :updated_at, :timeline) "
     "ON CONFLICT (job_id) DO NOTHING"
 )
+_LOCK_JOBS = (
+    "SELECT job_id, caller, timeline FROM api_jobs WHERE job_id IN :job_ids ORDER BY job_id"
+)
+_UPDATE_JOB = text(
+    "UPDATE api_jobs SET caller = :caller, status = :status, created_at = :created_at, "
+    "updated_at = :updated_at, timeline = :timeline WHERE job_id = :job_id"
+)
 _RESERVE_KEY = text(
     "INSERT INTO api_idempotency_keys (caller, key, request_hash, job_id, state, created_at) "
     "VALUES (:caller, :key, :request_hash, :job_id, 'pending', :now) "
     "ON CONFLICT (caller, key) DO NOTHING"
 )
+
+
+def _fold(record: JobRecord | None, events: Sequence[JobEvent]) -> JobRecord:
+    """``record`` after ``events``: the very same object when they add nothing."""
+    folded = record
+    for event in events:
+        folded = apply(folded, event)
+    assert folded is not None
+    return folded
 
 
 def _timeline_json(timeline: Sequence[Entry]) -> str:
@@ -141,13 +158,19 @@ class Reservation:
 
 
 class JobStore:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, relaxed: Engine | None = None) -> None:
         self._engine = engine
         self._writer = for_writing(engine)
+        # The read model's writes: the same database, commits that need not
+        # wait for the disk (the idempotency keys keep ``engine``'s).
+        self._relaxed = for_writing(relaxed or engine)
+        # SQLite has no FOR UPDATE: its writers hold the database's one write lock.
+        locking = _LOCK_JOBS + (" FOR UPDATE" if engine.dialect.name == "postgresql" else "")
+        self._lock_jobs = text(locking).bindparams(bindparam("job_ids", expanding=True))
 
     @classmethod
     def open(cls, database_url: str) -> JobStore:
-        store = cls(build_engine(database_url))
+        store = cls(build_engine(database_url), build_engine(database_url, durable=False))
         store.create_schema()
         return store
 
@@ -156,35 +179,43 @@ class JobStore:
 
     async def close(self) -> None:
         await asyncio.to_thread(self._engine.dispose)
+        await asyncio.to_thread(self._relaxed.dispose)
 
     # --- the read model -------------------------------------------------
 
-    async def record(self, event: JobEvent) -> JobRecord:
-        """Fold ``event`` into its job's record (idempotent) and return the record."""
-        return await asyncio.to_thread(self._record, event)
+    async def record(self, event: JobEvent) -> None:
+        """Fold ``event`` into its job's record (idempotent)."""
+        await asyncio.to_thread(self.record_batch, [event])
 
-    def _record(self, event: JobEvent) -> JobRecord:
-        # Most repeats (the api's own JobRequested coming back through the
-        # queue, redeliveries) change nothing: find them without the write lock.
-        with self._engine.connect() as connection:
-            seen = self._read(connection, str(event.job_id))
-        if seen is not None and apply(seen, event) is seen:
-            return seen
-        with self._writer.begin() as connection:
-            existing = self._read(connection, str(event.job_id), lock=True)
-            updated = apply(existing, event)
-            if existing is None:
-                inserted = connection.execute(_INSERT_JOB, _row_values(updated)).rowcount
-                if inserted:
-                    return updated
-                # Another replica inserted it first: fold into theirs.
-                existing = self._read(connection, str(event.job_id), lock=True)
-                updated = apply(existing, event)
-            if updated != existing:
-                connection.execute(
-                    update(jobs).where(jobs.c.job_id == updated.job_id).values(_row_values(updated))
-                )
-            return updated
+    def record_batch(self, events: Sequence[JobEvent]) -> None:
+        """Fold many events into their jobs' records in one transaction (blocking).
+
+        Three statements, whatever the number of events: insert a record for each
+        job not yet known (as the batch alone describes it), read every job's
+        record, locked, and write back those the batch changed. The fold is
+        idempotent and order-free (``read_model``), so folding the batch into a
+        record just inserted from it changes nothing, and events may repeat.
+        The read model is rebuilt from events the broker keeps until they are
+        recorded: its commits do not wait for the disk (``durable=False``).
+        """
+        if not events:
+            return
+        by_job: dict[str, list[JobEvent]] = {}
+        for event in events:
+            by_job.setdefault(str(event.job_id), []).append(event)
+        job_ids = sorted(by_job)  # one lock order for every replica
+        fresh = [_row_values(_fold(None, by_job[job_id])) for job_id in job_ids]
+        with self._relaxed.begin() as connection:
+            connection.execute(_INSERT_JOB, fresh)
+            rows = connection.execute(self._lock_jobs, {"job_ids": job_ids}).all()
+            changed = []
+            for row in rows:
+                stored = _record_of(row)
+                updated = _fold(stored, by_job[row.job_id])
+                if updated is not stored:
+                    changed.append(_row_values(updated))
+            if changed:
+                connection.execute(_UPDATE_JOB, changed)
 
     @staticmethod
     def _read(connection: Connection, job_id: str, *, lock: bool = False) -> JobRecord | None:

@@ -1,0 +1,103 @@
+"""Group commit of the job read model: batching, failures and reads of unwritten events."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+from api_service.read_model import JobEvent
+from api_service.recorder import JobRecorder
+from unit.fakes import job_requested
+
+
+class Writes:
+    """A ``write_batch`` that records its batches; ``gate`` holds the first write."""
+
+    def __init__(self, *, hold_first: bool = False, fail: Exception | None = None) -> None:
+        self.batches: list[list[JobEvent]] = []
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        if not hold_first:
+            self.gate.set()
+        self.fail = fail
+
+    def __call__(self, events: Sequence[JobEvent]) -> None:
+        self.entered.set()
+        self.gate.wait(10)
+        self.batches.append(list(events))
+        if self.fail is not None:
+            raise self.fail
+
+
+async def test_events_arriving_during_a_write_go_into_the_next_transaction_together() -> None:
+    writes = Writes(hold_first=True)
+    recorder = JobRecorder(writes)
+    first = asyncio.create_task(recorder.record(job_requested()))
+    await asyncio.to_thread(writes.entered.wait, 10)
+
+    later = [job_requested() for _ in range(50)]
+    waiting = [asyncio.create_task(recorder.record(event)) for event in later]
+    await asyncio.sleep(0.01)
+    writes.gate.set()
+    await asyncio.gather(first, *waiting)
+
+    assert [len(batch) for batch in writes.batches] == [1, 50]
+    assert writes.batches[1] == later
+
+
+async def test_a_batch_is_never_larger_than_the_limit() -> None:
+    writes = Writes()
+    recorder = JobRecorder(writes, max_batch=7)
+
+    await asyncio.gather(*(recorder.record(job_requested()) for _ in range(20)))
+
+    assert [len(batch) for batch in writes.batches] == [7, 7, 6]
+
+
+async def test_a_failed_write_fails_every_record_of_its_batch_and_the_next_goes_on() -> None:
+    writes = Writes(fail=RuntimeError("database is locked"))
+    recorder = JobRecorder(writes)
+
+    results = await asyncio.gather(
+        *(recorder.record(job_requested()) for _ in range(3)), return_exceptions=True
+    )
+    writes.fail = None
+    await recorder.record(job_requested())
+
+    assert [type(result) for result in results] == [RuntimeError] * 3
+    assert len(writes.batches) == 2
+
+
+async def test_an_accepted_job_reads_back_before_its_write_and_after(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    writes = Writes(hold_first=True)
+    recorder = JobRecorder(writes)
+    event = job_requested(submitted_by="caller-1")
+    job_id = str(event.job_id)
+
+    recorder.note(event)
+    pending = recorder.pending(job_id, None)
+
+    assert pending is not None
+    assert (pending.status, pending.caller) == ("queued", "caller-1")
+    assert recorder.pending("some-other-job", None) is None
+    writes.gate.set()
+    await recorder.close()
+    assert writes.batches == [[event]]
+    assert recorder.pending(job_id, None) is None  # written: the store answers now
+
+
+async def test_a_noted_job_whose_write_fails_is_logged_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    recorder = JobRecorder(Writes(fail=RuntimeError("disk full")))
+
+    recorder.note(job_requested())
+    await recorder.close()
+    await asyncio.sleep(0)
+
+    assert "not recorded yet (RuntimeError)" in caplog.text
