@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 from uuid import UUID, uuid4
@@ -33,7 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from api_service.recorder import JobRecorder
 from api_service.schemas import JobRequest
-from api_service.store import JobStore, KeyOutcome, KeyState
+from api_service.store import JobStore, KeyOutcome, KeyState, Reservation
 from pipeline_shared.errors import BrokerUnavailable, PublishOutcomeUnknown
 from pipeline_shared.events import JobRequested
 
@@ -117,25 +118,15 @@ class JobIntake:
 
     async def accept_once(self, job: JobRequest, caller: str, key: str) -> tuple[UUID, bool]:
         """Accept the job unless this caller's key was used before; (job id, replayed)."""
-        deadline = time.monotonic() + self._policy.key_wait
-        while True:
-            reservation = await self._store.reserve_key(
+        reservation = await reserve_waiting(
+            lambda: self._store.reserve_key(
                 caller, key, fingerprint(job), str(uuid4()), self._policy.key_stale_after
-            )
-            if reservation.outcome is KeyOutcome.REPLAY:
-                return UUID(reservation.job_id), True
-            if reservation.outcome is KeyOutcome.CONFLICT:
-                raise KeyConflict("this Idempotency-Key was already used with a different request")
-            if reservation.outcome in (KeyOutcome.NEW, KeyOutcome.RESUME):
-                break
-            # The same request is being accepted by another call: wait for it.
-            if time.monotonic() > deadline:
-                raise KeyConflict(
-                    "a request with this Idempotency-Key is still in progress; retry later"
-                )
-            await asyncio.sleep(0.05)
-
+            ),
+            self._policy.key_wait,
+        )
         job_id = UUID(reservation.job_id)
+        if reservation.outcome is KeyOutcome.REPLAY:
+            return job_id, True
         resumed = reservation.outcome is KeyOutcome.RESUME
         try:
             await self.accept(job, caller, job_id)
@@ -153,36 +144,68 @@ class JobIntake:
         return job_id, False
 
     async def _publish(self, event: JobRequested) -> None:
-        deadline: float | None = None
-        while True:
-            try:
-                await self._broker.publish(event)
-                return
-            except PublishOutcomeUnknown as exc:
-                reason = str(exc)
-                if deadline is None:
-                    deadline = time.monotonic() + self._policy.publish_budget
-                    log.warning("job %s: %s; publishing it again", event.job_id, reason)
-            except BrokerUnavailable as exc:
-                if deadline is None:
-                    raise NotAccepted(str(exc)) from exc
-                reason = str(exc)  # this attempt failed, an earlier one may not have
-            if time.monotonic() >= deadline:
-                raise OutcomeUnknown(event.job_id, reason)
-            await asyncio.sleep(REPUBLISH_PAUSE_SECONDS)
+        await publish_settled(self._broker, event, self._policy.publish_budget)
 
     async def _settle(self, caller: str, key: str, outcome: KeyState) -> None:
-        """Best effort, a few times: a reservation left ``pending`` is taken over later by
-        a retry with the same job id, so a failure here never makes a second job."""
-        for attempt in range(SETTLE_ATTEMPTS):
-            try:
-                await self._store.settle_key(caller, key, outcome)
-                return
-            except SQLAlchemyError as exc:
-                if attempt == SETTLE_ATTEMPTS - 1:
-                    log.warning(
-                        "Idempotency-Key left pending (%s): a retry takes it over",
-                        type(exc).__name__,
-                    )
-                else:
-                    await asyncio.sleep(0.05 * (attempt + 1))
+        await settle_quietly(lambda: self._store.settle_key(caller, key, outcome))
+
+
+async def publish_settled(broker: Publisher, event: JobRequested, budget: float) -> None:
+    """Publish ``event`` and know what became of it: return once the broker confirmed it,
+    raise ``NotAccepted`` if it provably did not take it, and on an unknown outcome publish
+    the very same event again until ``budget`` seconds have passed, then ``OutcomeUnknown``."""
+    deadline: float | None = None
+    while True:
+        try:
+            await broker.publish(event)
+            return
+        except PublishOutcomeUnknown as exc:
+            reason = str(exc)
+            if deadline is None:
+                deadline = time.monotonic() + budget
+                log.warning("job %s: %s; publishing it again", event.job_id, reason)
+        except BrokerUnavailable as exc:
+            if deadline is None:
+                raise NotAccepted(str(exc)) from exc
+            reason = str(exc)  # this attempt failed, an earlier one may not have
+        if time.monotonic() >= deadline:
+            raise OutcomeUnknown(event.job_id, reason)
+        await asyncio.sleep(REPUBLISH_PAUSE_SECONDS)
+
+
+async def reserve_waiting(
+    reserve: Callable[[], Awaitable[Reservation]], wait: float
+) -> Reservation:
+    """A reservation this request may act on (new, resumed or a replay), waiting up to
+    ``wait`` seconds while another request holds the key; ``KeyConflict`` otherwise."""
+    deadline = time.monotonic() + wait
+    while True:
+        reservation = await reserve()
+        if reservation.outcome is KeyOutcome.CONFLICT:
+            raise KeyConflict("this Idempotency-Key was already used with a different request")
+        if reservation.outcome is not KeyOutcome.PENDING:
+            return reservation
+        # The same request is being accepted by another call: wait for it.
+        if time.monotonic() > deadline:
+            raise KeyConflict(
+                "a request with this Idempotency-Key is still in progress; retry later"
+            )
+        await asyncio.sleep(0.05)
+
+
+async def settle_quietly(settle: Callable[[], Awaitable[None]]) -> None:
+    """Record what became of a reservation, best effort, a few times: a reservation left
+    ``pending`` is taken over later by a retry with the same job ids, so a failure here
+    never makes a second job."""
+    for attempt in range(SETTLE_ATTEMPTS):
+        try:
+            await settle()
+            return
+        except SQLAlchemyError as exc:
+            if attempt == SETTLE_ATTEMPTS - 1:
+                log.warning(
+                    "Idempotency-Key left pending (%s): a retry takes it over",
+                    type(exc).__name__,
+                )
+            else:
+                await asyncio.sleep(0.05 * (attempt + 1))
