@@ -2,8 +2,9 @@
 
 SQLite by default (one host), PostgreSQL when ``DATABASE_URL`` names it, so
 several api replicas share one view; one code path for both (SQLAlchemy
-Core). The tables are created at start if missing. Calls are blocking and
-are made in threads.
+Core). The tables are created at start if missing, and a table made by an
+earlier version gains the columns it lacks (``add_missing_columns``). Calls
+are blocking and are made in threads.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from enum import Enum
@@ -33,11 +34,13 @@ from sqlalchemy import (
     and_,
     bindparam,
     delete,
+    inspect,
     or_,
     select,
     text,
     update,
 )
+from sqlalchemy.exc import DBAPIError
 
 from api_service.read_model import Entry, JobEvent, JobRecord, Status, apply, facts
 from pipeline_shared.database import build_engine, create_tables, for_writing
@@ -66,8 +69,20 @@ idempotency_keys = Table(
     Column("job_id", String(36), nullable=False),
     Column("state", String(16), nullable=False),  # pending | unknown | done
     Column("created_at", Float, nullable=False),
+    # A batch's job ids in its items' order, as a JSON list (``job_id`` is the first);
+    # NULL for a single job's key, and for every key written before batches existed.
+    Column("job_ids", Text, nullable=True),
+    # Positions of a batch's jobs the broker confirmed, as a JSON list, once known.
+    Column("confirmed", Text, nullable=True),
     PrimaryKeyConstraint("caller", "key"),
 )
+
+# Columns added to api_idempotency_keys after its first release, and how to add them
+# to a table made before (``JobStore.create_schema``).
+_ADDED_KEY_COLUMNS = {
+    "job_ids": text("ALTER TABLE api_idempotency_keys ADD COLUMN job_ids TEXT"),
+    "confirmed": text("ALTER TABLE api_idempotency_keys ADD COLUMN confirmed TEXT"),
+}
 
 _INSERT_JOB = text(
     "INSERT INTO api_jobs (job_id, caller, status, created_at, updated_at, timeline) "
@@ -82,8 +97,9 @@ _UPDATE_JOB = text(
     "updated_at = :updated_at, timeline = :timeline WHERE job_id = :job_id"
 )
 _RESERVE_KEY = text(
-    "INSERT INTO api_idempotency_keys (caller, key, request_hash, job_id, state, created_at) "
-    "VALUES (:caller, :key, :request_hash, :job_id, 'pending', :now) "
+    "INSERT INTO api_idempotency_keys "
+    "(caller, key, request_hash, job_id, job_ids, state, created_at) "
+    "VALUES (:caller, :key, :request_hash, :job_id, :job_ids, 'pending', :now) "
     "ON CONFLICT (caller, key) DO NOTHING"
 )
 
@@ -155,6 +171,39 @@ class KeyOutcome(Enum):
 class Reservation:
     outcome: KeyOutcome
     job_id: str
+    job_ids: tuple[str, ...] = ()
+    """A batch's job ids, in its items' order (empty for a single job's key)."""
+    confirmed: frozenset[int] = frozenset()
+    """Positions of a batch's jobs the broker confirmed on an earlier attempt."""
+
+
+def _reservation(outcome: KeyOutcome, row: Any) -> Reservation:
+    return Reservation(
+        outcome,
+        row.job_id,
+        tuple(json.loads(row.job_ids)) if row.job_ids else (),
+        frozenset(json.loads(row.confirmed)) if row.confirmed else frozenset(),
+    )
+
+
+def add_missing_columns(engine: Engine, attempts: int = 5) -> None:
+    """Bring a table made by an earlier version up to date: add the columns it lacks.
+    Its rows keep working, NULL in a new column meaning what they meant before. Replicas
+    starting together may race to add a column: a failed attempt looks again."""
+    for attempt in range(1, attempts + 1):
+        present = {column["name"] for column in inspect(engine).get_columns(idempotency_keys.name)}
+        missing = [ddl for name, ddl in _ADDED_KEY_COLUMNS.items() if name not in present]
+        if not missing:
+            return
+        try:
+            with for_writing(engine).begin() as connection:
+                for ddl in missing:
+                    connection.execute(ddl)
+            return
+        except DBAPIError:
+            if attempt == attempts:
+                raise
+            time.sleep(0.1 * attempt)
 
 
 class JobStore:
@@ -176,6 +225,7 @@ class JobStore:
 
     def create_schema(self) -> None:
         create_tables(self._engine, metadata)
+        add_missing_columns(self._engine)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._engine.dispose)
@@ -267,23 +317,47 @@ class JobStore:
         self, caller: str, key: str, request_hash: str, job_id: str, stale_after: float
     ) -> Reservation:
         return await asyncio.to_thread(
-            self._reserve_key, caller, key, request_hash, job_id, stale_after
+            self._reserve_key, caller, key, request_hash, [job_id], stale_after, batch=False
+        )
+
+    async def reserve_batch_key(
+        self, caller: str, key: str, request_hash: str, job_ids: Sequence[str], stale_after: float
+    ) -> Reservation:
+        """Like ``reserve_key`` for a batch: the reservation holds all its job ids, and
+        the positions of those confirmed on an earlier attempt."""
+        return await asyncio.to_thread(
+            self._reserve_key, caller, key, request_hash, job_ids, stale_after, batch=True
         )
 
     def _reserve_key(
-        self, caller: str, key: str, request_hash: str, job_id: str, stale_after: float
+        self,
+        caller: str,
+        key: str,
+        request_hash: str,
+        job_ids: Sequence[str],
+        stale_after: float,
+        *,
+        batch: bool,
     ) -> Reservation:
         where = and_(idempotency_keys.c.caller == caller, idempotency_keys.c.key == key)
-        values = {"caller": caller, "key": key, "request_hash": request_hash, "job_id": job_id}
+        values = {
+            "caller": caller,
+            "key": key,
+            "request_hash": request_hash,
+            "job_id": job_ids[0],
+            "job_ids": json.dumps(list(job_ids)) if batch else None,
+        }
         while True:
             now = time.time()
             with self._writer.begin() as connection:
                 if connection.execute(_RESERVE_KEY, {**values, "now": now}).rowcount:
-                    return Reservation(KeyOutcome.NEW, job_id)
+                    return Reservation(KeyOutcome.NEW, job_ids[0], tuple(job_ids) if batch else ())
                 row = connection.execute(
                     select(
                         idempotency_keys.c.request_hash,
                         idempotency_keys.c.job_id,
+                        idempotency_keys.c.job_ids,
+                        idempotency_keys.c.confirmed,
                         idempotency_keys.c.state,
                         idempotency_keys.c.created_at,
                     ).where(where)
@@ -291,9 +365,9 @@ class JobStore:
                 if row is None:
                     continue  # freed between our insert and our look: try to take it again
                 if row.request_hash != request_hash:
-                    return Reservation(KeyOutcome.CONFLICT, row.job_id)
+                    return _reservation(KeyOutcome.CONFLICT, row)
                 if row.state == "done":
-                    return Reservation(KeyOutcome.REPLAY, row.job_id)
+                    return _reservation(KeyOutcome.REPLAY, row)
                 # An attempt whose outcome is unknown, or one that died with its
                 # api, may have reached the broker: take it over with its job id,
                 # never a new one (compare-and-set, so only one retry does).
@@ -304,23 +378,31 @@ class JobStore:
                         .values(state="pending", created_at=now)
                     ).rowcount
                     if taken:
-                        return Reservation(KeyOutcome.RESUME, row.job_id)
+                        return _reservation(KeyOutcome.RESUME, row)
                     continue
-                return Reservation(KeyOutcome.PENDING, row.job_id)
+                return _reservation(KeyOutcome.PENDING, row)
 
-    async def settle_key(self, caller: str, key: str, outcome: KeyState) -> None:
+    async def settle_key(
+        self, caller: str, key: str, outcome: KeyState, confirmed: Collection[int] = ()
+    ) -> None:
         """Record what became of the job a reservation was made for: ``done`` (accepted),
         ``unknown`` (it may have reached the broker), or ``refused`` (it did not: the key
-        is free again)."""
-        await asyncio.to_thread(self._settle_key, caller, key, outcome)
+        is free again). For a batch, ``confirmed`` holds the positions of all its jobs the
+        broker confirmed so far, which a retry does not publish again."""
+        await asyncio.to_thread(self._settle_key, caller, key, outcome, confirmed)
 
-    def _settle_key(self, caller: str, key: str, outcome: KeyState) -> None:
+    def _settle_key(
+        self, caller: str, key: str, outcome: KeyState, confirmed: Collection[int] = ()
+    ) -> None:
         where = and_(idempotency_keys.c.caller == caller, idempotency_keys.c.key == key)
         with self._writer.begin() as connection:
             if outcome == "refused":
                 connection.execute(delete(idempotency_keys).where(where))
             else:
-                connection.execute(update(idempotency_keys).where(where).values(state=outcome))
+                positions = json.dumps(sorted(confirmed)) if confirmed else None
+                connection.execute(
+                    update(idempotency_keys).where(where).values(state=outcome, confirmed=positions)
+                )
 
     # --- retention ----------------------------------------------------------
 
