@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exception_handlers import http_exception_handler
@@ -13,8 +14,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from api_service.batch import BatchIncomplete, BatchNotAccepted
 from api_service.intake import KeyConflict, NotAccepted, OutcomeUnknown
 from api_service.problems import validation_problems
+from api_service.schemas import BatchJobOutcome, IncompleteBatch
 from pipeline_shared.errors import BrokerUnavailable
 
 log = logging.getLogger("api")
@@ -23,7 +26,7 @@ RETRY_AFTER_SECONDS = 5
 RETRY_LATER = {"Retry-After": str(RETRY_AFTER_SECONDS)}
 
 
-def unavailable(request: Request, body: dict[str, str], why: object) -> JSONResponse:
+def unavailable(request: Request, body: dict[str, Any], why: object) -> JSONResponse:
     """A 503 asking the client to come back, logged with why."""
     log.warning("answering 503 to %s %s: %s", request.method, request.url.path, why)
     return JSONResponse(body, status_code=503, headers=RETRY_LATER)
@@ -66,6 +69,22 @@ def install_error_answers(app: FastAPI) -> None:
             "outcome": "unknown",
         }
         return unavailable(request, body, f"job {exc.job_id}: outcome unknown: {exc.reason}")
+
+    @app.exception_handler(BatchNotAccepted)
+    async def batch_not_accepted(request: Request, exc: BatchNotAccepted) -> JSONResponse:
+        body = {"detail": f"none of the jobs was accepted: {exc.reason}; retry later"}
+        return unavailable(request, body, exc.reason)
+
+    @app.exception_handler(BatchIncomplete)
+    async def batch_incomplete(request: Request, exc: BatchIncomplete) -> JSONResponse:
+        answer = IncompleteBatch(
+            detail=f"{exc.summary} ({exc.reason}); GET /jobs/{{job_id}} tells whether a job "
+            "with an unknown outcome exists; retry with the same Idempotency-Key to publish "
+            "again only the jobs not queued (without one, a retry of the whole batch would "
+            "queue its queued jobs twice)",
+            jobs=[BatchJobOutcome(job_id=job.job_id, status=job.state) for job in exc.jobs],
+        )
+        return unavailable(request, answer.model_dump(mode="json"), exc)
 
     @app.exception_handler(KeyConflict)
     async def key_conflict(request: Request, exc: KeyConflict) -> JSONResponse:

@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 
 from api_service.answers import RETRY_LATER, install_error_answers
+from api_service.batch_route import PATH as BATCH_PATH
+from api_service.batch_route import batch_router
 from api_service.body_limit import BodySizeLimit
 from api_service.dependencies import (
     BrokerDep,
@@ -147,6 +149,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         BodySizeLimit,
         max_bytes=settings.max_request_bytes,
         timeout_seconds=settings.request_timeout_seconds,
+        max_bytes_by_path={BATCH_PATH: settings.max_batch_request_bytes},
     )
     app.state.api_keys = settings.keys
     app.state.intake_policy = IntakePolicy(
@@ -156,6 +159,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     )
 
     install_error_answers(app)
+    app.include_router(batch_router(settings))
 
     @app.post(
         "/jobs",

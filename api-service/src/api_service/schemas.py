@@ -47,6 +47,31 @@ class JobAccepted(BaseModel):
     status: Literal["queued"] = "queued"
 
 
+class BatchAccepted(BaseModel):
+    """Every job of a batch, in the order of its items."""
+
+    jobs: list[JobAccepted]
+
+
+BatchJobState = Literal["queued", "unknown", "not_accepted"]
+
+
+class BatchJobOutcome(BaseModel):
+    job_id: UUID
+    status: BatchJobState = Field(
+        description="queued: the broker has the job; unknown: it may or may not have it "
+        "(GET /jobs/{job_id} tells); not_accepted: it does not."
+    )
+
+
+class IncompleteBatch(BaseModel):
+    """A 503 for a batch of which not every job is known to be with the broker."""
+
+    detail: str
+    outcome: Literal["partial"] = "partial"
+    jobs: list[BatchJobOutcome] = Field(description="Each job, in the order of the items.")
+
+
 class TaskAccepted(BaseModel):
     """The tutorial's answer shape: ``task_id`` is the job id."""
 
