@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from pipeline_shared.contract import (
     MAX_DATA_DEPTH,
+    TRUSTED,
     ContractViolation,
     EmailAddress,
     JobData,
@@ -24,6 +25,7 @@ from pipeline_shared.contract import (
     check_single_line,
     render_path,
 )
+from pipeline_shared.events import JobRequested
 
 pytestmark = pytest.mark.unit
 
@@ -300,3 +302,51 @@ def test_data_within_the_limits_survives_the_event_round_trip_unchanged(
     carried = Model.model_validate_json(Model(data=data).model_dump_json()).data
     # Same values and the same types (an integer stays an integer).
     assert json.dumps(carried, sort_keys=True) == json.dumps(data, sort_keys=True)
+
+
+# --- trusted events: validated once, at the edge --------------------------------
+
+
+def _requested_json(**overrides: object) -> str:
+    body = {
+        "job_id": "3f2b8c1e-0d4a-4f6b-9a57-2c1e8d9b7a60",
+        "email": "ada@example.com",
+        "subject": "Your report",
+        "data": {"visits": [1, 2]},
+        **overrides,
+    }
+    return json.dumps(body)
+
+
+def test_a_trusted_event_is_not_parsed_again_for_its_address_or_walked_for_its_data() -> None:
+    # What the api would have refused (a reserved domain, data deeper than the
+    # limit) passes downstream: it was validated where it came in.
+    deep: dict[str, object] = {}
+    node = deep
+    for _ in range(MAX_DATA_DEPTH + 5):
+        node["x"] = {}
+        node = node["x"]  # type: ignore[assignment]
+    body = _requested_json(email="ada@localhost", data=deep)
+
+    event = JobRequested.model_validate_json(body, context=TRUSTED)
+
+    assert event.email == "ada@localhost"
+    with pytest.raises(ValidationError):
+        JobRequested.model_validate_json(body)
+
+
+@pytest.mark.parametrize(
+    "email",
+    ["ada@example.com\r\nBcc: eve@example.com", "=?utf-8?q?x?=@example.com", "ada", "a b@c.d"],
+    ids=["crlf", "encoded-word", "no-at", "space"],
+)
+def test_a_trusted_event_still_refuses_an_address_that_could_break_a_header(email: str) -> None:
+    with pytest.raises(ValidationError):
+        JobRequested.model_validate_json(_requested_json(email=email), context=TRUSTED)
+
+
+def test_a_trusted_event_still_refuses_a_subject_of_two_lines() -> None:
+    body = _requested_json(subject="Report\nBcc: eve@example.com")
+
+    with pytest.raises(ValidationError):
+        JobRequested.model_validate_json(body, context=TRUSTED)

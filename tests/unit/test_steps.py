@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -359,4 +360,33 @@ async def test_a_result_that_cannot_be_serialised_to_json_is_a_permanent_failure
             job_requested(step="returns_an_object")
         )
 
+    assert publisher.published == []
+
+
+def _nested(depth: int) -> dict[str, object]:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return {"deep": value}
+
+
+@pytest.mark.parametrize(
+    ("result", "problem"),
+    [
+        ({"mean": math.nan}, "result.mean"),
+        (_nested(40), "deeper"),
+        ({"line": "a\x00b"}, "control character"),
+    ],
+    ids=["nan", "too-deep", "nul"],
+)
+async def test_a_result_outside_the_limits_of_a_job_fails_though_its_input_is_trusted(
+    executor: ThreadPoolExecutor, result: dict[str, object], problem: str
+) -> None:
+    publisher = FakePublisher()
+    steps = {"produces": lambda data: result}
+
+    with pytest.raises(PermanentFailure, match="returned a result that is not JSON") as caught:
+        await ProcessJob(publisher, executor, steps=steps)(job_requested(step="produces"))
+
+    assert problem in caught.value.reason
     assert publisher.published == []

@@ -35,6 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from api_service.recorder import JobRecorder
 from api_service.schemas import JobRequest
 from api_service.store import JobStore, KeyOutcome, KeyState, Reservation
+from pipeline_shared.contract import TRUSTED
 from pipeline_shared.errors import BrokerUnavailable, PublishOutcomeUnknown
 from pipeline_shared.events import JobRequested
 
@@ -103,13 +104,17 @@ class JobIntake:
         """Publish the job and hand it to the read model, so that ``GET /jobs/{id}`` knows
         it at once; the answer does not wait for the record's commit."""
         job_id = job_id or uuid4()
-        event = JobRequested(
-            job_id=job_id,
-            email=job.email,
-            subject=job.subject,
-            step=job.step,
-            data=job.data,
-            submitted_by=caller,
+        # The request was validated as it came in: not again.
+        event = JobRequested.model_validate(
+            {
+                "job_id": job_id,
+                "email": job.email,
+                "subject": job.subject,
+                "step": job.step,
+                "data": job.data,
+                "submitted_by": caller,
+            },
+            context=TRUSTED,
         )
         await self._publish(event)
         log.info("job %s: JobRequested published (step %s)", event.job_id, event.step)

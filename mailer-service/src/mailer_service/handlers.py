@@ -9,6 +9,7 @@ from typing import Protocol
 from mailer_service.compose import OutgoingEmail, Sender, compose_email
 from mailer_service.ledger import Claim, ClaimState, LedgerUnavailable, Uncertainty
 from mailer_service.transport import EmailTransport, Receipt, SendOutcomeUnknown
+from pipeline_shared.contract import TRUSTED
 from pipeline_shared.errors import Deferred
 from pipeline_shared.events import DataProcessed, EmailSent, Event
 from pipeline_shared.messaging import delivery_attempt
@@ -159,11 +160,14 @@ class SendEmail:
         self, event: DataProcessed, transport: str | None, message_id: str | None
     ) -> None:
         await self._publisher.publish(
-            EmailSent(
-                job_id=event.job_id,
-                email=event.email,
-                transport=transport or self._transport.name,
-                provider_message_id=message_id,
-                attempts=delivery_attempt.get(),
+            EmailSent.model_validate(
+                {
+                    "job_id": event.job_id,
+                    "email": event.email,
+                    "transport": transport or self._transport.name,
+                    "provider_message_id": message_id,
+                    "attempts": delivery_attempt.get(),
+                },
+                context=TRUSTED,
             )
         )

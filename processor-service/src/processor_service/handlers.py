@@ -11,6 +11,7 @@ from typing import Protocol
 
 from pydantic import ValidationError
 
+from pipeline_shared.contract import TRUSTED, ContractViolation, check_json_data, render_path
 from pipeline_shared.errors import PermanentFailure
 from pipeline_shared.events import (
     DataProcessed,
@@ -79,14 +80,25 @@ class ProcessJob:
                 f"step {event.step!r} returned {type(result).__name__}, not a dict"
             )
         try:
-            processed = DataProcessed(
-                job_id=event.job_id,
-                email=event.email,
-                subject=event.subject,
-                step=event.step,
-                data=event.data,
-                result=result,
+            # The job's own fields were validated at the edge; the result is new.
+            check_json_data(result)
+            processed = DataProcessed.model_validate(
+                {
+                    "job_id": event.job_id,
+                    "email": event.email,
+                    "subject": event.subject,
+                    "step": event.step,
+                    "data": event.data,
+                    "result": result,
+                },
+                context=TRUSTED,
             )
+        except ContractViolation as exc:
+            where = render_path(("result", *exc.path))
+            raise PermanentFailure(
+                f"step {event.step!r} returned a result that is not JSON within the limits "
+                f"of a job (at {where}: {exc.problem})"
+            ) from exc
         except ValidationError as exc:
             raise PermanentFailure(
                 f"step {event.step!r} returned a result that is not JSON within the limits "

@@ -70,6 +70,7 @@ from aiormq.exceptions import (
 )
 from pydantic import TypeAdapter, ValidationError
 
+from pipeline_shared.contract import TRUSTED
 from pipeline_shared.errors import (
     BrokerRefused,
     BrokerUnavailable,
@@ -156,9 +157,10 @@ def decode_event(body: bytes, model: type[E] | TypeAdapter[E], max_bytes: int) -
     if len(body) > max_bytes:
         raise PoisonMessage(f"body of {len(body)} bytes exceeds the limit of {max_bytes} bytes")
     try:
+        # What the pipeline wrote was validated where it entered (the api).
         if isinstance(model, TypeAdapter):
-            return model.validate_json(body)
-        return model.model_validate_json(body)
+            return model.validate_json(body, context=TRUSTED)
+        return model.model_validate_json(body, context=TRUSTED)
     except ValidationError as exc:
         what = "event" if isinstance(model, TypeAdapter) else model.__name__
         raise PoisonMessage(describe_validation_error(exc, what)) from exc
