@@ -116,7 +116,9 @@ def test_the_openapi_docs_are_served(api: Api) -> None:
     docs = httpx.get(f"{api.url}/docs", timeout=10)
     schema = httpx.get(f"{api.url}/openapi.json", timeout=10).json()
     assert docs.status_code == 200
-    assert {"/jobs", "/process-and-email/", "/healthz", "/readyz"} <= set(schema["paths"])
+    assert {"/jobs", "/jobs/batch", "/process-and-email/", "/healthz", "/readyz"} <= set(
+        schema["paths"]
+    )
 
 
 @pytest.fixture

@@ -295,6 +295,19 @@ async def test_a_body_that_is_not_json_is_a_415_and_duplicate_keys_a_422(
     assert await queued(channel) == 0
 
 
+async def test_another_method_on_the_batch_path_is_a_405_allowing_post_only(
+    client: httpx.AsyncClient,
+) -> None:
+    options = await client.request("OPTIONS", "/jobs/batch")
+    get = await client.get("/jobs/batch")
+    jobs = await client.request("OPTIONS", "/jobs")
+
+    # "batch" is not a job id: GET /jobs/{job_id} does not match the batch's path.
+    assert (options.status_code, options.headers["allow"]) == (405, "POST")
+    assert (get.status_code, get.headers["allow"]) == (405, "POST")
+    assert (jobs.status_code, jobs.headers["allow"]) == (405, "GET, POST")
+
+
 def test_the_openapi_document_describes_the_batch_route_and_its_limits(app: FastAPI) -> None:
     document = app.openapi()
     operation = document["paths"]["/jobs/batch"]["post"]

@@ -17,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from api_service.answers import RETRY_LATER, install_error_answers
 from api_service.batch_route import PATH as BATCH_PATH
-from api_service.batch_route import batch_router
+from api_service.batch_route import add_batch_route
 from api_service.body_limit import BodySizeLimit
 from api_service.dependencies import (
     BrokerDep,
@@ -159,7 +159,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     )
 
     install_error_answers(app)
-    app.include_router(batch_router(settings))
+    add_batch_route(app, settings)
 
     @app.post(
         "/jobs",

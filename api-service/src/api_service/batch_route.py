@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
@@ -22,7 +22,6 @@ from api_service.intake import IntakePolicy
 from api_service.schemas import BatchAccepted, IncompleteBatch, JobAccepted, JobRequest, Problem
 from api_service.settings import ApiSettings
 from api_service.store import JobStore
-from api_service.strict_route import StrictRoute
 from pipeline_shared.events import JobRequested
 
 PATH = "/jobs/batch"
@@ -48,7 +47,9 @@ async def get_batch_intake(request: Request) -> BatchIntake:
 BatchIntakeDep = Annotated[BatchIntake, Depends(get_batch_intake)]
 
 
-def batch_router(settings: ApiSettings) -> APIRouter:
+def add_batch_route(app: FastAPI, settings: ApiSettings) -> None:
+    """Add ``POST /jobs/batch`` to ``app``: a ``StrictRoute`` like all its routes (the route
+    class ``create_app`` sets), so it authenticates first and reads its body strictly."""
     max_item_bytes = settings.max_request_bytes
 
     def within_request_limit(item: Any) -> Any:
@@ -87,9 +88,7 @@ def batch_router(settings: ApiSettings) -> APIRouter:
             f"{max_item_bytes} bytes written as compact JSON (MAX_REQUEST_BYTES).",
         )
 
-    router = APIRouter(route_class=StrictRoute)
-
-    @router.post(
+    @app.post(
         PATH,
         status_code=202,
         response_model=BatchAccepted,
@@ -139,5 +138,3 @@ def batch_router(settings: ApiSettings) -> APIRouter:
                 response.status_code = 200
                 response.headers["Idempotent-Replayed"] = "true"
         return BatchAccepted(jobs=[JobAccepted(job_id=job_id) for job_id in job_ids])
-
-    return router

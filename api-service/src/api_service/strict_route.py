@@ -10,6 +10,11 @@ Before a handler sees a request, ``StrictRoute``:
    parameter or header given twice (422): ``?email=a&email=b`` names one
    recipient, never the last of several;
 4. reads the JSON body with ``parse_json_body`` (duplicate keys, NaN, ...).
+
+And a ``StrictRoute`` matches a path only where its UUID path parameters are
+UUIDs: ``/jobs/batch`` is the batch route's path, never the job ``batch``, so
+``GET /jobs/batch`` is a 405 naming the batch route's method, not a 422 about
+a job id.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine, Iterator
 from email.message import Message
 from typing import Any
+from uuid import UUID
 
 from fastapi import HTTPException, Request, Response
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
+from starlette.routing import compile_path
 
 from api_service.dependencies import authenticate, caller_of
 from api_service.problems import validation_problems
@@ -64,6 +71,15 @@ def _unsupported_media(request: Request) -> str | None:
 
 class StrictRoute(APIRoute):
     """An ``APIRoute`` with the checks in this module's docstring."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        typed = path
+        for param in self.dependant.path_params:
+            if param.field_info.annotation is UUID:
+                typed = typed.replace(f"{{{param.alias}}}", f"{{{param.alias}:uuid}}")
+        # Only the matching changes: ``path`` and ``path_format`` stay as declared.
+        self.path_regex, _, self.param_convertors = compile_path(typed)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
