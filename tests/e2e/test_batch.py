@@ -52,8 +52,6 @@ def test_a_batch_of_fifty_jobs_is_emailed_exactly_once_each_to_its_own_recipient
         listed = httpx.get(
             f"{pipeline.api.url}/jobs", params={"limit": 200}, headers=AS_CALLER, timeout=10
         ).json()["items"]
-        return sorted(job["job_id"] for job in listed if job["status"] == "sent") == sorted(
-            job_ids
-        )
+        return sorted(job["job_id"] for job in listed if job["status"] == "sent") == sorted(job_ids)
 
     wait_for(all_sent, what="every job of the batch shown as sent", timeout=30)

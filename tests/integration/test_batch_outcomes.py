@@ -266,3 +266,43 @@ def test_each_jobs_state_is_what_the_broker_did_and_a_retry_completes_the_batch_
     answers: list[Answer],
 ) -> None:
     asyncio.run(submit_twice(answers))
+
+
+async def post_batch(items: list[dict[str, Any]]) -> tuple[httpx.Response, ScriptedBroker]:
+    broker = ScriptedBroker()
+    with tempfile.TemporaryDirectory() as folder:
+        store = JobStore.open(f"sqlite:///{folder}/jobs.sqlite3")
+        application = create_app(ApiSettings(_env_file=None))  # type: ignore[call-arg]
+        application.state.broker = broker
+        application.state.store = store
+        application.state.recorder = JobRecorder(store.record_batch)
+        application.state.follower = Ready()
+        try:
+            transport = httpx.ASGITransport(app=application)
+            async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as client:
+                return await client.post("/jobs/batch", json={"jobs": items}), broker
+        finally:
+            await store.close()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.booleans(), min_size=1, max_size=25))
+def test_a_422_names_exactly_the_bad_items_in_order_and_nothing_is_published(
+    bad: list[bool],
+) -> None:
+    items = [
+        {**item(n), "email": "no-at-sign"} if wrong else item(n) for n, wrong in enumerate(bad)
+    ]
+
+    response, broker = asyncio.run(post_batch(items))
+
+    named = [n for n, wrong in enumerate(bad) if wrong]
+    if not named:
+        assert response.status_code == 202
+        assert len(broker.confirmed) == len(items)
+        return
+    assert response.status_code == 422
+    problems = response.json()["detail"]
+    assert [p["loc"] for p in problems[:20]] == [["body", "jobs", n, "email"] for n in named[:20]]
+    assert len(problems) == min(len(named), 20) + (len(named) > 20)
+    assert broker.attempts == []
