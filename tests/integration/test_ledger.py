@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 
 from mailer_service.compose import OutgoingEmail, Sender
 from mailer_service.handlers import SendEmail
@@ -357,3 +357,43 @@ async def test_at_a_stop_the_claims_in_flight_are_left_uncertain_for_the_next_ma
         assert claim.state is ClaimState.CLAIMED
         assert claim.uncertain is not None
     assert (await second.claim(done)).state is ClaimState.ALREADY_SENT
+
+
+# --- concurrent deliveries share transactions ------------------------------------
+
+
+async def test_concurrent_claims_share_transactions_and_one_job_still_has_one_claimant(
+    database_url: str,
+) -> None:
+    ledger = SqlLedger.open(database_url, lease_seconds=30)
+    commits = 0
+
+    def count(connection: object) -> None:
+        nonlocal commits
+        commits += 1
+
+    event.listen(ledger._engine, "commit", count)  # the engine the writes go through
+    jobs = [new_job() for _ in range(40)]
+    contested = new_job()
+    try:
+        claims = await asyncio.gather(
+            *(ledger.claim(job) for job in jobs), *(ledger.claim(contested) for _ in range(5))
+        )
+        sent = await asyncio.gather(
+            *(
+                ledger.mark_sent(job, claim, "mailtrap", f"msg-{n}")
+                for n, (job, claim) in enumerate(zip(jobs, claims, strict=False))
+            )
+        )
+        again = await asyncio.gather(*(ledger.claim(job) for job in jobs))
+    finally:
+        await ledger.close()
+
+    assert [claim.state for claim in claims[:40]] == [ClaimState.CLAIMED] * 40
+    assert sorted(claim.state.value for claim in claims[40:]) == ["busy"] * 4 + ["claimed"]
+    assert len(sent) == 40
+    assert [(c.state, c.provider_message_id) for c in again] == [
+        (ClaimState.ALREADY_SENT, f"msg-{n}") for n in range(40)
+    ]
+    # 125 writes in a handful of transactions, not 125.
+    assert 0 < commits <= 12, commits

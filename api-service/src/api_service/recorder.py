@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from api_service.read_model import JobEvent, JobRecord, apply
+from pipeline_shared.group_commit import GroupCommit
 
 log = logging.getLogger("api.recorder")
 
@@ -28,21 +29,27 @@ class JobRecorder:
     """Writes job events through ``write_batch`` (blocking, run in a thread), in batches."""
 
     def __init__(self, write_batch: WriteBatch, *, max_batch: int = MAX_BATCH) -> None:
-        self._write_batch = write_batch
-        self._max_batch = max_batch
-        self._waiting: list[tuple[JobEvent, asyncio.Future[None]]] = []
+        def write(events: Sequence[JobEvent]) -> list[None]:
+            write_batch(events)
+            return [None] * len(events)
+
+        self._batches = GroupCommit(write, max_batch=max_batch)
         self._unwritten: dict[str, list[JobEvent]] = {}
-        self._writer: asyncio.Task[None] | None = None
+        self._noted: set[asyncio.Future[None]] = set()
 
     async def record(self, event: JobEvent) -> None:
         """Return once ``event`` is committed; raise what the write raised."""
-        await self._enqueue(event)
+        self._track(event)
+        await self._submit(event)
 
     def note(self, event: JobEvent) -> None:
         """Record ``event`` without waiting for the commit (an accepted job: the
         broker holds it, and its event comes back through the status queue)."""
-        done = self._enqueue(event)
-        done.add_done_callback(_log_failure)
+        self._track(event)
+        noted = asyncio.ensure_future(self._submit(event))
+        self._noted.add(noted)
+        noted.add_done_callback(self._noted.discard)
+        noted.add_done_callback(_log_failure)
 
     def pending(self, job_id: str, stored: JobRecord | None) -> JobRecord | None:
         """``stored`` with this replica's events for the job that are not written yet,
@@ -54,43 +61,18 @@ class JobRecorder:
 
     async def close(self) -> None:
         """Write what is waiting."""
-        while self._writer is not None and not self._writer.done():
-            await asyncio.shield(self._writer)
+        await asyncio.gather(*self._noted, return_exceptions=True)
+        await self._batches.close()
 
-    def _enqueue(self, event: JobEvent) -> asyncio.Future[None]:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.append((event, done))
+    def _track(self, event: JobEvent) -> None:
         self._unwritten.setdefault(str(event.job_id), []).append(event)
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_waiting())
-        return done
 
-    async def _write_waiting(self) -> None:
-        # Deliveries that arrive in the same turn of the loop join the first batch.
-        await asyncio.sleep(0)
-        while self._waiting:
-            batch = self._waiting[: self._max_batch]
-            del self._waiting[: self._max_batch]
-            events = [event for event, _ in batch]
-            try:
-                await asyncio.to_thread(self._write_batch, events)
-            except Exception as exc:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
-            else:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_result(None)
-            finally:
-                self._forget(events)
-
-    def _forget(self, events: Sequence[JobEvent]) -> None:
-        for event in events:
+    async def _submit(self, event: JobEvent) -> None:
+        try:
+            await self._batches.submit(event)
+        finally:
             job_id = str(event.job_id)
-            unwritten = self._unwritten.get(job_id)
-            if unwritten is None:
-                continue
+            unwritten = self._unwritten[job_id]
             unwritten.remove(event)
             if not unwritten:
                 del self._unwritten[job_id]

@@ -30,14 +30,16 @@ import asyncio
 import enum
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Column, Engine, Float, MetaData, String, Table, bindparam, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql.elements import BindParameter
 
 from pipeline_shared.database import build_engine, create_tables, for_writing
+from pipeline_shared.group_commit import GroupCommit
 
 log = logging.getLogger("mailer.ledger")
 metadata = MetaData()
@@ -83,10 +85,10 @@ _CLAIM = """
                AND mailer_sent_emails.claimed_at < {now} - :lease)
 """
 _READ = """
-    SELECT state, claim_token, transport, provider_message_id,
+    SELECT job_id, state, claim_token, transport, provider_message_id,
            COALESCE(first_claimed_at, claimed_at) AS first_claimed_at, attempted_at,
            {now} AS now
-    FROM mailer_sent_emails WHERE job_id = :job_id
+    FROM mailer_sent_emails WHERE job_id IN :job_ids
 """
 _MARK_SENT = """
     UPDATE mailer_sent_emails
@@ -165,10 +167,16 @@ class SqlLedger:
         """Claims no longer renewed whose sends may yet complete: uncertain at a stop."""
         now = _DATABASE_NOW[engine.dialect.name]
         tokens: BindParameter[list[str]] = bindparam("tokens", expanding=True)
-        self._claim_sql, self._read_sql, self._mark_sent_sql, self._mark_uncertain_sql = (
-            text(template.format(now=now))
-            for template in (_CLAIM, _READ, _MARK_SENT, _MARK_UNCERTAIN)
+        self._claim_sql, self._mark_sent_sql, self._mark_uncertain_sql = (
+            text(template.format(now=now)) for template in (_CLAIM, _MARK_SENT, _MARK_UNCERTAIN)
         )
+        self._read_sql = text(_READ.format(now=now)).bindparams(
+            bindparam("job_ids", expanding=True)
+        )
+        # Concurrent deliveries' claims and records share transactions (and
+        # disk syncs): see pipeline_shared.group_commit.
+        self._claims = GroupCommit(self._claim_many)
+        self._marks = GroupCommit(self._mark_sent_many)
         self._heartbeat_sql, self._leave_uncertain_sql = (
             text(template.format(now=now)).bindparams(tokens)
             for template in (_HEARTBEAT, _LEAVE_UNCERTAIN)
@@ -198,7 +206,7 @@ class SqlLedger:
         return len(self._held)
 
     async def claim(self, job_id: str) -> Claim:
-        claim = await asyncio.to_thread(self._claim, job_id)
+        claim = await self._claims.submit(job_id)
         if claim.state is ClaimState.CLAIMED:
             self._held.add(claim.token)
         return claim
@@ -211,7 +219,7 @@ class SqlLedger:
         Raises ``LedgerUnavailable`` when the database cannot take the write (the
         claim is still renewed meanwhile)."""
         try:
-            await asyncio.to_thread(self._mark_sent, job_id, transport, provider_message_id)
+            await self._marks.submit((job_id, transport, provider_message_id))
         except SQLAlchemyError as exc:
             raise LedgerUnavailable(type(exc).__name__) from exc
         self._held.discard(claim.token)
@@ -273,32 +281,30 @@ class SqlLedger:
                 type(exc).__name__,
             )
 
-    def _claim(self, job_id: str) -> Claim:
-        token = str(uuid.uuid4())
+    def _claim_many(self, job_ids: Sequence[str]) -> list[Claim]:
+        """Claim each job (a job may appear twice: one claimant wins); one transaction."""
+        tokens = [str(uuid.uuid4()) for _ in job_ids]
+        # Sorted: one lock order for every replica.
+        params = [
+            {"job_id": job_id, "token": token, "owner": self.owner, "lease": self._lease}
+            for job_id, token in sorted(zip(job_ids, tokens, strict=True))
+        ]
         with self._writer.begin() as connection:
-            connection.execute(
-                self._claim_sql,
-                {"job_id": job_id, "token": token, "owner": self.owner, "lease": self._lease},
-            )
-            row = connection.execute(self._read_sql, {"job_id": job_id}).one()
-        if row.state == "sent":
-            return Claim(ClaimState.ALREADY_SENT, token, row.transport, row.provider_message_id)
-        if row.claim_token != token:
-            return Claim(ClaimState.BUSY, token)
-        uncertain = None
-        if row.attempted_at is not None:
-            # PostgreSQL's clock comes back as a Decimal.
-            uncertain = Uncertainty(
-                since=float(row.first_claimed_at), age=float(row.now) - float(row.attempted_at)
-            )
-        return Claim(ClaimState.CLAIMED, token, uncertain=uncertain)
+            connection.execute(self._claim_sql, params)
+            rows = connection.execute(self._read_sql, {"job_ids": sorted(set(job_ids))}).all()
+        by_job = {row.job_id: row for row in rows}
+        return [
+            _claim_of(by_job[job_id], token) for job_id, token in zip(job_ids, tokens, strict=True)
+        ]
 
-    def _mark_sent(self, job_id: str, transport: str, provider_message_id: str | None) -> None:
+    def _mark_sent_many(self, sends: Sequence[tuple[str, str, str | None]]) -> list[None]:
+        params = [
+            {"job_id": job_id, "transport": transport, "message_id": message_id}
+            for job_id, transport, message_id in sorted(sends)
+        ]
         with self._writer.begin() as connection:
-            connection.execute(
-                self._mark_sent_sql,
-                {"job_id": job_id, "transport": transport, "message_id": provider_message_id},
-            )
+            connection.execute(self._mark_sent_sql, params)
+        return [None] * len(sends)
 
     def _release(self, job_id: str, token: str) -> None:
         with self._writer.begin() as connection:
@@ -326,3 +332,17 @@ class SqlLedger:
     def _purge(self, before: float) -> int:
         with self._writer.begin() as connection:
             return connection.execute(_PURGE, {"before": before}).rowcount
+
+
+def _claim_of(row: Any, token: str) -> Claim:
+    if row.state == "sent":
+        return Claim(ClaimState.ALREADY_SENT, token, row.transport, row.provider_message_id)
+    if row.claim_token != token:
+        return Claim(ClaimState.BUSY, token)
+    uncertain = None
+    if row.attempted_at is not None:
+        # PostgreSQL's clock comes back as a Decimal.
+        uncertain = Uncertainty(
+            since=float(row.first_claimed_at), age=float(row.now) - float(row.attempted_at)
+        )
+    return Claim(ClaimState.CLAIMED, token, uncertain=uncertain)
