@@ -70,6 +70,7 @@ from aiormq.exceptions import (
 )
 from pydantic import TypeAdapter, ValidationError
 
+from pipeline_shared import metrics
 from pipeline_shared.contract import TRUSTED
 from pipeline_shared.errors import (
     BrokerRefused,
@@ -505,6 +506,7 @@ class Broker:
             await self._connection.close()
         self._connection = self._channel = self._exchange = self._queue_exchange = None
 
+    @metrics.count_publishes
     async def publish(self, event: Event) -> None:
         """Publish ``event`` on the exchange and wait for the broker's confirm.
 
@@ -675,6 +677,7 @@ class Consumer(Generic[E]):
         handling = asyncio.create_task(self._handle(message))
         self._in_flight.add(handling)
         handling.add_done_callback(self._in_flight.discard)
+        handling.add_done_callback(metrics.track_in_flight(self._stage.name))
         await asyncio.shield(handling)
 
     async def _run_handler(self, event: E) -> None:
@@ -703,6 +706,7 @@ class Consumer(Generic[E]):
             await self._run_handler(event)
         except asyncio.CancelledError:
             await self._give_back(message)
+            metrics.message_requeued(self._stage.name, event, message.type)
             raise
         except (PoisonMessage, PermanentFailure, TransientFailure, BrokerUnavailable) as exc:
             failure = exc
@@ -716,6 +720,9 @@ class Consumer(Generic[E]):
         try:
             if disposition is Disposition.ACK:
                 await message.ack()
+                metrics.message_settled(
+                    self._stage.name, event, message.type, disposition.value, None, started
+                )
                 log.info("job %s: %s handled in %.0f ms", job, message.type or "event", elapsed_ms)
                 return
             assert failure is not None
@@ -744,11 +751,15 @@ class Consumer(Generic[E]):
                     details.error_type,
                     details.reason,
                 )
+            metrics.message_settled(
+                self._stage.name, event, message.type, disposition.value, failure, started
+            )
         except _SETTLE_ERRORS as exc:
             log.warning(
                 "job %s: could not settle the message (%s); it will be redelivered", job, exc
             )
             await self._return(message)
+            metrics.message_requeued(self._stage.name, event, message.type)
 
     async def _retry(
         self, message: AbstractIncomingMessage, next_attempt: int, delay: float, failure: _Failure
