@@ -8,6 +8,7 @@ from typing import Protocol
 
 from mailer_service.compose import OutgoingEmail, Sender, compose_email
 from mailer_service.ledger import Claim, ClaimState, LedgerUnavailable, Uncertainty
+from mailer_service.metrics import email_sent
 from mailer_service.transport import EmailTransport, Receipt, SendOutcomeUnknown
 from pipeline_shared.contract import TRUSTED
 from pipeline_shared.errors import Deferred
@@ -84,6 +85,7 @@ class SendEmail:
                 log.info("job %s: an earlier send went out after all; not sending again", job_id)
                 await self._record_sent(job_id, claim, found.message_id)
                 await self._publish_sent(event, self._transport.name, found.message_id)
+                email_sent(event)
                 return
         try:
             receipt = await self._transport.send(email)
@@ -100,6 +102,7 @@ class SendEmail:
             raise
         await self._record_sent(job_id, claim, receipt.message_id)
         await self._publish_sent(event, self._transport.name, receipt.message_id)
+        email_sent(event)
 
     async def _settle_uncertain(
         self, job_id: str, claim: Claim, uncertain: Uncertainty, email: OutgoingEmail

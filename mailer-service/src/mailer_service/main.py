@@ -12,6 +12,7 @@ from mailer_service.compose import Sender
 from mailer_service.handlers import SendEmail
 from mailer_service.ledger import LedgerUnavailable, SqlLedger
 from mailer_service.mailtrap_transport import MailtrapTransport
+from mailer_service.metrics import MeasuredTransport
 from mailer_service.outbox import OutboxTransport
 from mailer_service.settings import MailerSettings
 from mailer_service.transport import EmailTransport
@@ -109,7 +110,7 @@ async def serve(settings: MailerSettings, stop: asyncio.Event) -> None:
     purging = asyncio.create_task(purge_ledger(ledger, settings.ledger_retention_days))
     renewing = asyncio.create_task(renew_claims(ledger, settings.heartbeat_seconds))
     broker = Broker.from_settings(settings, app_id=SERVICE)
-    transport = build_transport(settings)
+    transport = MeasuredTransport(build_transport(settings))
     sender = Sender(settings.mail_from, settings.mail_from_name, settings.mail_category)
     try:
         await serve_stage(

@@ -90,6 +90,7 @@ class ProcessJob:
                     "step": event.step,
                     "data": event.data,
                     "result": result,
+                    "requested_at": event.occurred_at,
                 },
                 context=TRUSTED,
             )

@@ -110,6 +110,11 @@ class DataProcessed(Event):
     step: StepName = Field(description="The processing step that ran.")
     data: JobData = Field(description="The job's input data, as it was requested.")
     result: JobData = Field(description="What the processing step produced.")
+    requested_at: AwareDatetime | None = Field(
+        default=None,
+        description="When the job was requested: its JobRequested's occurred_at. The mailer "
+        "measures each job's time from request to email from it.",
+    )
 
 
 class EmailSent(Event):
