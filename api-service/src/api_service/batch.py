@@ -168,7 +168,8 @@ class BatchIntake:
         *,
         resumed: bool,
     ) -> list[JobOutcome]:
-        """Publish every job not ``confirmed`` on an earlier attempt, all in flight at once.
+        """Publish every job not ``confirmed`` on an earlier attempt, all in flight at once,
+        and record those the broker confirms in the read model, in one transaction.
 
         The batch holds at most MAX_BATCH_JOBS jobs, which bounds the publishes in flight;
         each waits at most the publish timeout for its confirm, so the whole batch takes

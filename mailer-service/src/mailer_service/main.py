@@ -20,6 +20,7 @@ from pipeline_shared.events import DataProcessed
 from pipeline_shared.logs import configure_service_logging
 from pipeline_shared.messaging import Broker
 from pipeline_shared.settings import load_settings, redact_url
+from pipeline_shared.probe_server import serving_probes
 from pipeline_shared.topology import MAILER
 from pipeline_shared.worker import run_until_signalled, serve_stage
 
@@ -113,17 +114,21 @@ async def serve(settings: MailerSettings, stop: asyncio.Event) -> None:
     transport = MeasuredTransport(build_transport(settings))
     sender = Sender(settings.mail_from, settings.mail_from_name, settings.mail_category)
     try:
-        await serve_stage(
-            broker,
-            MAILER,
-            DataProcessed,
-            SendEmail(transport, broker, ledger, sender, lease_seconds=settings.send_lease_seconds),
-            prefetch=settings.prefetch,
-            max_event_bytes=settings.max_event_bytes,
-            handler_timeout=settings.handler_timeout_seconds,
-            shutdown_timeout=settings.shutdown_timeout_seconds,
-            stop=stop,
-        )
+        async with serving_probes(settings, broker, SERVICE) as readiness:
+            await serve_stage(
+                broker,
+                MAILER,
+                DataProcessed,
+                SendEmail(
+                    transport, broker, ledger, sender, lease_seconds=settings.send_lease_seconds
+                ),
+                prefetch=settings.prefetch,
+                max_event_bytes=settings.max_event_bytes,
+                handler_timeout=settings.handler_timeout_seconds,
+                shutdown_timeout=settings.shutdown_timeout_seconds,
+                stop=stop,
+                on_consuming=readiness.watch,
+            )
     finally:
         purging.cancel()
         renewing.cancel()

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from pipeline_shared.contract import NAME_MAX_LENGTH, SenderAddress, SingleLine
-from pipeline_shared.settings import DatabaseUrl, WorkerSettings, url_secrets
+from pipeline_shared.settings import DatabaseUrl, WorkerSettings, metrics_port_field, url_secrets
 
 Transport = Literal["mailtrap", "outbox"]
 
@@ -17,6 +17,7 @@ _HOST_PORT = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?")
 
 
 class MailerSettings(WorkerSettings):
+    metrics_port: int = metrics_port_field(9102)
     mailer_transport: Transport | None = Field(
         default=None,
         description="mailtrap or outbox; by default mailtrap when MAILTRAP_TOKEN is set, "

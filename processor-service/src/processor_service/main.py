@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pipeline_shared.events import JobRequested
 from pipeline_shared.logs import configure_service_logging
 from pipeline_shared.messaging import Broker
+from pipeline_shared.probe_server import serving_probes
 from pipeline_shared.settings import load_settings
 from pipeline_shared.topology import PROCESSOR
 from pipeline_shared.worker import run_until_signalled, serve_stage
@@ -20,25 +21,27 @@ SERVICE = "processor-service"
 
 async def serve(settings: ProcessorSettings, stop: asyncio.Event) -> None:
     broker = Broker.from_settings(settings, app_id=SERVICE)
-    with ThreadPoolExecutor(settings.processing_threads, thread_name_prefix="step") as executor:
-        handler = ProcessJob(
-            broker,
-            executor,
-            steps=STEPS,
-            delay_seconds=settings.processing_delay_seconds,
-            max_event_bytes=settings.max_event_bytes,
-        )
-        await serve_stage(
-            broker,
-            PROCESSOR,
-            JobRequested,
-            handler,
-            prefetch=settings.processor_prefetch,
-            max_event_bytes=settings.max_event_bytes,
-            handler_timeout=settings.handler_timeout_seconds,
-            shutdown_timeout=settings.shutdown_timeout_seconds,
-            stop=stop,
-        )
+    async with serving_probes(settings, broker, SERVICE) as readiness:
+        with ThreadPoolExecutor(settings.processing_threads, thread_name_prefix="step") as executor:
+            handler = ProcessJob(
+                broker,
+                executor,
+                steps=STEPS,
+                delay_seconds=settings.processing_delay_seconds,
+                max_event_bytes=settings.max_event_bytes,
+            )
+            await serve_stage(
+                broker,
+                PROCESSOR,
+                JobRequested,
+                handler,
+                prefetch=settings.processor_prefetch,
+                max_event_bytes=settings.max_event_bytes,
+                handler_timeout=settings.handler_timeout_seconds,
+                shutdown_timeout=settings.shutdown_timeout_seconds,
+                stop=stop,
+                on_consuming=readiness.watch,
+            )
 
 
 def main() -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from pipeline_shared.settings import WorkerSettings
+from pipeline_shared.settings import WorkerSettings, metrics_port_field
 
 
 class ProcessorSettings(WorkerSettings):
+    metrics_port: int = metrics_port_field(9101)
     processor_prefetch: int = Field(
         default=32, ge=1, le=10_000, description="Unacknowledged messages a processor may hold."
     )

@@ -105,8 +105,27 @@ class PipelineSettings(BaseSettings):
         return value
 
 
+def metrics_port_field(default: int) -> Any:
+    """The ``METRICS_PORT`` field, with a worker's own default: each worker has its own,
+    so that all of them run on one host (``make run``) without a collision."""
+    return Field(
+        default=default,
+        ge=0,
+        le=65535,
+        description="Port of the worker's /metrics, /healthz and /readyz endpoint; "
+        "0 turns the endpoint off.",
+    )
+
+
 class WorkerSettings(PipelineSettings):
     """What a consuming worker needs on top of the common settings."""
+
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="Address the worker's /metrics, /healthz and /readyz endpoint listens on.",
+    )
+    metrics_port: int = metrics_port_field(0)
 
     handler_timeout_seconds: float = Field(
         default=60.0,

@@ -14,7 +14,7 @@ from pydantic import TypeAdapter
 
 from pipeline_shared.errors import BrokerRefused, TopologyMissing
 from pipeline_shared.events import Event
-from pipeline_shared.messaging import Broker, Handler
+from pipeline_shared.messaging import Broker, Consumer, Handler
 from pipeline_shared.topology import Stage
 
 log = logging.getLogger("pipeline.worker")
@@ -65,9 +65,11 @@ async def serve_stage(
     shutdown_timeout: float,
     stop: asyncio.Event,
     handler_timeout: float | None = None,
+    on_consuming: Callable[[Consumer[E]], None] | None = None,
 ) -> None:
     """Connect (waiting for the broker if need be), consume ``stage`` until ``stop``
-    is set, then shut down within ``shutdown_timeout``.
+    is set, then shut down within ``shutdown_timeout``. ``on_consuming`` receives the
+    consumer once it consumes (``Readiness.watch`` of the worker's ``/readyz``).
 
     A broker that lacks the topology, or refuses what no retry changes (the
     service's login, its vhost, a queue declared with other arguments, its
@@ -106,6 +108,8 @@ async def serve_stage(
             )
             raise SystemExit(f"{broker.app_id}: {refused}") from None
         log.info("consuming %s (prefetch %d)", stage.queue, prefetch)
+        if on_consuming is not None:
+            on_consuming(consumer)
         await stop.wait()
         log.info("stopping: no new messages from %s", stage.queue)
         await consumer.stop(shutdown_timeout)
