@@ -19,8 +19,8 @@ from mailer_service.transport import EmailTransport
 from pipeline_shared.events import DataProcessed
 from pipeline_shared.logs import configure_service_logging
 from pipeline_shared.messaging import Broker
-from pipeline_shared.settings import load_settings, redact_url
 from pipeline_shared.probe_server import serving_probes
+from pipeline_shared.settings import load_settings, redact_url
 from pipeline_shared.topology import MAILER
 from pipeline_shared.worker import run_until_signalled, serve_stage
 
