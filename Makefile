@@ -11,7 +11,7 @@ PYTEST := $(BIN)/pytest
 ASYNCAPI_TOOLS := tools/asyncapi
 ASYNCAPI_STAMP := $(VENV)/asyncapi/node_modules/.package-lock.json
 
-.PHONY: install test-tools run test test-unit test-integration test-e2e lint format bench clean docs
+.PHONY: install test-tools run test test-unit test-integration test-e2e lint format bench clean docs screenshots
 
 $(STAMP): $(addsuffix /pyproject.toml,$(PACKAGES)) requirements-dev.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,3 +67,9 @@ $(ASYNCAPI_STAMP): $(ASYNCAPI_TOOLS)/package.json $(ASYNCAPI_TOOLS)/package-lock
 
 docs: install ## render docs/asyncapi.yaml and docs/schemas/ from the event models
 	$(BIN)/python scripts/render_event_docs.py
+
+# selenium and pillow drive the browser and shrink the PNGs; the project does not
+# use them, so they go into .venv here and not into requirements-dev.txt.
+screenshots: install ## docs/images/: the management UI with the pipeline at work (needs chromium, chromium-driver)
+	$(BIN)/pip install --quiet --disable-pip-version-check selenium pillow
+	$(BIN)/python scripts/screenshot_management_ui.py
