@@ -54,6 +54,11 @@ class Pipeline:
             service.stop_quietly()
 
 
+def metrics_url(worker: Service) -> str:
+    """The base URL of a worker's /metrics, /healthz and /readyz."""
+    return f"http://127.0.0.1:{worker.env['METRICS_PORT']}"
+
+
 @pytest.fixture
 def pipeline_factory(
     tmp_path: Path, broker_url: str, vhost: str, management: Management
@@ -83,9 +88,16 @@ def pipeline_factory(
             "SHUTDOWN_TIMEOUT_SECONDS": "10",
         }
         env = clean_environment(**{**defaults, **settings})
+        # Each worker's /metrics, /healthz and /readyz on a free port of its own
+        # (``metrics_url``), so pipelines never meet on the default ports.
+        metrics_ports = {
+            command: {"METRICS_PORT": str(free_port())}
+            for command in ("processor-service", "mailer-service")
+            if "METRICS_PORT" not in settings
+        }
 
         def env_of(command: str) -> dict[str, str]:
-            return {**env, **(per_service or {}).get(command, {})}
+            return {**env, **metrics_ports.get(command, {}), **(per_service or {}).get(command, {})}
 
         pipeline = Pipeline(
             api=Api("api-service", env_of("api-service"), workdir, port=int(env["API_PORT"])),

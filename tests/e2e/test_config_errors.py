@@ -112,11 +112,12 @@ def test_a_worker_refused_by_the_broker_exits_non_zero_with_one_line_quoting_it(
     assert "retrying" not in stderr
     assert "not reachable" not in stderr
     # Exactly one line names the problem, and it is the last one: the
-    # mailer's own start-up lines (its ledger, its outbox) may come before.
+    # mailer's own start-up lines (its ledger, its outbox) and the line saying
+    # where the worker's metrics endpoint listens may come before.
     lines = [line for line in stderr.splitlines() if line.strip()]
     naming = [line for line in lines if "the broker refused" in line]
     assert naming == [lines[-1]], stderr
-    assert all(" mailer: " in line for line in lines[:-1]), stderr
+    assert all(" mailer: " in line or " pipeline.probes: " in line for line in lines[:-1]), stderr
     line = lines[-1]
     assert line.startswith(f"{worker}: the broker refused"), line
     for expected in words:

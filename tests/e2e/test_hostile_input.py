@@ -66,6 +66,8 @@ def running_pipeline(workdir: Path, management: Management, **settings: str) -> 
         # Retry delays and the send lease keep their defaults: nothing here is retried.
         DATABASE_URL=f"sqlite:///{workdir / 'ledger.sqlite3'}",
         SHUTDOWN_TIMEOUT_SECONDS="10",
+        # The workers' endpoints are not under test here: off, so no port can clash.
+        METRICS_PORT="0",
         **settings,
     )
     pipeline = Pipeline(

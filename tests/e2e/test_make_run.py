@@ -186,6 +186,9 @@ def make_run(run_dir: Path, broker_url: str) -> Iterator[StartMakeRun]:
             "RABBITMQ_URL": broker_url,
             "API_PORT": str(free_port()),
             "SHUTDOWN_TIMEOUT_SECONDS": "10",
+            # The workers' endpoints off: their default ports are the same for every
+            # run. The test that looks at them turns them on.
+            "METRICS_PORT": "0",
         }
         run = MakeRun(run_dir, make_environment(**{**defaults, **settings}))
         started.append(run)
@@ -199,8 +202,13 @@ def make_run(run_dir: Path, broker_url: str) -> Iterator[StartMakeRun]:
 def test_ctrl_c_stops_every_service_and_make_run_ends_quietly_with_0(
     make_run: StartMakeRun,
 ) -> None:
-    run = make_run()
+    run = make_run(METRICS_PORT="")  # empty is unset: each worker on its default port
     run.wait_serving()
+    # Both workers' endpoints answer on their default ports, side by side.
+    for port in (9101, 9102):
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+        scrape = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+        assert "# TYPE pipeline_events_consumed_total counter" in scrape, scrape
 
     status = run.press_ctrl_c()
 

@@ -20,6 +20,8 @@ LEASE = 15.0  # the default
 MARGIN = 5.0
 """Seconds past the lease within which a dead mailer's claimed emails must arrive."""
 MAILER_CONCURRENCY = 8
+# A second mailer on this host: the first holds the metrics port.
+NO_METRICS = {"METRICS_PORT": "0"}
 
 
 def claimed_jobs(database_url: str) -> set[str]:
@@ -43,7 +45,7 @@ def test_a_survivor_sends_a_killed_mailers_claimed_emails_within_the_lease(
         RETRY_DELAYS="1,60,60",
         MAILER_CONCURRENCY=str(MAILER_CONCURRENCY),
     )
-    survivor = Service("mailer-service", pipeline.mailer.env, pipeline.mailer.cwd)
+    survivor = Service("mailer-service", {**pipeline.mailer.env, **NO_METRICS}, pipeline.mailer.cwd)
     pipeline.start()
     survivor.start()
     try:
@@ -91,7 +93,7 @@ def test_a_slow_but_live_mailers_claims_are_never_taken_over(
         MAILTRAP_TIMEOUT_SECONDS="10",
         RETRY_DELAYS="0.2,0.2,0.2",
     )
-    second = Service("mailer-service", pipeline.mailer.env, pipeline.mailer.cwd)
+    second = Service("mailer-service", {**pipeline.mailer.env, **NO_METRICS}, pipeline.mailer.cwd)
     pipeline.start()
     second.start()
     try:

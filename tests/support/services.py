@@ -26,6 +26,7 @@ _SETTINGS_PREFIXES = (
     "API_",
     "OUTBOX_",
     "PROCESSING_",
+    "METRICS_",
 )
 _SETTINGS_NAMES = {
     "LOG_LEVEL",

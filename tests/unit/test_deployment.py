@@ -410,6 +410,20 @@ def test_the_api_listens_on_all_interfaces_at_the_port_compose_publishes_and_che
     assert f"127.0.0.1:{env['API_PORT']}/healthz" in " ".join(api["healthcheck"]["test"])
 
 
+@pytest.mark.parametrize("service", ["processor-service", "mailer-service"])
+def test_a_worker_serves_its_probes_to_the_compose_network_and_its_healthcheck_asks_readyz(
+    service: str,
+) -> None:
+    env = container_env(service)
+    # Set in compose, so that a METRICS_PORT in .env cannot move it from under the check.
+    port = environment_of(compose_services()[service]).get("METRICS_PORT")
+    healthcheck = " ".join(compose_services()[service]["healthcheck"]["test"])
+    assert env.get("METRICS_HOST") == "0.0.0.0"
+    assert port not in (None, "", "0")
+    assert f"127.0.0.1:{port}/readyz" in healthcheck
+    assert healthcheck.startswith("CMD python -c ")  # the slim images have no curl
+
+
 def assert_writable_volume(service: str, folder: str, variable: str) -> None:
     assert folder.startswith("/"), f"a relative {variable} lands in /app, which is not writable"
     targets = {
