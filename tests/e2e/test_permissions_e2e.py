@@ -116,8 +116,9 @@ def test_a_worker_whose_broker_lacks_the_topology_exits_with_one_clear_line(
     assert lines[-1].startswith(f"{worker}-service: the broker lacks exchange 'events'"), lines
     assert "rabbitmq/definitions.json" in lines[-1]
     assert "Traceback" not in process.output()
-    # Before it, only the mailer's own start-up lines (its ledger, its transport).
-    assert all(" mailer: " in line for line in lines[:-1]), lines
+    # Before it, only start-up lines: the mailer's (its ledger, its transport) and
+    # the probe endpoint's.
+    assert all(" mailer: " in line or " pipeline.probes: " in line for line in lines[:-1]), lines
 
 
 def test_the_api_whose_broker_lacks_the_topology_stays_up_unready_and_says_why(

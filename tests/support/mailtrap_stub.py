@@ -94,6 +94,19 @@ class MailtrapStub:
         self.log_delay = log_delay
         self.log_page_size = log_page_size
         self.log_searches: list[dict[str, list[str]]] = []
+        self.batch_sizes: list[int] = []
+        """The number of emails in each batch request, in arrival order."""
+        self.refused_recipients: set[str] = set()
+        """Recipients whose emails a batch answers with a per-item error."""
+        self.rate_limit: tuple[int, float] | None = None
+        """(requests, seconds): answer 429 beyond that many sending requests per window,
+        with ``Retry-After``, as Mailtrap does per token."""
+        self.sending_times: list[float] = []
+        """``time.monotonic()`` of every sending request (single or batch) it took."""
+        self.rate_limited = 0
+        self.refuse_whole_batch = False
+        """Answer 400 to a whole batch holding a refused recipient, as an API
+        validating the request before any item would."""
         self._directory = directory
         self._lock = threading.Lock()
         self._script = _Script()
@@ -251,6 +264,10 @@ class MailtrapStub:
             payload = json.loads(body)
         except ValueError:
             payload = None
+        if limited := self._over_the_limit():
+            return limited
+        if path == "/api/batch" or path.startswith("/api/batch/"):
+            return self._answer_batch(path, authorization, payload, received_at)
         with self._lock:
             status = self._script.failures.pop(0) if self._script.failures else None
             if status is None:
@@ -277,6 +294,69 @@ class MailtrapStub:
             )
         return status, answer
 
+    def _over_the_limit(self) -> tuple[int, dict[str, Any]] | None:
+        if self.rate_limit is None:
+            return None
+        allowed, window = self.rate_limit
+        now = time.monotonic()
+        with self._lock:
+            recent = [t for t in self.sending_times if t > now - window]
+            if len(recent) >= allowed:
+                self.rate_limited += 1
+                retry_after = max(recent[0] + window - now, 0.0)
+                return 429, {"errors": ["Too many requests"], "_retry_after": retry_after}
+            self.sending_times.append(now)
+        return None
+
+    def _answer_batch(
+        self, path: str, authorization: str, payload: object, received_at: float | None
+    ) -> tuple[int, dict[str, Any]]:
+        """``POST /api/batch``: 200 with one result per request, in order, as Mailtrap
+        documents it; each accepted item is recorded as one email."""
+        arrived = time.monotonic() if received_at is None else received_at
+        with self._lock:
+            status = self._script.failures.pop(0) if self._script.failures else None
+            if status is not None:
+                return status, {"errors": [f"scripted failure {status}"]}
+            if authorization != f"Bearer {self.token}":
+                return 401, {"errors": ["Unauthorized"]}
+            base = payload.get("base") if isinstance(payload, dict) else None
+            requests = payload.get("requests") if isinstance(payload, dict) else None
+            if not isinstance(base, dict) or not isinstance(requests, list) or not requests:
+                return 400, {"errors": ["base and requests are required"]}
+            if len(requests) > 500:
+                return 400, {"errors": ["at most 500 requests per batch"]}
+            emails = [{**base, **item} for item in requests if isinstance(item, dict)]
+            refused = [self._refused(email) for email in emails]
+            if self.refuse_whole_batch and any(refused):
+                return 400, {"errors": ["requests: " + next(r for r in refused if r)]}
+            self.batch_sizes.append(len(emails))
+            responses: list[dict[str, Any]] = []
+            for email, problem in zip(emails, refused, strict=True):
+                if problem:
+                    responses.append({"success": False, "errors": [problem]})
+                    continue
+                message_id = str(uuid.uuid4())
+                responses.append({"success": True, "message_ids": [message_id]})
+                self._received.append(
+                    Received(path, authorization, email, 200, message_id, arrived)
+                )
+            answer: dict[str, Any] = {"success": True, "responses": responses}
+            if self._script.after_accepting:
+                then = self._script.after_accepting.pop(0)
+                answer = {"_hang": True} if then is None else {"errors": ["server error"]}
+                answer["_status"] = then or 0
+        return 200, answer
+
+    def _refused(self, email: dict[str, Any]) -> str | None:
+        missing = [key for key in ("from", "to", "subject") if not email.get(key)]
+        if missing or not (email.get("text") or email.get("html")):
+            return f"missing {', '.join(missing) or 'text or html'}"
+        to = [entry.get("email") for entry in email["to"] if isinstance(entry, dict)]
+        if refused := self.refused_recipients.intersection(to):
+            return f"'to' address {sorted(refused)[0]} is not allowed"
+        return None
+
     def _validate(
         self, path: str, authorization: str, payload: object
     ) -> tuple[int, dict[str, Any]]:
@@ -286,9 +366,8 @@ class MailtrapStub:
             return 401, {"errors": ["Unauthorized"]}
         if not isinstance(payload, dict):
             return 400, {"errors": ["body is not a JSON object"]}
-        missing = [key for key in ("from", "to", "subject") if not payload.get(key)]
-        if missing or not (payload.get("text") or payload.get("html")):
-            return 400, {"errors": [f"missing {', '.join(missing) or 'text or html'}"]}
+        if problem := self._refused(payload):
+            return (400 if problem.startswith("missing") else 422), {"errors": [problem]}
         return 200, {}
 
 
@@ -325,6 +404,10 @@ class _Handler(BaseHTTPRequestHandler):
             status = answer.pop("_status", status)
         self._reply(status, answer)
 
+    def _reply_headers(self, answer: dict[str, Any]) -> dict[str, str]:
+        retry_after = answer.pop("_retry_after", None)
+        return {} if retry_after is None else {"Retry-After": f"{retry_after:.3f}"}
+
     def do_GET(self) -> None:
         parts = urlsplit(self.path)
         status, answer = self.owner._email_logs(
@@ -333,8 +416,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(status, answer)
 
     def _reply(self, status: int, answer: dict[str, Any]) -> None:
+        headers = self._reply_headers(answer)
         data = json.dumps(answer).encode()
         self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()

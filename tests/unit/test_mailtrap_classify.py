@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from http.client import RemoteDisconnected
 
 import mailtrap
@@ -12,9 +13,15 @@ from urllib3.exceptions import MaxRetryError, NameResolutionError, NewConnection
 
 from mailer_service.compose import OutgoingEmail, Sender, compose_email
 from mailer_service.handlers import SendEmail
-from mailer_service.mailtrap_transport import classify, is_transient_status, to_mail
+from mailer_service.mailtrap_transport import (
+    RateLimited,
+    classify,
+    is_transient_status,
+    retry_after_seconds,
+    to_mail,
+)
 from mailer_service.transport import SendOutcomeUnknown
-from pipeline_shared.errors import PermanentFailure, TransientFailure
+from pipeline_shared.errors import Deferred, PermanentFailure, TransientFailure
 from pipeline_shared.events import EmailSent
 from unit.fakes import FakeLedger, FakePublisher, FakeTransport, data_processed
 
@@ -230,3 +237,34 @@ async def test_a_transport_failure_propagates_and_nothing_is_published(
 
     assert caught.value is failure
     assert publisher.published == []
+
+
+# --- 429 -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [("3", 3.0), ("0.25", 0.25), ("-5", 0.0), ("99999", 600.0), (None, None), ("soon", None)],
+)
+def test_retry_after_in_seconds(header: str | None, seconds: float | None) -> None:
+    assert retry_after_seconds(header) == seconds
+
+
+def test_retry_after_as_an_http_date() -> None:
+    now = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
+
+    assert retry_after_seconds("Sun, 29 Nov 2026 12:00:07 GMT", now) == 7.0
+
+
+def test_a_429_is_deferred_for_its_retry_after_without_spending_an_attempt() -> None:
+    failure = classify(RateLimited(4.5))
+
+    assert isinstance(failure, Deferred)
+    assert failure.wait_seconds == 4.5
+
+
+def test_a_429_without_retry_after_is_deferred_briefly() -> None:
+    failure = classify(RateLimited(None))
+
+    assert isinstance(failure, Deferred)
+    assert failure.wait_seconds == 1.0

@@ -38,7 +38,7 @@ from sqlalchemy import Column, Engine, Float, MetaData, String, Table, bindparam
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql.elements import BindParameter
 
-from pipeline_shared.database import build_engine, create_tables, for_writing
+from pipeline_shared.database import build_engine, create_tables, database_now, for_writing
 from pipeline_shared.group_commit import GroupCommit
 
 log = logging.getLogger("mailer.ledger")
@@ -62,10 +62,6 @@ sent_emails = Table(
 # The lease is measured on the database's clock, not each host's: replicas
 # whose clocks disagree must still agree on when a claim has lapsed. The
 # statements that read the clock are templates, given the dialect's {now}.
-_DATABASE_NOW = {
-    "postgresql": "EXTRACT(EPOCH FROM clock_timestamp())",
-    "sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
-}
 
 # One statement, the same in SQLite and PostgreSQL: insert a claim, or take
 # over an uncertain one or one whose lease has passed (which is uncertain from
@@ -165,7 +161,7 @@ class SqlLedger:
         """The tokens of the claims this process is working on: only these are renewed."""
         self._abandoned: set[str] = set()
         """Claims no longer renewed whose sends may yet complete: uncertain at a stop."""
-        now = _DATABASE_NOW[engine.dialect.name]
+        now = database_now(engine)
         tokens: BindParameter[list[str]] = bindparam("tokens", expanding=True)
         self._claim_sql, self._mark_sent_sql, self._mark_uncertain_sql = (
             text(template.format(now=now)) for template in (_CLAIM, _MARK_SENT, _MARK_UNCERTAIN)

@@ -9,8 +9,13 @@ the provider at once, and its exceptions are translated into our
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import threading
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
 
 import mailtrap
 import requests
@@ -20,14 +25,26 @@ from mailtrap.config import GENERAL_HOST, SANDBOX_HOST, SENDING_HOST
 from mailtrap.exceptions import APIError, MailtrapError
 from mailtrap.http import HttpClient
 from mailtrap.models.email_logs import EmailLogsListFilters, filter_ci_equal
+from mailtrap.models.mail.batch_mail import (
+    BatchEmailRequest,
+    BatchMail,
+    BatchSendEmailParams,
+    BatchSendResponse,
+)
+from requests import Response
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
 from mailer_service.blocking_pool import DaemonThreadPool
 from mailer_service.compose import OutgoingEmail
+from mailer_service.send_budget import SendBudget
 from mailer_service.transport import Receipt, SendOutcomeUnknown
-from pipeline_shared.errors import HandlerFailure, PermanentFailure, TransientFailure
+from pipeline_shared.errors import Deferred, HandlerFailure, PermanentFailure, TransientFailure
+
+log = logging.getLogger("mailer.mailtrap")
 
 DEFAULT_TIMEOUT_SECONDS = 30.0
+# A provider asking for longer is waited out through the retry delays.
+MAX_RETRY_AFTER_SECONDS = 600.0
 # How long Mailtrap's Email Logs may take to show an accepted email.
 DEFAULT_SETTLE_SECONDS = 60.0
 CLOCK_MARGIN_SECONDS = 300.0
@@ -63,6 +80,38 @@ def _never_left(exc: BaseException) -> bool:
     return False
 
 
+class RateLimited(Exception):
+    """Mailtrap answered 429: too many requests for the token just now."""
+
+    def __init__(self, retry_after: float | None) -> None:
+        super().__init__(f"Mailtrap answered 429 (Retry-After: {retry_after})")
+        self.retry_after = retry_after
+
+
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """A ``Retry-After`` header in seconds: a number, or an HTTP date; None if neither."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS) if math.isfinite(seconds) else None
+
+
+class _HttpClient(HttpClient):  # type: ignore[misc]  # the SDK ships no types
+    """The SDK's HTTP client, keeping a 429's ``Retry-After``, which its errors drop."""
+
+    def _process_response(self, response: Response) -> Any:
+        if response.status_code == 429:
+            raise RateLimited(retry_after_seconds(response.headers.get("Retry-After")))
+        return super()._process_response(response)
+
+
 def classify(exc: BaseException) -> HandlerFailure:
     """Translate an SDK or network exception into what it says about the email.
 
@@ -72,6 +121,10 @@ def classify(exc: BaseException) -> HandlerFailure:
     after the request went out, 500, 502, 504, an answer we cannot read):
     ``SendOutcomeUnknown``.
     """
+    if isinstance(exc, RateLimited):
+        # Not taken; waiting spends no attempt, however long the provider asks for.
+        wait = exc.retry_after if exc.retry_after is not None else 1.0
+        return Deferred(f"{exc}; waiting {wait:g} s", wait_seconds=wait)
     if isinstance(exc, APIError):
         reason = f"Mailtrap answered {exc.status}: {'; '.join(exc.errors)}"
         if exc.status in _NOT_TAKEN_STATUSES:
@@ -107,6 +160,45 @@ def to_mail(email: OutgoingEmail) -> mailtrap.Mail:
     )
 
 
+def to_batch(emails: Sequence[OutgoingEmail]) -> BatchSendEmailParams:
+    """One batch request: what all share (the sender) in ``base``, the rest per email."""
+    first = emails[0]
+    return BatchSendEmailParams(
+        base=BatchMail(
+            sender=mailtrap.Address(email=first.sender.email, name=first.sender.name),
+            subject=first.subject,
+            category=first.sender.category,
+        ),
+        requests=[
+            BatchEmailRequest(
+                to=[mailtrap.Address(email=email.to)],
+                subject=email.subject,
+                text=email.text,
+                custom_variables=email.custom_variables,
+            )
+            for email in emails
+        ],
+    )
+
+
+def batch_outcomes(response: BatchSendResponse, count: int) -> list[Receipt | HandlerFailure]:
+    """Each email's outcome from the provider's answer to its batch."""
+    if len(response.responses) != count:
+        # Which answer is whose cannot be told: nobody knows what went out.
+        unknown = SendOutcomeUnknown(
+            f"Mailtrap answered {len(response.responses)} results for {count} emails"
+        )
+        return [unknown] * count
+    outcomes: list[Receipt | HandlerFailure] = []
+    for item in response.responses:
+        if item.success:
+            outcomes.append(Receipt(message_id=item.message_ids[0] if item.message_ids else None))
+        else:
+            errors = "; ".join(item.errors or []) or "no reason given"
+            outcomes.append(PermanentFailure(f"Mailtrap refused the email: {errors}"))
+    return outcomes
+
+
 class MailtrapTransport:
     """Sends through Mailtrap's sending API and, given an account id, finds past sends
     in its Email Logs API (on the general API host)."""
@@ -124,6 +216,7 @@ class MailtrapTransport:
         account_id: str | None = None,
         general_api_host: str = GENERAL_HOST,
         settle_seconds: float = DEFAULT_SETTLE_SECONDS,
+        budget: SendBudget | None = None,
     ) -> None:
         self._client = mailtrap.MailtrapClient(
             token=token, api_host=api_host, sandbox=inbox_id is not None, inbox_id=inbox_id
@@ -134,6 +227,7 @@ class MailtrapTransport:
         self._account_id = account_id
         self._general_host = general_api_host
         self._settle = settle_seconds
+        self._budget = budget
         self._pool = DaemonThreadPool(concurrency, name="mailtrap")
         self._local = threading.local()
 
@@ -153,7 +247,7 @@ class MailtrapTransport:
         # again to each read).
         api: SendingApi | None = getattr(self._local, "api", None)
         if api is None:
-            client = HttpClient(self._host, self._client.headers, timeout=self._timeout)
+            client = _HttpClient(self._host, self._client.headers, timeout=self._timeout)
             api = self._local.api = SendingApi(client=client, inbox_id=self._inbox_id)
         return api
 
@@ -162,7 +256,7 @@ class MailtrapTransport:
         logs: EmailLogsApi | None = getattr(self._local, "logs", None)
         if logs is None:
             # The SDK's own client fixes the general host to mailtrap.io.
-            client = HttpClient(self._general_host, self._client.headers, timeout=self._timeout)
+            client = _HttpClient(self._general_host, self._client.headers, timeout=self._timeout)
             logs = self._local.logs = EmailLogsApi(client=client, account_id=self._account_id)
         return logs
 
@@ -196,12 +290,59 @@ class MailtrapTransport:
         except Exception as exc:
             # The same email fails the same way every time: retrying cannot help.
             raise PermanentFailure(f"could not build the email: {exc}") from exc
+        await self._take_budget()
         try:
             return await self._pool.run(lambda: self._send_blocking(mail))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            await self._honour_rate_limit(exc)
             raise classify(exc) from exc
+
+    async def _take_budget(self) -> None:
+        if self._budget is not None:
+            await self._budget.acquire()
+
+    async def _honour_rate_limit(self, exc: Exception) -> None:
+        """A 429 slows every replica down, not just this request's sender."""
+        if isinstance(exc, RateLimited) and self._budget is not None:
+            await self._budget.block_for(exc.retry_after or 1.0)
+
+    async def send_batch(self, emails: Sequence[OutgoingEmail]) -> list[Receipt | HandlerFailure]:
+        """Send ``emails`` in one batch request; one outcome per email, in order.
+
+        A request refused as a whole for its content (400, 422) may be refused for
+        one email's sake: each is then sent alone, to get its own answer."""
+        if len(emails) == 1:
+            return [await self._outcome_of_one(emails[0])]
+        try:
+            params = to_batch(emails)
+        except Exception:
+            # One email the SDK cannot take: find it by building each alone.
+            return [await self._outcome_of_one(email) for email in emails]
+        await self._take_budget()
+        try:
+            response = await self._pool.run(lambda: self._sending_api().batch_send(params))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._honour_rate_limit(exc)
+            failure = classify(exc)
+            if isinstance(exc, APIError) and exc.status in {400, 422}:
+                log.warning(
+                    "Mailtrap refused a batch of %d (%s); sending each alone", len(emails), failure
+                )
+                return list(
+                    await asyncio.gather(*(self._outcome_of_one(email) for email in emails))
+                )
+            return [failure] * len(emails)
+        return batch_outcomes(response, len(emails))
+
+    async def _outcome_of_one(self, email: OutgoingEmail) -> Receipt | HandlerFailure:
+        try:
+            return await self.send(email)
+        except HandlerFailure as failure:
+            return failure
 
     async def find_sent(self, email: OutgoingEmail, since: float) -> Receipt | None:
         if self._account_id is None:
@@ -221,3 +362,5 @@ class MailtrapTransport:
         # MAILTRAP_TIMEOUT_SECONDS, the process's stop is bounded by
         # SHUTDOWN_TIMEOUT_SECONDS, and their messages are back in the queue.
         self._pool.close()
+        if self._budget is not None:
+            await self._budget.close()

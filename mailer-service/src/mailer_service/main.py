@@ -8,12 +8,14 @@ import time
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from mailer_service.batching import BatchingTransport, BatchLimits
 from mailer_service.compose import Sender
 from mailer_service.handlers import SendEmail
 from mailer_service.ledger import LedgerUnavailable, SqlLedger
 from mailer_service.mailtrap_transport import MailtrapTransport
 from mailer_service.metrics import MeasuredTransport
 from mailer_service.outbox import OutboxTransport
+from mailer_service.send_budget import SendBudget
 from mailer_service.settings import MailerSettings
 from mailer_service.transport import EmailTransport
 from pipeline_shared.events import DataProcessed
@@ -45,7 +47,7 @@ def build_transport(settings: MailerSettings) -> EmailTransport:
                 "MAILTRAP_ACCOUNT_ID is not set: a send whose outcome is unknown is sent "
                 "again after SEND_LEASE_SECONDS without asking Mailtrap's Email Logs"
             )
-        return MailtrapTransport(
+        mailtrap = MailtrapTransport(
             token=settings.mailtrap_token.get_secret_value(),
             api_host=settings.mailtrap_api_host,
             inbox_id=settings.mailtrap_inbox_id,
@@ -54,7 +56,23 @@ def build_transport(settings: MailerSettings) -> EmailTransport:
             account_id=settings.mailtrap_account_id,
             general_api_host=settings.mailtrap_general_api_host,
             settle_seconds=settings.reconcile_after_seconds,
+            budget=SendBudget.open(
+                settings.database_url,
+                max_requests=settings.mailtrap_max_requests,
+                window_seconds=settings.mailtrap_limit_window_seconds,
+            ),
         )
+        if not settings.batching:
+            return mailtrap
+        log.info(
+            "batching up to %d emails per request, waiting up to %g ms",
+            settings.mailtrap_batch_size,
+            settings.batch_wait_ms,
+        )
+        limits = BatchLimits(
+            max_emails=settings.mailtrap_batch_size, wait_seconds=settings.batch_wait_ms / 1000
+        )
+        return BatchingTransport(mailtrap, limits)
     if settings.mailer_transport is None:
         log.warning(
             "MAILTRAP_TOKEN is not set: writing emails to %s instead of sending them",

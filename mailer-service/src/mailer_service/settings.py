@@ -81,6 +81,29 @@ class MailerSettings(WorkerSettings):
         description="The ledger of sent emails: a SQLite file for one host, or a "
         "postgresql:// URL that replicas on several hosts share.",
     )
+    mailtrap_batch_size: int = Field(
+        default=500,
+        ge=1,
+        le=500,
+        description="Emails per Mailtrap batch request at most (the API takes 500); 1 sends "
+        "each email in a request of its own.",
+    )
+    mailtrap_max_requests: int = Field(
+        default=150,
+        ge=1,
+        le=100_000,
+        description="Provider requests allowed per MAILTRAP_LIMIT_WINDOW_SECONDS for the "
+        "token, summed over every mailer replica sharing DATABASE_URL.",
+    )
+    mailtrap_limit_window_seconds: float = Field(
+        default=10.0, gt=0, le=3600, description="The window of MAILTRAP_MAX_REQUESTS."
+    )
+    batch_wait_ms: float = Field(
+        default=20,
+        ge=0,
+        le=1000,
+        description="How long an email waits for others to share its batch request.",
+    )
     mailtrap_timeout_seconds: float = Field(
         default=30.0,
         gt=0,
@@ -145,5 +168,14 @@ class MailerSettings(WorkerSettings):
         return self.send_lease_seconds / 3
 
     @property
+    def batching(self) -> bool:
+        return self.transport == "mailtrap" and self.mailtrap_batch_size > 1
+
+    @property
     def prefetch(self) -> int:
-        return self.mailer_prefetch or 2 * self.mailer_concurrency
+        if self.mailer_prefetch:
+            return self.mailer_prefetch
+        # Batches can only hold the emails in hand.
+        return (
+            max(2 * self.mailer_concurrency, 100) if self.batching else 2 * self.mailer_concurrency
+        )

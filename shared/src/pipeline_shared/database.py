@@ -69,6 +69,18 @@ def build_engine(database_url: str, *, durable: bool = True) -> Engine:
     return engine
 
 
+_NOW = {
+    "postgresql": "EXTRACT(EPOCH FROM clock_timestamp())",
+    "sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
+}
+
+
+def database_now(engine: Engine) -> str:
+    """SQL for the database's clock as Unix seconds: replicas whose clocks disagree
+    still agree on it."""
+    return _NOW[engine.dialect.name]
+
+
 def create_tables(engine: Engine, metadata: MetaData, attempts: int = 5) -> None:
     """Create the tables ``metadata`` names that do not exist yet.
 
