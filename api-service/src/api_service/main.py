@@ -22,7 +22,7 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 
 def main() -> None:
     settings = load_settings(ApiSettings, SERVICE)
-    configure_service_logging(settings)
+    configure_service_logging(settings, SERVICE)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal
     # again against the handlers it found; these make that a clean exit 0,
     # which is what process supervisors expect from a requested stop.

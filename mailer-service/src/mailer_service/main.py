@@ -169,5 +169,5 @@ async def leave_uncertain(ledger: SqlLedger) -> None:
 
 def main() -> None:
     settings = load_settings(MailerSettings, SERVICE)
-    configure_service_logging(settings)
+    configure_service_logging(settings, SERVICE)
     run_until_signalled(lambda stop: serve(settings, stop))

@@ -46,5 +46,5 @@ async def serve(settings: ProcessorSettings, stop: asyncio.Event) -> None:
 
 def main() -> None:
     settings = load_settings(ProcessorSettings, SERVICE)
-    configure_service_logging(settings)
+    configure_service_logging(settings, SERVICE)
     run_until_signalled(lambda stop: serve(settings, stop))

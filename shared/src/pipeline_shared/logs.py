@@ -1,4 +1,8 @@
-"""Logging set-up: one plain line per record, on stderr, with nothing private in it.
+"""Logging set-up: one line per record, on stderr, with nothing private in it.
+
+A line is readable text, or with ``LOG_FORMAT=json`` one JSON object
+(``JsonLinesFormatter``) whose fields include those a caller passes with
+``extra=`` (the messaging layer's ``job_id``, ``event_id``, ``outcome``...).
 
 Every line goes through ``PrivateDataFormatter``: the values of the
 service's secrets (tokens, API keys, passwords inside URLs) are replaced by
@@ -12,12 +16,15 @@ recovery, so those records are demoted to DEBUG.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import re
 import sys
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
-from pipeline_shared.settings import PipelineSettings
+from pipeline_shared.settings import LogFormat, PipelineSettings
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
@@ -104,28 +111,101 @@ class PrivateDataFormatter(logging.Formatter):
         )
         self._show_addresses = show_addresses
 
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+    def hide(self, text: str) -> str:
+        """``text`` with every secret replaced by ``***`` and, unless shown, addresses masked."""
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text if self._show_addresses else mask_addresses(text)
 
+    def format(self, record: logging.LogRecord) -> str:
+        # The format names only standard attributes, so the fields a caller
+        # passes with ``extra=`` (for the JSON lines) leave the text line as it is.
+        return self.hide(super().format(record))
 
-def configure_service_logging(settings: PipelineSettings) -> None:
-    """``configure_logging`` as a service's settings ask, hiding its secrets."""
+
+# The attributes every record has; any other came in through ``extra=`` and is
+# a field of the JSON line.
+_RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+# Fields libraries add for their own console output (uvicorn's ANSI-coloured copy
+# of the message), which mean nothing to a log collector.
+_IGNORED_EXTRAS = frozenset({"color_message"})
+
+
+class JsonLinesFormatter(PrivateDataFormatter):
+    """One JSON object per record: ``time`` (ISO 8601, UTC), ``level``, ``service``,
+    ``logger``, ``message``, ``exception`` (the traceback, if any), then every field
+    passed with ``extra=``.
+
+    Secrets and addresses are hidden in the message and in every string field, as
+    in the text lines. The object is written with non-ASCII and control characters
+    escaped, so a record is always exactly one line whatever its message holds.
+    """
+
+    def __init__(self, service: str | None, secrets: Iterable[str], show_addresses: bool) -> None:
+        super().__init__("%(message)s", secrets, show_addresses)
+        self._service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        time = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        fields: dict[str, object] = {
+            "time": time.replace("+00:00", "Z"),
+            "level": record.levelname,
+            "service": self._service,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            fields["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            fields["exception"] = record.exc_text
+        if record.stack_info:
+            fields["stack"] = self.formatStack(record.stack_info)
+        for key, value in vars(record).items():
+            if key not in _RECORD_ATTRIBUTES and key not in _IGNORED_EXTRAS:
+                fields.setdefault(key, value)
+        return json.dumps(
+            {key: self._json_value(value) for key, value in fields.items()}, ensure_ascii=True
+        )
+
+    def _json_value(self, value: object) -> object:
+        """A value JSON can hold as it is (a number, a boolean, null), else its text
+        with the private data hidden."""
+        if value is None or isinstance(value, bool | int):
+            return value
+        if isinstance(value, float) and math.isfinite(value):
+            return value
+        return self.hide(value if isinstance(value, str) else str(value))
+
+
+def configure_service_logging(settings: PipelineSettings, service: str) -> None:
+    """``configure_logging`` as a service's settings ask, hiding its secrets; JSON
+    lines name ``service``."""
     configure_logging(
         settings.log_level,
         secrets=settings.secret_values(),
         show_addresses=settings.log_show_addresses,
+        log_format=settings.log_format,
+        service=service,
     )
 
 
 def configure_logging(
-    level: str, *, secrets: Iterable[str] = (), show_addresses: bool = False
+    level: str,
+    *,
+    secrets: Iterable[str] = (),
+    show_addresses: bool = False,
+    log_format: LogFormat = "text",
+    service: str | None = None,
 ) -> None:
-    """Send every logger's records to stderr at ``level``, through the private-data formatter."""
+    """Send every logger's records to stderr at ``level``, as text lines or JSON
+    lines (``log_format``), through the private-data formatter."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(PrivateDataFormatter(FORMAT, secrets, show_addresses))
+    formatter = (
+        JsonLinesFormatter(service, secrets, show_addresses)
+        if log_format == "json"
+        else PrivateDataFormatter(FORMAT, secrets, show_addresses)
+    )
+    handler.setFormatter(formatter)
     handler.addFilter(ReconnectionNoiseFilter(logging.getLevelName(level)))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     # The AMQP libraries log each lost connection with a traceback; the

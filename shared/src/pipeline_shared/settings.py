@@ -14,6 +14,7 @@ from pydantic import AfterValidator, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+LogFormat = Literal["text", "json"]
 
 _DATABASE_SCHEMES = ("sqlite://", "postgresql://", "postgres://", "postgresql+")
 
@@ -55,6 +56,11 @@ class PipelineSettings(BaseSettings):
         description="AMQP URL of the RabbitMQ broker (amqp:// or amqps://).",
     )
     log_level: LogLevel = Field(default="INFO", description="Logging level.")
+    log_format: LogFormat = Field(
+        default="text",
+        description="How log lines are written: readable text, or one JSON object per line "
+        "for a log collector.",
+    )
     log_show_addresses: bool = Field(
         default=False,
         description="Show recipient addresses in logs (development); masked otherwise.",
