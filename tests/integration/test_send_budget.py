@@ -84,8 +84,8 @@ def stub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MailtrapSt
     # Requests reach the provider a little after the budget grants them (a TLS
     # handshake, a thread hop, a loaded machine): the budget's WINDOW_MARGIN
     # covers that on Mailtrap's 10 s window (0.5 s); on this 1 s one, the
-    # stand-in's window is a fifth shorter to leave room for the same jitter.
-    stub.rate_limit = (LIMIT, SDK_WINDOW * 0.8)
+    # stand-in's window is 5% shorter to leave room for the same jitter.
+    stub.rate_limit = (LIMIT, SDK_WINDOW * 0.95)
     stub.start()
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(stub.ca_bundle))
     yield stub

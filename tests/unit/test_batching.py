@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 from hypothesis import given
@@ -59,14 +59,22 @@ class Provider:
     reconciles = False
     settle_seconds = 0.0
 
-    def __init__(self, refuse: frozenset[str] = frozenset(), whole: HandlerFailure | None = None):
+    def __init__(
+        self,
+        refuse: frozenset[str] = frozenset(),
+        whole: HandlerFailure | None = None,
+        delay: float = 0.001,
+    ):
         self.batches: list[list[str]] = []
+        self.delay = delay
         self.refuse = refuse
         self.whole = whole
 
-    async def send_batch(self, emails: Sequence[OutgoingEmail]) -> list[Receipt | HandlerFailure]:
-        self.batches.append([email.to for email in emails])
-        await asyncio.sleep(0.001)
+    async def send_batch(
+        self, emails: Sequence[OutgoingEmail], wanted: Callable[[int], bool]
+    ) -> list[Receipt | HandlerFailure]:
+        await asyncio.sleep(self.delay)  # waiting for a slot in the budget, a thread
+        self.batches.append([email.to for n, email in enumerate(emails) if wanted(n)])
         if self.whole is not None:
             return [self.whole] * len(emails)
         return [
@@ -156,3 +164,19 @@ async def test_an_email_withdrawn_before_its_batch_leaves_is_not_sent() -> None:
     assert provider.batches == [["ada@example.com"]]
     with pytest.raises(asyncio.CancelledError):
         await withdrawn
+
+
+async def test_an_email_whose_handler_gave_up_while_its_batch_waited_is_left_out() -> None:
+    # The batch has left the queue but waits (budget, threads); a handler
+    # cancelled meanwhile (HANDLER_TIMEOUT_SECONDS) must not have its email sent
+    # later behind its back: its claim will be settled by another attempt.
+    provider = Provider(delay=0.2)
+    transport = BatchingTransport(provider, BatchLimits(wait_seconds=0.01))
+    kept = asyncio.create_task(transport.send(email_to("ada@example.com")))
+    given_up = asyncio.create_task(transport.send(email_to("eve@example.com")))
+    await asyncio.sleep(0.05)  # flushed, and waiting
+
+    given_up.cancel()
+    await kept
+
+    assert provider.batches == [["ada@example.com"]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from http.client import RemoteDisconnected
+from ssl import SSLCertVerificationError
 
 import mailtrap
 import pytest
@@ -99,7 +100,9 @@ def _wrapped(reason: Exception) -> requests.ConnectionError:
     [
         _wrapped(NewConnectionError(None, "Connection refused")),  # type: ignore[arg-type]
         _wrapped(NameResolutionError("send.api.mailtrap.io", None, OSError("no name"))),  # type: ignore[arg-type]
-        requests.exceptions.SSLError("certificate verify failed"),
+        requests.exceptions.SSLError(
+            MaxRetryError(None, "/api/send", SSLCertVerificationError("certificate verify failed"))  # type: ignore[arg-type]
+        ),
         requests.exceptions.ConnectTimeout("connect timed out"),
     ],
     ids=["refused", "dns", "tls", "connect-timeout"],
@@ -109,6 +112,13 @@ def test_a_request_that_never_left_is_a_plain_transient_failure(exc: Exception) 
 
     assert type(failure) is TransientFailure
     assert failure.reason == f"could not reach Mailtrap: {type(exc).__name__}"
+
+
+def test_a_tls_error_after_the_handshake_is_an_unknown_outcome() -> None:
+    # A corrupt record while the answer is read: the request had gone out.
+    failure = classify(requests.exceptions.SSLError("[SSL: DECRYPTION_FAILED] bad record"))
+
+    assert type(failure) is SendOutcomeUnknown
 
 
 def test_a_read_timeout_is_an_unknown_outcome() -> None:

@@ -148,6 +148,32 @@ async def test_a_stop_while_waiting_for_the_ledger_keeps_the_claim_and_sends_not
     assert len(transport.sent) == 1
     assert ledger.rows[str(event.job_id)][0] == "sending"  # the claim is kept, not released
     assert publisher.published == []
+    await send.close()  # the stop gives up the recording still waiting
+
+
+async def test_a_handler_cancelled_while_the_ledger_is_away_still_records_the_send() -> None:
+    # HANDLER_TIMEOUT_SECONDS ends the handling; the send went out, so its
+    # record must still be written once the database is back.
+    transport, publisher, ledger = FakeTransport(), FakePublisher(), FlakyLedger(failures=20)
+    event = data_processed()
+    send = SendEmail(
+        transport, publisher, ledger, SENDER, lease_seconds=LEASE, ledger_retry_seconds=(0.01, 0.01)
+    )
+    handling = asyncio.create_task(send(event))
+    await asyncio.sleep(0.05)
+    handling.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await handling
+
+    for _ in range(200):
+        if ledger.rows[str(event.job_id)][0] == "sent":
+            break
+        await asyncio.sleep(0.01)
+
+    assert ledger.rows[str(event.job_id)][0] == "sent"
+    assert ledger.sent[str(event.job_id)] == ("fake", "fake-message-1")
+    await send(event)  # the redelivery finds it sent
+    assert len(transport.sent) == 1
 
 
 # --- sends whose outcome is unknown -------------------------------------------

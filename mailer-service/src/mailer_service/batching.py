@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,8 +37,11 @@ class BatchLimits:
 
 
 class BatchSender(EmailTransport, Protocol):
-    async def send_batch(self, emails: Sequence[OutgoingEmail]) -> list[Receipt | HandlerFailure]:
-        """One outcome per email, in order; never raises for the provider's answers."""
+    async def send_batch(
+        self, emails: Sequence[OutgoingEmail], wanted: Callable[[int], bool]
+    ) -> list[Receipt | HandlerFailure]:
+        """One outcome per email, in order; never raises for the provider's answers.
+        Leaves out the emails no longer ``wanted`` when the request may leave."""
         ...
 
 
@@ -136,7 +139,11 @@ class BatchingTransport:
 
     async def _send(self, batch: list[tuple[OutgoingEmail, asyncio.Future[Receipt]]]) -> None:
         try:
-            outcomes = await self._sender.send_batch([email for email, _ in batch])
+            # A handler that gave up (cancelled) has its future done: read from the
+            # worker thread, which only needs to see that it is set.
+            outcomes = await self._sender.send_batch(
+                [email for email, _ in batch], lambda index: not batch[index][1].done()
+            )
         except Exception as exc:  # a bug; the request may have gone out
             log.exception("sending a batch of %d email(s) failed", len(batch))
             unknown = SendOutcomeUnknown(f"sending the batch failed: {type(exc).__name__}")

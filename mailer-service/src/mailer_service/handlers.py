@@ -11,7 +11,7 @@ from mailer_service.ledger import Claim, ClaimState, LedgerUnavailable, Uncertai
 from mailer_service.metrics import email_sent
 from mailer_service.transport import EmailTransport, Receipt, SendOutcomeUnknown
 from pipeline_shared.contract import TRUSTED
-from pipeline_shared.errors import Deferred
+from pipeline_shared.errors import Deferred, TransientFailure
 from pipeline_shared.events import DataProcessed, EmailSent, Event
 from pipeline_shared.messaging import delivery_attempt
 
@@ -67,10 +67,14 @@ class SendEmail:
         self._lease = lease_seconds
         # The first and the longest wait between attempts to record a send.
         self._ledger_retry = ledger_retry_seconds
+        self._recording: set[asyncio.Task[None]] = set()
 
     async def __call__(self, event: DataProcessed) -> None:
         job_id = str(event.job_id)
-        claim = await self._ledger.claim(job_id)
+        try:
+            claim = await self._ledger.claim(job_id)
+        except LedgerUnavailable as exc:
+            raise TransientFailure(f"the ledger of sent emails cannot be read ({exc})") from exc
         if claim.state is ClaimState.BUSY:
             raise Deferred("another mailer is sending this job's email right now")
         if claim.state is ClaimState.ALREADY_SENT:
@@ -83,7 +87,7 @@ class SendEmail:
             found = await self._settle_uncertain(job_id, claim, claim.uncertain, email)
             if found is not None:
                 log.info("job %s: an earlier send went out after all; not sending again", job_id)
-                await self._record_sent(job_id, claim, found.message_id)
+                await self._recorded(job_id, claim, found.message_id)
                 await self._publish_sent(event, self._transport.name, found.message_id)
                 email_sent(event)
                 return
@@ -100,7 +104,7 @@ class SendEmail:
         except BaseException:
             await self._ledger.release(job_id, claim)
             raise
-        await self._record_sent(job_id, claim, receipt.message_id)
+        await self._recorded(job_id, claim, receipt.message_id)
         await self._publish_sent(event, self._transport.name, receipt.message_id)
         email_sent(event)
 
@@ -130,6 +134,22 @@ class SendEmail:
         except BaseException:
             await self._ledger.release(job_id, claim)
             raise
+
+    async def _recorded(self, job_id: str, claim: Claim, message_id: str | None) -> None:
+        """Record the send in a task of its own: a handler cancelled meanwhile (its
+        HANDLER_TIMEOUT_SECONDS while the database is away) must not leave an email
+        that went out unrecorded, its claim renewed by nobody's intent, forever."""
+        recording = asyncio.ensure_future(self._record_sent(job_id, claim, message_id))
+        self._recording.add(recording)
+        recording.add_done_callback(self._recording.discard)
+        await asyncio.shield(recording)
+
+    async def close(self) -> None:
+        """At a stop: give up the recordings still waiting for the database (their
+        claims are then left uncertain by the ledger)."""
+        for recording in list(self._recording):
+            recording.cancel()
+        await asyncio.gather(*self._recording, return_exceptions=True)
 
     async def _record_sent(self, job_id: str, claim: Claim, message_id: str | None) -> None:
         """Write ``sent`` to the ledger, however long the database takes to come back.

@@ -34,7 +34,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Column, Engine, Float, MetaData, String, Table, bindparam, inspect, text
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    Float,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    inspect,
+    text,
+)
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql.elements import BindParameter
 
@@ -110,6 +121,11 @@ _HEARTBEAT = """
     UPDATE mailer_sent_emails SET claimed_at = {now}
     WHERE owner = :owner AND state = 'sending' AND claim_token IN :tokens
 """
+_LOCK_HELD = """
+    SELECT job_id FROM mailer_sent_emails
+    WHERE owner = :owner AND state = 'sending' AND claim_token IN :tokens
+    ORDER BY job_id FOR UPDATE
+"""
 # At a stop: whatever this mailer still holds may be at the provider.
 _LEAVE_UNCERTAIN = """
     UPDATE mailer_sent_emails SET state = 'uncertain', owner = NULL, attempted_at = {now}
@@ -173,6 +189,9 @@ class SqlLedger:
         # disk syncs): see pipeline_shared.group_commit.
         self._claims = GroupCommit(self._claim_many)
         self._marks = GroupCommit(self._mark_sent_many)
+        self._lock_held_sql = (
+            text(_LOCK_HELD).bindparams(tokens) if engine.dialect.name == "postgresql" else None
+        )
         self._heartbeat_sql, self._leave_uncertain_sql = (
             text(template.format(now=now)).bindparams(tokens)
             for template in (_HEARTBEAT, _LEAVE_UNCERTAIN)
@@ -202,7 +221,11 @@ class SqlLedger:
         return len(self._held)
 
     async def claim(self, job_id: str) -> Claim:
-        claim = await self._claims.submit(job_id)
+        """Claim the job; raises ``LedgerUnavailable`` when the database cannot say."""
+        try:
+            claim = await self._claims.submit(job_id)
+        except SQLAlchemyError as exc:
+            raise LedgerUnavailable(type(exc).__name__) from exc
         if claim.state is ClaimState.CLAIMED:
             self._held.add(claim.token)
         return claim
@@ -265,6 +288,9 @@ class SqlLedger:
         return await asyncio.to_thread(self._purge, before)
 
     async def close(self) -> None:
+        # What was handed in is written (or fails) before the engine goes.
+        await self._claims.close()
+        await self._marks.close()
         await asyncio.to_thread(self._engine.dispose)
 
     async def _quietly(self, write: Callable[[str, str], None], job_id: str, token: str) -> None:
@@ -311,8 +337,16 @@ class SqlLedger:
         with self._writer.begin() as connection:
             connection.execute(self._mark_uncertain_sql, {"job_id": job_id, "token": token})
 
+    def _lock_in_order(self, connection: Connection, tokens: list[str]) -> None:
+        # Claims lock rows in job-id order; an UPDATE locks them in scan order,
+        # which could deadlock against a claim batch on PostgreSQL. (SQLite has
+        # one write lock, taken when the transaction begins.)
+        if self._lock_held_sql is not None:
+            connection.execute(self._lock_held_sql, {"owner": self.owner, "tokens": tokens})
+
     def _heartbeat(self, tokens: list[str]) -> int:
         with self._writer.begin() as connection:
+            self._lock_in_order(connection, tokens)
             result = connection.execute(
                 self._heartbeat_sql, {"owner": self.owner, "tokens": tokens}
             )
@@ -320,6 +354,7 @@ class SqlLedger:
 
     def _leave_uncertain(self, tokens: list[str]) -> int:
         with self._writer.begin() as connection:
+            self._lock_in_order(connection, tokens)
             result = connection.execute(
                 self._leave_uncertain_sql, {"owner": self.owner, "tokens": tokens}
             )

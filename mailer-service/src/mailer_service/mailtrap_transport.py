@@ -12,9 +12,10 @@ import asyncio
 import logging
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from ssl import SSLCertVerificationError
 from typing import Any
 
 import mailtrap
@@ -64,7 +65,7 @@ def is_transient_status(status: int) -> bool:
 def _never_left(exc: BaseException) -> bool:
     """Whether a connection error happened before the request was written: the
     connection was never made (refused, DNS, connect timeout) or TLS failed."""
-    if isinstance(exc, requests.exceptions.ConnectTimeout | requests.exceptions.SSLError):
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
         return True
     seen: set[int] = set()
     pending: list[object] = [exc]
@@ -73,11 +74,17 @@ def _never_left(exc: BaseException) -> bool:
         if not isinstance(current, BaseException) or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, NewConnectionError | ConnectTimeoutError):
+        # A certificate is checked in the handshake, before the request is written;
+        # other TLS errors may come while the answer is read.
+        if isinstance(current, NewConnectionError | ConnectTimeoutError | SSLCertVerificationError):
             return True
         pending.extend([*current.args, current.__cause__, current.__context__])
         pending.append(getattr(current, "reason", None))  # urllib3's MaxRetryError
     return False
+
+
+# The outcome of an email left out of its batch: nobody waits for it any more.
+WITHDRAWN = TransientFailure("withdrawn before its batch request left")
 
 
 class RateLimited(Exception):
@@ -260,7 +267,15 @@ class MailtrapTransport:
             logs = self._local.logs = EmailLogsApi(client=client, account_id=self._account_id)
         return logs
 
+    def _take_slot(self) -> None:
+        # In the worker thread, right before the request: a slot taken earlier,
+        # while the request waited for a thread, would be counted in a window
+        # the request does not go out in.
+        if self._budget is not None:
+            self._budget.acquire_blocking()
+
     def _send_blocking(self, mail: mailtrap.Mail) -> Receipt:
+        self._take_slot()
         response = self._sending_api().send(mail)
         return Receipt(message_id=response.message_ids[0] if response.message_ids else None)
 
@@ -290,7 +305,6 @@ class MailtrapTransport:
         except Exception as exc:
             # The same email fails the same way every time: retrying cannot help.
             raise PermanentFailure(f"could not build the email: {exc}") from exc
-        await self._take_budget()
         try:
             return await self._pool.run(lambda: self._send_blocking(mail))
         except asyncio.CancelledError:
@@ -299,30 +313,29 @@ class MailtrapTransport:
             await self._honour_rate_limit(exc)
             raise classify(exc) from exc
 
-    async def _take_budget(self) -> None:
-        if self._budget is not None:
-            await self._budget.acquire()
-
     async def _honour_rate_limit(self, exc: Exception) -> None:
         """A 429 slows every replica down, not just this request's sender."""
         if isinstance(exc, RateLimited) and self._budget is not None:
             await self._budget.block_for(exc.retry_after or 1.0)
 
-    async def send_batch(self, emails: Sequence[OutgoingEmail]) -> list[Receipt | HandlerFailure]:
+    async def send_batch(
+        self, emails: Sequence[OutgoingEmail], wanted: Callable[[int], bool] = lambda index: True
+    ) -> list[Receipt | HandlerFailure]:
         """Send ``emails`` in one batch request; one outcome per email, in order.
 
-        A request refused as a whole for its content (400, 422) may be refused for
-        one email's sake: each is then sent alone, to get its own answer."""
+        Emails no longer ``wanted`` once the request may leave (their handlers gave
+        up while it waited for a slot or a thread) are left out of it. A request
+        refused as a whole for its content (400, 422) may be refused for one
+        email's sake: each is then sent alone, to get its own answer."""
         if len(emails) == 1:
             return [await self._outcome_of_one(emails[0])]
         try:
-            params = to_batch(emails)
+            to_batch(emails)
         except Exception:
             # One email the SDK cannot take: find it by building each alone.
             return [await self._outcome_of_one(email) for email in emails]
-        await self._take_budget()
         try:
-            response = await self._pool.run(lambda: self._sending_api().batch_send(params))
+            sent, response = await self._pool.run(lambda: self._batch_blocking(emails, wanted))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -336,7 +349,20 @@ class MailtrapTransport:
                     await asyncio.gather(*(self._outcome_of_one(email) for email in emails))
                 )
             return [failure] * len(emails)
-        return batch_outcomes(response, len(emails))
+        outcomes: list[Receipt | HandlerFailure] = [WITHDRAWN] * len(emails)
+        if response is not None:
+            for index, outcome in zip(sent, batch_outcomes(response, len(sent)), strict=True):
+                outcomes[index] = outcome
+        return outcomes
+
+    def _batch_blocking(
+        self, emails: Sequence[OutgoingEmail], wanted: Callable[[int], bool]
+    ) -> tuple[list[int], BatchSendResponse | None]:
+        self._take_slot()
+        sent = [index for index in range(len(emails)) if wanted(index)]
+        if not sent:
+            return sent, None
+        return sent, self._sending_api().batch_send(to_batch([emails[i] for i in sent]))
 
     async def _outcome_of_one(self, email: OutgoingEmail) -> Receipt | HandlerFailure:
         try:

@@ -131,15 +131,16 @@ async def serve(settings: MailerSettings, stop: asyncio.Event) -> None:
     broker = Broker.from_settings(settings, app_id=SERVICE)
     transport = MeasuredTransport(build_transport(settings))
     sender = Sender(settings.mail_from, settings.mail_from_name, settings.mail_category)
+    send_email = SendEmail(
+        transport, broker, ledger, sender, lease_seconds=settings.send_lease_seconds
+    )
     try:
         async with serving_probes(settings, broker, SERVICE) as readiness:
             await serve_stage(
                 broker,
                 MAILER,
                 DataProcessed,
-                SendEmail(
-                    transport, broker, ledger, sender, lease_seconds=settings.send_lease_seconds
-                ),
+                send_email,
                 prefetch=settings.prefetch,
                 max_event_bytes=settings.max_event_bytes,
                 handler_timeout=settings.handler_timeout_seconds,
@@ -150,6 +151,7 @@ async def serve(settings: MailerSettings, stop: asyncio.Event) -> None:
     finally:
         purging.cancel()
         renewing.cancel()
+        await send_email.close()
         await transport.close()
         await leave_uncertain(ledger)
         await ledger.close()

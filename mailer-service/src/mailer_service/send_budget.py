@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from sqlalchemy import Column, Engine, Float, Index, MetaData, String, Table, text
 
@@ -86,12 +87,16 @@ class SendBudget:
 
     async def acquire(self) -> None:
         """Return once this replica may make one request (and it is counted)."""
+        await asyncio.to_thread(self.acquire_blocking)
+
+    def acquire_blocking(self) -> None:
+        """``acquire`` in a worker thread, right before its request."""
         waited = False
-        while (wait := await asyncio.to_thread(self._try_take)) > 0:
+        while (wait := self._try_take()) > 0:
             if not waited:
                 log.info("provider request budget used up; waiting %.2f s", wait)
                 waited = True
-            await asyncio.sleep(wait)
+            time.sleep(wait)
 
     async def block_for(self, seconds: float) -> None:
         """The provider said 429: no replica sends for ``seconds``."""

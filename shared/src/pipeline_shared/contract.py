@@ -1,9 +1,12 @@
 """The limits of a job: what any edge of the pipeline accepts, defined once.
 
-The api applies them to every request, and the event models apply them to
-every message, so a job the api accepts is one every later stage can carry
-and turn into an email, and a message from any other producer is held to the
-same rules (or dead-lettered with the reason).
+The api applies them all to every request, so a job the api accepts is one
+every later stage can carry and turn into an email. Downstream, events are
+decoded in the ``TRUSTED`` context: their types are checked and every header
+field is still one line, one mailbox, no encoded-word (what keeps an email's
+headers safe whoever published the message), but addresses are not parsed
+again and data is not walked again. Only the services' own broker users may
+publish events (``rabbitmq/definitions.json``).
 
 * **Single-line fields** (subject, names, addresses) hold no control
   character and no character on which ``str.splitlines`` breaks (CR, LF,
