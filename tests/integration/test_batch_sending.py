@@ -42,7 +42,7 @@ async def transport(stub: MailtrapStub) -> AsyncIterator[BatchingTransport]:
         general_api_host=stub.host,
         settle_seconds=0,
     )
-    transport = BatchingTransport(mailtrap, BatchLimits(wait_seconds=0.05))
+    transport = BatchingTransport(mailtrap, BatchLimits(wait_seconds=0.05), concurrency=4)
     yield transport
     await transport.close()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import given
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from mailer_service.batching import BatchingTransport, BatchLimits, split
 from mailer_service.compose import OutgoingEmail, Sender, compose_email
 from mailer_service.transport import Receipt, SendOutcomeUnknown
-from pipeline_shared.errors import HandlerFailure, PermanentFailure
+from pipeline_shared.errors import HandlerFailure, PermanentFailure, TransientFailure
 from unit.fakes import data_processed
 
 SENDER = Sender(email="pipeline@example.com", name="Pipeline", category="test")
@@ -67,14 +67,20 @@ class Provider:
     ):
         self.batches: list[list[str]] = []
         self.delay = delay
+        self.slots = 0
+        self.slot_failure: Exception | None = None
         self.refuse = refuse
         self.whole = whole
 
-    async def send_batch(
-        self, emails: Sequence[OutgoingEmail], wanted: Callable[[int], bool]
-    ) -> list[Receipt | HandlerFailure]:
-        await asyncio.sleep(self.delay)  # waiting for a slot in the budget, a thread
-        self.batches.append([email.to for n, email in enumerate(emails) if wanted(n)])
+    async def take_slot(self) -> None:
+        self.slots += 1
+        if self.slot_failure is not None:
+            raise self.slot_failure
+        await asyncio.sleep(self.delay)  # the provider's budget makes it wait
+
+    async def send_batch(self, emails: Sequence[OutgoingEmail]) -> list[Receipt | HandlerFailure]:
+        self.batches.append([email.to for email in emails])
+        await asyncio.sleep(0.001)
         if self.whole is not None:
             return [self.whole] * len(emails)
         return [
@@ -96,7 +102,7 @@ class Provider:
 
 async def test_emails_handed_in_together_share_one_request_and_get_their_own_receipts() -> None:
     provider = Provider()
-    transport = BatchingTransport(provider, BatchLimits(wait_seconds=0.05))
+    transport = BatchingTransport(provider, BatchLimits(wait_seconds=0.05), concurrency=2)
     addresses = [f"user{n}@example.com" for n in range(30)]
 
     receipts = await asyncio.gather(*(transport.send(email_to(a)) for a in addresses))
@@ -107,7 +113,9 @@ async def test_emails_handed_in_together_share_one_request_and_get_their_own_rec
 
 async def test_a_full_batch_goes_at_once_and_the_rest_after_the_wait() -> None:
     provider = Provider()
-    transport = BatchingTransport(provider, BatchLimits(max_emails=10, wait_seconds=0.05))
+    transport = BatchingTransport(
+        provider, BatchLimits(max_emails=10, wait_seconds=0.05), concurrency=2
+    )
 
     await asyncio.gather(*(transport.send(email_to(f"u{n}@example.com")) for n in range(25)))
 
@@ -116,7 +124,7 @@ async def test_a_full_batch_goes_at_once_and_the_rest_after_the_wait() -> None:
 
 async def test_a_lone_email_waits_no_longer_than_the_wait() -> None:
     provider = Provider()
-    transport = BatchingTransport(provider, BatchLimits(wait_seconds=0.02))
+    transport = BatchingTransport(provider, BatchLimits(wait_seconds=0.02), concurrency=2)
     loop = asyncio.get_running_loop()
     started = loop.time()
 
@@ -128,7 +136,7 @@ async def test_a_lone_email_waits_no_longer_than_the_wait() -> None:
 
 async def test_an_email_refused_in_its_batch_fails_alone() -> None:
     provider = Provider(refuse=frozenset({"eve@example.com"}))
-    transport = BatchingTransport(provider, BatchLimits(wait_seconds=0.01))
+    transport = BatchingTransport(provider, BatchLimits(wait_seconds=0.01), concurrency=2)
     addresses = ["ada@example.com", "eve@example.com", "grace@example.com"]
 
     outcomes = await asyncio.gather(
@@ -142,7 +150,7 @@ async def test_an_email_refused_in_its_batch_fails_alone() -> None:
 
 async def test_a_batch_whose_outcome_is_unknown_is_unknown_for_every_email() -> None:
     provider = Provider(whole=SendOutcomeUnknown("Mailtrap did not answer in time"))
-    transport = BatchingTransport(provider, BatchLimits(wait_seconds=0.01))
+    transport = BatchingTransport(provider, BatchLimits(wait_seconds=0.01), concurrency=2)
 
     outcomes = await asyncio.gather(
         *(transport.send(email_to(f"u{n}@example.com")) for n in range(4)), return_exceptions=True
@@ -153,7 +161,7 @@ async def test_a_batch_whose_outcome_is_unknown_is_unknown_for_every_email() -> 
 
 async def test_an_email_withdrawn_before_its_batch_leaves_is_not_sent() -> None:
     provider = Provider()
-    transport = BatchingTransport(provider, BatchLimits(wait_seconds=0.05))
+    transport = BatchingTransport(provider, BatchLimits(wait_seconds=0.05), concurrency=2)
     kept = asyncio.create_task(transport.send(email_to("ada@example.com")))
     withdrawn = asyncio.create_task(transport.send(email_to("eve@example.com")))
     await asyncio.sleep(0)
@@ -167,11 +175,11 @@ async def test_an_email_withdrawn_before_its_batch_leaves_is_not_sent() -> None:
 
 
 async def test_an_email_whose_handler_gave_up_while_its_batch_waited_is_left_out() -> None:
-    # The batch has left the queue but waits (budget, threads); a handler
-    # cancelled meanwhile (HANDLER_TIMEOUT_SECONDS) must not have its email sent
-    # later behind its back: its claim will be settled by another attempt.
+    # The batch waits for a slot in the budget; a handler cancelled meanwhile
+    # (HANDLER_TIMEOUT_SECONDS) must not have its email sent later behind its
+    # back: its claim will be settled by another attempt.
     provider = Provider(delay=0.2)
-    transport = BatchingTransport(provider, BatchLimits(wait_seconds=0.01))
+    transport = BatchingTransport(provider, BatchLimits(wait_seconds=0.01), concurrency=2)
     kept = asyncio.create_task(transport.send(email_to("ada@example.com")))
     given_up = asyncio.create_task(transport.send(email_to("eve@example.com")))
     await asyncio.sleep(0.05)  # flushed, and waiting
@@ -180,3 +188,39 @@ async def test_an_email_whose_handler_gave_up_while_its_batch_waited_is_left_out
     await kept
 
     assert provider.batches == [["ada@example.com"]]
+
+
+async def test_emails_gather_while_the_budget_makes_a_request_wait_and_leave_together() -> None:
+    # One request may leave every 0.2 s: what arrives meanwhile rides the next.
+    provider = Provider(delay=0.2)
+    transport = BatchingTransport(provider, BatchLimits(wait_seconds=0.01), concurrency=1)
+
+    async def trickle() -> list[Receipt]:
+        sends = []
+        for n in range(20):
+            sends.append(asyncio.create_task(transport.send(email_to(f"u{n}@example.com"))))
+            await asyncio.sleep(0.02)
+        return await asyncio.gather(*sends)
+
+    receipts = await trickle()
+
+    assert len(receipts) == 20
+    assert len(provider.batches) <= 4, provider.batches
+    assert sorted(a for batch in provider.batches for a in batch) == sorted(
+        f"u{n}@example.com" for n in range(20)
+    )
+
+
+async def test_a_budget_that_cannot_be_read_fails_the_waiting_emails_as_not_sent() -> None:
+    provider = Provider()
+    provider.slot_failure = RuntimeError("database is locked")
+    transport = BatchingTransport(provider, BatchLimits(wait_seconds=0.01), concurrency=2)
+
+    outcomes = await asyncio.gather(
+        *(transport.send(email_to(f"u{n}@example.com")) for n in range(3)), return_exceptions=True
+    )
+
+    for outcome in outcomes:
+        assert isinstance(outcome, TransientFailure)
+        assert not isinstance(outcome, SendOutcomeUnknown)
+    assert provider.batches == []

@@ -13,14 +13,15 @@ own, and a request that fails as a whole gives every item the same outcome
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from mailer_service.compose import OutgoingEmail
 from mailer_service.transport import EmailTransport, Receipt, SendOutcomeUnknown
-from pipeline_shared.errors import HandlerFailure
+from pipeline_shared.errors import HandlerFailure, TransientFailure
 
 log = logging.getLogger("mailer.batching")
 
@@ -37,11 +38,13 @@ class BatchLimits:
 
 
 class BatchSender(EmailTransport, Protocol):
-    async def send_batch(
-        self, emails: Sequence[OutgoingEmail], wanted: Callable[[int], bool]
-    ) -> list[Receipt | HandlerFailure]:
-        """One outcome per email, in order; never raises for the provider's answers.
-        Leaves out the emails no longer ``wanted`` when the request may leave."""
+    async def take_slot(self) -> None:
+        """Wait for the provider's request budget to allow one more request."""
+        ...
+
+    async def send_batch(self, emails: Sequence[OutgoingEmail]) -> list[Receipt | HandlerFailure]:
+        """One request (its budget slot already taken); one outcome per email, in
+        order; never raises for the provider's answers."""
         ...
 
 
@@ -66,15 +69,26 @@ def split(sizes: Sequence[int], limits: BatchLimits) -> list[range]:
 
 
 class BatchingTransport:
-    """An ``EmailTransport`` that sends through ``sender.send_batch``."""
+    """An ``EmailTransport`` that sends through ``sender.send_batch``.
 
-    def __init__(self, sender: BatchSender, limits: BatchLimits) -> None:
+    One dispatcher cuts the batches: it waits (at most ``wait_seconds``, unless
+    a batch is full) for emails to gather, then for a free request (at most
+    ``concurrency`` in flight) and a slot in the provider's budget, and only
+    then takes every email waiting, up to the limits. So emails keep gathering
+    while the budget or the provider makes them wait, and a request leaves with
+    as many as it can carry; an email whose handler gave up meanwhile is left
+    out.
+    """
+
+    def __init__(self, sender: BatchSender, limits: BatchLimits, *, concurrency: int) -> None:
         self._sender = sender
         self._limits = limits
         self.name = sender.name
         self._waiting: list[tuple[OutgoingEmail, int, asyncio.Future[Receipt]]] = []
         self._waiting_bytes = 0
-        self._timer: asyncio.TimerHandle | None = None
+        self._full = asyncio.Event()
+        self._requests = asyncio.Semaphore(concurrency)
+        self._dispatcher: asyncio.Task[None] | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
 
     @property
@@ -89,65 +103,85 @@ class BatchingTransport:
         return await self._sender.find_sent(email, since)
 
     async def send(self, email: OutgoingEmail) -> Receipt:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[Receipt] = loop.create_future()
+        done: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
         size = estimated_size(email)
         self._waiting.append((email, size, done))
         self._waiting_bytes += size
-        full = (
-            len(self._waiting) >= self._limits.max_emails
-            or self._waiting_bytes >= self._limits.max_bytes
-        )
-        if full:
-            self._flush()
-        elif self._timer is None:
-            self._timer = loop.call_later(self._limits.wait_seconds, self._flush)
-        try:
-            return await done
-        except asyncio.CancelledError:
-            self._withdraw(done)
-            raise
+        if self._is_full():
+            self._full.set()
+        if self._dispatcher is None or self._dispatcher.done():
+            self._dispatcher = asyncio.create_task(self._dispatch())
+        # A handler that gives up cancels ``done``: the dispatcher leaves it out.
+        return await done
 
     async def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
         for _, _, done in self._waiting:
             done.cancel()
         self._waiting.clear()
         await self._sender.close()
 
-    def _withdraw(self, done: asyncio.Future[Receipt]) -> None:
-        # Not sent yet: leave it out of the next request. (Already in a request,
-        # it goes out; the cancelled handler's claim then settles it.)
-        for index, (_, size, waiting) in enumerate(self._waiting):
-            if waiting is done:
-                del self._waiting[index]
-                self._waiting_bytes -= size
-                return
+    def _is_full(self) -> bool:
+        return (
+            len(self._waiting) >= self._limits.max_emails
+            or self._waiting_bytes >= self._limits.max_bytes
+        )
 
-    def _flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        waiting, self._waiting, self._waiting_bytes = self._waiting, [], 0
-        for group in split([size for _, size, _ in waiting], self._limits):
-            batch = [(email, done) for email, _, done in waiting[group.start : group.stop]]
+    async def _dispatch(self) -> None:
+        while self._waiting:
+            if not self._is_full():
+                # Company for a lone email, for a moment at most.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._full.wait(), self._limits.wait_seconds)
+            await self._requests.acquire()
+            try:
+                await self._sender.take_slot()
+            except Exception as exc:
+                # Nothing left: the emails waiting were not sent, and may be.
+                self._requests.release()
+                failure = TransientFailure(
+                    f"the provider request budget cannot be read: {type(exc).__name__}"
+                )
+                for _, done in self._cut(everything=True):
+                    if not done.done():
+                        done.set_exception(failure)
+                continue
+            except BaseException:
+                self._requests.release()
+                raise
+            batch = self._cut()
+            if not batch:
+                self._requests.release()
+                continue
             task = asyncio.create_task(self._send(batch))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
+    def _cut(
+        self, *, everything: bool = False
+    ) -> list[tuple[OutgoingEmail, asyncio.Future[Receipt]]]:
+        """The next batch: the live emails waiting, up to the limits (or all)."""
+        live = [entry for entry in self._waiting if not entry[2].done()]
+        group = split([size for _, size, _ in live], self._limits)[0] if live else range(0)
+        if everything:
+            group = range(len(live))
+        batch, rest = live[: group.stop], live[group.stop :]
+        self._waiting = rest
+        self._waiting_bytes = sum(size for _, size, _ in rest)
+        if not self._is_full():
+            self._full.clear()
+        return [(email, done) for email, _, done in batch]
+
     async def _send(self, batch: list[tuple[OutgoingEmail, asyncio.Future[Receipt]]]) -> None:
         try:
-            # A handler that gave up (cancelled) has its future done: read from the
-            # worker thread, which only needs to see that it is set.
-            outcomes = await self._sender.send_batch(
-                [email for email, _ in batch], lambda index: not batch[index][1].done()
-            )
+            outcomes = await self._sender.send_batch([email for email, _ in batch])
         except Exception as exc:  # a bug; the request may have gone out
             log.exception("sending a batch of %d email(s) failed", len(batch))
             unknown = SendOutcomeUnknown(f"sending the batch failed: {type(exc).__name__}")
             outcomes = [unknown] * len(batch)
+        finally:
+            self._requests.release()
         for (_, done), outcome in zip(batch, outcomes, strict=True):
             if done.done():
                 continue

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from ssl import SSLCertVerificationError
@@ -81,10 +81,6 @@ def _never_left(exc: BaseException) -> bool:
         pending.extend([*current.args, current.__cause__, current.__context__])
         pending.append(getattr(current, "reason", None))  # urllib3's MaxRetryError
     return False
-
-
-# The outcome of an email left out of its batch: nobody waits for it any more.
-WITHDRAWN = TransientFailure("withdrawn before its batch request left")
 
 
 class RateLimited(Exception):
@@ -274,8 +270,9 @@ class MailtrapTransport:
         if self._budget is not None:
             self._budget.acquire_blocking()
 
-    def _send_blocking(self, mail: mailtrap.Mail) -> Receipt:
-        self._take_slot()
+    def _send_blocking(self, mail: mailtrap.Mail, *, slot_taken: bool) -> Receipt:
+        if not slot_taken:
+            self._take_slot()
         response = self._sending_api().send(mail)
         return Receipt(message_id=response.message_ids[0] if response.message_ids else None)
 
@@ -300,13 +297,16 @@ class MailtrapTransport:
         )
 
     async def send(self, email: OutgoingEmail) -> Receipt:
+        return await self._send_one(email, slot_taken=False)
+
+    async def _send_one(self, email: OutgoingEmail, *, slot_taken: bool) -> Receipt:
         try:
             mail = to_mail(email)
         except Exception as exc:
             # The same email fails the same way every time: retrying cannot help.
             raise PermanentFailure(f"could not build the email: {exc}") from exc
         try:
-            return await self._pool.run(lambda: self._send_blocking(mail))
+            return await self._pool.run(lambda: self._send_blocking(mail, slot_taken=slot_taken))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -318,24 +318,29 @@ class MailtrapTransport:
         if isinstance(exc, RateLimited) and self._budget is not None:
             await self._budget.block_for(exc.retry_after or 1.0)
 
-    async def send_batch(
-        self, emails: Sequence[OutgoingEmail], wanted: Callable[[int], bool] = lambda index: True
-    ) -> list[Receipt | HandlerFailure]:
-        """Send ``emails`` in one batch request; one outcome per email, in order.
+    async def take_slot(self) -> None:
+        if self._budget is not None:
+            await self._budget.acquire()
 
-        Emails no longer ``wanted`` once the request may leave (their handlers gave
-        up while it waited for a slot or a thread) are left out of it. A request
-        refused as a whole for its content (400, 422) may be refused for one
-        email's sake: each is then sent alone, to get its own answer."""
+    async def send_batch(self, emails: Sequence[OutgoingEmail]) -> list[Receipt | HandlerFailure]:
+        """Send ``emails`` in one batch request, its budget slot taken by the caller;
+        one outcome per email, in order.
+
+        A request refused as a whole for its content (400, 422) may be refused for
+        one email's sake: each is then sent alone (each taking its own slot), to
+        get its own answer."""
         if len(emails) == 1:
-            return [await self._outcome_of_one(emails[0])]
+            # Alone, it gets the plain answer of the sending endpoint.
+            return [await self._outcome_of_one(emails[0], slot_taken=True)]
         try:
             to_batch(emails)
         except Exception:
             # One email the SDK cannot take: find it by building each alone.
             return [await self._outcome_of_one(email) for email in emails]
         try:
-            sent, response = await self._pool.run(lambda: self._batch_blocking(emails, wanted))
+            response = await self._pool.run(
+                lambda: self._sending_api().batch_send(to_batch(emails))
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -349,24 +354,13 @@ class MailtrapTransport:
                     await asyncio.gather(*(self._outcome_of_one(email) for email in emails))
                 )
             return [failure] * len(emails)
-        outcomes: list[Receipt | HandlerFailure] = [WITHDRAWN] * len(emails)
-        if response is not None:
-            for index, outcome in zip(sent, batch_outcomes(response, len(sent)), strict=True):
-                outcomes[index] = outcome
-        return outcomes
+        return batch_outcomes(response, len(emails))
 
-    def _batch_blocking(
-        self, emails: Sequence[OutgoingEmail], wanted: Callable[[int], bool]
-    ) -> tuple[list[int], BatchSendResponse | None]:
-        self._take_slot()
-        sent = [index for index in range(len(emails)) if wanted(index)]
-        if not sent:
-            return sent, None
-        return sent, self._sending_api().batch_send(to_batch([emails[i] for i in sent]))
-
-    async def _outcome_of_one(self, email: OutgoingEmail) -> Receipt | HandlerFailure:
+    async def _outcome_of_one(
+        self, email: OutgoingEmail, *, slot_taken: bool = False
+    ) -> Receipt | HandlerFailure:
         try:
-            return await self.send(email)
+            return await self._send_one(email, slot_taken=slot_taken)
         except HandlerFailure as failure:
             return failure
 

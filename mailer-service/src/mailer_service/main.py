@@ -72,7 +72,7 @@ def build_transport(settings: MailerSettings) -> EmailTransport:
         limits = BatchLimits(
             max_emails=settings.mailtrap_batch_size, wait_seconds=settings.batch_wait_ms / 1000
         )
-        return BatchingTransport(mailtrap, limits)
+        return BatchingTransport(mailtrap, limits, concurrency=settings.mailer_concurrency)
     if settings.mailer_transport is None:
         log.warning(
             "MAILTRAP_TOKEN is not set: writing emails to %s instead of sending them",
