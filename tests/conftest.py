@@ -70,6 +70,16 @@ def postgres_database(request: pytest.FixtureRequest) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same test on both databases a service may keep its state in: a SQLite
+    file of its own, then the module's PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.sqlite3'}"
+    base: str = request.getfixturevalue("postgres_database")
+    return base
+
+
 @pytest.fixture
 def mailtrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MailtrapStub]:
     """The HTTPS stand-in for Mailtrap's sending API."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Column, Float, MetaData, PrimaryKeyConstraint, String, Table, inspect, text
@@ -15,14 +14,6 @@ from api_service.store import JobStore, KeyOutcome
 from pipeline_shared.database import build_engine
 
 STALE_AFTER = 60.0
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
-    base: str = request.getfixturevalue("postgres_database")
-    return base
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -37,14 +36,6 @@ def item(n: int, **fields: Any) -> dict[str, Any]:
 
 class Ready:
     problem: str | None = None
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
-    base: str = request.getfixturevalue("postgres_database")
-    return base
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,14 +28,6 @@ from pipeline_shared.events import DataProcessed, EmailSent, JobFailed, JobReque
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 LONG_AGO = datetime(2001, 1, 1, tzinfo=UTC)  # only the purge test uses times this old
 STALE_AFTER = 60.0
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
-    base: str = request.getfixturevalue("postgres_database")
-    return base
 
 
 @pytest.fixture

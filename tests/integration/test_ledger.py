@@ -20,14 +20,6 @@ from support.postgres import ADMIN_URL
 from unit.fakes import FakePublisher, FakeTransport, data_processed
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
-    base: str = request.getfixturevalue("postgres_database")
-    return base
-
-
 @pytest.fixture
 async def ledgers(database_url: str) -> AsyncIterator[tuple[SqlLedger, SqlLedger]]:
     """Two ledgers on one database, as two mailer replicas would have."""

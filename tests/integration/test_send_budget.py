@@ -23,14 +23,6 @@ LIMIT, WINDOW = 4, 0.5
 SDK_WINDOW = 1.0
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
-    base: str = request.getfixturevalue("postgres_database")
-    return base
-
-
 @pytest.fixture
 async def replicas(database_url: str) -> AsyncIterator[list[SendBudget]]:
     """Three mailers' budgets on one database."""

@@ -40,12 +40,12 @@ from api_service.intake import (
     OutcomeUnknown,
     Publisher,
     publish_settled,
+    requested_event,
     reserve_waiting,
     settle_quietly,
 )
 from api_service.schemas import BatchJobState, JobRequest
 from api_service.store import KeyOutcome, KeyState, Reservation
-from pipeline_shared.contract import TRUSTED
 from pipeline_shared.events import JobRequested
 
 log = logging.getLogger("api.batch")
@@ -176,7 +176,7 @@ class BatchIntake:
         about as long as its slowest job, not the sum of them.
         """
         events = {
-            position: _requested(job, job_ids[position], caller)
+            position: requested_event(job, job_ids[position], caller)
             for position, job in enumerate(jobs)
             if position not in confirmed
         }
@@ -227,22 +227,6 @@ class BatchIntake:
         self, caller: str, key: str, outcome: KeyState, confirmed: Collection[int]
     ) -> None:
         await settle_quietly(lambda: self._keys.settle_key(caller, key, outcome, confirmed))
-
-
-def _requested(job: JobRequest, job_id: UUID, caller: str) -> JobRequested:
-    # The route validated the job a moment ago: its event trusts it, as the single
-    # intake's does (the address is not parsed again, the data not walked again).
-    return JobRequested.model_validate(
-        {
-            "job_id": job_id,
-            "email": job.email,
-            "subject": job.subject,
-            "step": job.step,
-            "data": job.data,
-            "submitted_by": caller,
-        },
-        context=TRUSTED,
-    )
 
 
 def _raise_unless_all_queued(outcomes: Sequence[JobOutcome]) -> None:
