@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
@@ -156,6 +157,28 @@ async def test_an_event_published_while_its_consumer_is_down_waits_in_its_queue(
 
 async def _true(items: Sequence[object]) -> bool:
     return bool(items)
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG])
+async def test_a_consumer_logs_each_handled_message_at_the_level_it_was_given(
+    broker: Broker, caplog: pytest.LogCaptureFixture, level: int
+) -> None:
+    done = asyncio.Event()
+
+    async def handler(received: JobRequested) -> None:
+        done.set()
+
+    caplog.set_level(logging.INFO)
+    consumer = await broker.consume(
+        PROCESSOR, JobRequested, handler, prefetch=4, handled_level=level
+    )
+    event = job()
+    await broker.publish(event)
+    await asyncio.wait_for(done.wait(), 10)
+    await consumer.stop(5)
+
+    lines = [r for r in caplog.records if f"job {event.job_id}: JobRequested handled" in r.message]
+    assert len(lines) == (1 if level == logging.INFO else 0)
 
 
 async def test_a_handled_message_is_acked_and_leaves_the_queue(

@@ -67,6 +67,9 @@ class JobFollower:
                     self._handler,
                     prefetch=self._prefetch,
                     max_event_bytes=self._max_event_bytes,
+                    # Each event is logged by the service that handled it; the read
+                    # model's copy of the line is noise (and CPU) at INFO.
+                    handled_level=logging.DEBUG,
                 )
             except asyncio.CancelledError:
                 raise

@@ -597,12 +597,14 @@ class Broker:
         prefetch: int,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         handler_timeout: float | None = None,
+        handled_level: int = logging.INFO,
     ) -> Consumer[E]:
         """Start consuming ``stage``'s work queue with manual acks and a bounded prefetch.
 
         A handler still running after ``handler_timeout`` seconds is cancelled and its
         message retried as a transient failure, so a hung step cannot hold a message
-        until the broker's ``consumer_timeout``."""
+        until the broker's ``consumer_timeout``. Each message handled is logged at
+        ``handled_level`` (failures always at WARNING or ERROR)."""
         if self._connection is None:
             raise BrokerUnavailable("not connected to the message broker")
         channel = await self._connection.channel()
@@ -615,7 +617,15 @@ class Broker:
                     stage.queue, durable=True, arguments=stage.queue_arguments()
                 )
             consumer = Consumer(
-                self, channel, queue, stage, model, handler, max_event_bytes, handler_timeout
+                self,
+                channel,
+                queue,
+                stage,
+                model,
+                handler,
+                max_event_bytes,
+                handler_timeout,
+                handled_level=handled_level,
             )
             await consumer.start()
         except BaseException:
@@ -645,9 +655,12 @@ class Consumer(Generic[E]):
         handler: Handler[E],
         max_event_bytes: int,
         handler_timeout: float | None = None,
+        *,
+        handled_level: int = logging.INFO,
     ) -> None:
         self._broker = broker
         self._handler_timeout = handler_timeout
+        self._handled_level = handled_level
         self._channel = channel
         self._queue = queue
         self._stage = stage
@@ -754,7 +767,8 @@ class Consumer(Generic[E]):
                 metrics.message_settled(
                     self._stage.name, event, message.type, disposition.value, None, started
                 )
-                log.info(
+                log.log(
+                    self._handled_level,
                     "job %s: %s handled in %.0f ms",
                     job,
                     message.type or "event",
