@@ -48,8 +48,8 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: install ## throughput figures, printed (see bench/README.md)
-	$(BIN)/python bench/pipeline_throughput.py
+bench: install ## the pipeline in several shapes against the broker's ceiling, one table (see bench/README.md; ARGS=--all)
+	$(BIN)/python bench/suite.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) outbox .pytest_cache .mypy_cache .ruff_cache

@@ -18,12 +18,20 @@ a ``DataProcessed``), in a throw-away vhost on the machine's RabbitMQ:
 For each, per message: this process's CPU time (client), RabbitMQ's CPU time
 (``beam.smp``, from ``/proc``; anything else the broker does meanwhile is
 included) and the rate. All traffic stays on loopback.
+
+``three_hops`` (used by ``suite.py``, ``make bench``) is the broker's ceiling for
+the pipeline: a bare aio-pika program doing a job's three hops, each stage in a
+process of its own as the services are: publish to a first queue (confirmed,
+``--window`` in flight), a stage consuming it and republishing to a second
+queue (its own confirm awaited before the ack), a second such stage, and a
+last consumer acking. Persistent messages to quorum queues throughout.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import sys
 import time
@@ -172,6 +180,129 @@ async def run(url: str, messages: int, window: int) -> list[Result]:
             )
         )
     return results
+
+
+HOPS = ("bench.hop1", "bench.hop2", "bench.hop3")
+
+
+def _persistent(n: int) -> aio_pika.Message:
+    return aio_pika.Message(
+        BODY,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=str(n),
+        type="DataProcessed",
+        app_id="bench",
+    )
+
+
+async def _relay(url: str, source: str, target: str | None, count: int, prefetch: int) -> None:
+    """Consume ``count`` messages from ``source``; republish each to ``target`` (its
+    confirm awaited) before acking it, as a service's handler does."""
+    connection = await aio_pika.connect_robust(url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await channel.set_qos(prefetch_count=prefetch)
+        queue = await channel.get_queue(source, ensure=False)
+        done = asyncio.Event()
+        handled = 0
+        in_flight: set[asyncio.Task[None]] = set()
+
+        async def handle(incoming: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal handled
+            if target is not None:
+                await channel.default_exchange.publish(
+                    _persistent(handled), target, mandatory=True, timeout=10
+                )
+            await incoming.ack()
+            handled += 1
+            if handled >= count:
+                done.set()
+
+        async def on_message(incoming: aio_pika.abc.AbstractIncomingMessage) -> None:
+            # Every delivery handled at once, up to the prefetch, as the services do.
+            task = asyncio.create_task(handle(incoming))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+
+        await queue.consume(on_message)
+        await asyncio.wait_for(done.wait(), timeout=600)
+
+
+def _relay_process(url: str, source: str, target: str | None, count: int, prefetch: int) -> None:
+    asyncio.run(_relay(url, source, target, count, prefetch))
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    messages: int
+    wall_s: float
+    broker_s: float
+
+    @property
+    def per_second(self) -> float:
+        return self.messages / self.wall_s
+
+
+async def _declare(url: str) -> None:
+    connection = await aio_pika.connect_robust(url)
+    async with connection:
+        channel = await connection.channel()
+        for name in HOPS:
+            await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+
+
+async def _publish_all(url: str, messages: int, window: int) -> None:
+    connection = await aio_pika.connect_robust(url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        for start in range(0, messages, window):
+            await asyncio.gather(
+                *(
+                    channel.default_exchange.publish(
+                        _persistent(n), HOPS[0], mandatory=True, timeout=10
+                    )
+                    for n in range(start, min(start + window, messages))
+                )
+            )
+
+
+def three_hops(
+    management: Management,
+    vhost: str,
+    messages: int = 5000,
+    window: int = 64,
+    prefetch: int = 32,
+) -> Ceiling:
+    """Messages per second through three confirmed, persistent hops (see the module's
+    docstring), each stage a process, in ``vhost`` (which the caller owns)."""
+    url = url_for_vhost(vhost)
+    asyncio.run(_declare(url))
+    spawn = multiprocessing.get_context("spawn")
+    stages = [
+        spawn.Process(target=_relay_process, args=(url, HOPS[0], HOPS[1], messages, prefetch)),
+        spawn.Process(target=_relay_process, args=(url, HOPS[1], HOPS[2], messages, prefetch)),
+        spawn.Process(target=_relay_process, args=(url, HOPS[2], None, messages, prefetch)),
+    ]
+    for stage in stages:
+        stage.start()
+    try:
+        deadline = time.monotonic() + 60
+        while any(management.consumers(vhost, name) < 1 for name in HOPS):
+            if time.monotonic() > deadline or not all(s.is_alive() for s in stages):
+                raise RuntimeError("the three-hop stages did not start consuming")
+            time.sleep(0.1)
+        beam = beam_pid()
+        broker, wall = cpu_of(beam), time.perf_counter()
+        asyncio.run(_publish_all(url, messages, window))
+        for stage in stages:
+            stage.join(timeout=600)
+        return Ceiling(messages, time.perf_counter() - wall, cpu_of(beam) - broker)
+    finally:
+        for stage in stages:
+            if stage.is_alive():
+                stage.terminate()
+                stage.join(timeout=10)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

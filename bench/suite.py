@@ -1,0 +1,454 @@
+"""``make bench``: the pipeline as production runs it, in several shapes, one table.
+
+Each scenario runs what production runs, from scratch: the three console
+commands (with N processor and M mailer replicas) against the machine's
+RabbitMQ in a throw-away vhost, the mailer sending through the real
+``mailtrap`` SDK over HTTPS to the stand-in of ``tests/support``, which
+enforces Mailtrap's limit of 150 requests per 10 s per token (429 with
+``Retry-After`` beyond it) and answers after ``latency`` ms. After a warm-up it
+submits ``--jobs`` jobs as fast as the client can (``POST /jobs`` with 32 in
+flight, or ``POST /jobs/batch`` with ``--batch-size`` jobs per request) and
+waits for every email and for the api's read model to catch up. Per scenario:
+
+* jobs per second end to end (first submit to last email) and as a ratio of
+  the broker's ceiling, a bare aio-pika program doing the same three hops
+  (``amqp_cost.three_hops``), measured in the same run;
+* ``POST /jobs`` latency p50/p99 of single POSTs, in the window above, or
+  with ``--rate R`` in a second window at R requests per second;
+* CPU milliseconds per job of each service (replicas summed) and of RabbitMQ,
+  from ``/proc``, over the window until the read model caught up;
+* provider requests and 429 answers, lost and duplicated emails;
+* peak RSS (``VmHWM``) of each service, the largest replica's.
+
+All traffic stays on loopback; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import httpx
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent / "tests"))
+
+import amqp_cost  # noqa: E402
+import pipeline_throughput as pt  # noqa: E402
+import profile_services as ps  # noqa: E402
+from benchkit import code_version, machine, stop_cleanly_on_signals  # noqa: E402
+from pipeline_shared.topology import MAILER, PROCESSOR  # noqa: E402
+from support.mailtrap_stub import MailtrapStub  # noqa: E402
+from support.rabbit import Management, url_for_vhost  # noqa: E402
+from support.services import Service, free_port  # noqa: E402
+from support.waiting import wait_for  # noqa: E402
+
+PROVIDER_LIMIT = (150, 10.0)
+"""Mailtrap's sending limit per API token: requests per seconds."""
+SERVICES = ("api-service", "processor-service", "mailer-service")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    processors: int
+    mailers: int
+    latency_ms: float
+    batch: bool
+
+    @property
+    def name(self) -> str:
+        how = "batch" if self.batch else "single"
+        return f"{how} p{self.processors} m{self.mailers} {self.latency_ms:g}ms"
+
+
+DEFAULT_SCENARIOS = (
+    Scenario(1, 1, 0, batch=False),
+    Scenario(2, 3, 0, batch=False),
+    Scenario(1, 1, 150, batch=False),
+    Scenario(1, 1, 0, batch=True),
+)
+ALL_SCENARIOS = tuple(
+    Scenario(p, m, latency, batch)
+    for batch, latency, p, m in itertools.product((False, True), (0, 150), (1, 2), (1, 3))
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    jobs: int
+    batch_jobs: int
+    batch_size: int
+    concurrency: int
+    rate: int
+    rate_seconds: float
+    ceiling_messages: int
+    warmup: int
+    timeout: float
+    scenarios: tuple[Scenario, ...]
+
+
+@dataclass
+class Row:
+    scenario: Scenario
+    per_second: float = 0.0
+    post_p50_ms: float | None = None
+    post_p99_ms: float | None = None
+    cpu_ms: dict[str, float] = field(default_factory=dict)
+    requests: int = 0
+    limited: int = 0
+    jobs: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=1000, help="jobs per single-POST scenario")
+    parser.add_argument("--batch-jobs", type=int, default=3000, help="jobs per batch scenario")
+    parser.add_argument("--batch-size", type=int, default=100, help="jobs per POST /jobs/batch")
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight")
+    parser.add_argument(
+        "--rate",
+        type=int,
+        default=0,
+        help="measure POST /jobs latency in a second window at this many requests per "
+        "second (default: in the as-fast-as-it-can window)",
+    )
+    parser.add_argument("--rate-seconds", type=float, default=10.0)
+    parser.add_argument("--ceiling-messages", type=int, default=3000)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--timeout", type=float, default=180.0, help="seconds per wait")
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="every scenario: single and batch x 0 and 150 ms x 1 and 2 processors "
+        "x 1 and 3 mailers (16; about 10 minutes)",
+    )
+    args = parser.parse_args(argv)
+    return Options(
+        jobs=args.jobs,
+        batch_jobs=args.batch_jobs,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        rate_seconds=args.rate_seconds,
+        ceiling_messages=args.ceiling_messages,
+        warmup=args.warmup,
+        timeout=args.timeout,
+        scenarios=ALL_SCENARIOS if args.all else DEFAULT_SCENARIOS,
+    )
+
+
+# --- the pipeline, with replicas ---------------------------------------------------
+
+
+@dataclass
+class Replicated(pt.Pipeline):
+    """``pt.Pipeline`` with more processor and mailer processes beside the first ones."""
+
+    more: tuple[Service, ...] = ()
+
+    @property
+    def services(self) -> tuple[Service, ...]:
+        return (self.api, self.processor, self.mailer, *self.more)
+
+
+def build(workdir: Path, broker_url: str, stub: MailtrapStub, scenario: Scenario) -> Replicated:
+    """The services as ``pt.build_pipeline`` makes them; replicas share the working
+    directory, so the mailers share their ledger (and with it the send budget)."""
+    base = pt.build_pipeline(
+        workdir,
+        broker_url,
+        stub,
+        pt.Options(
+            jobs=0,
+            concurrency=1,
+            mailer_concurrency=8,
+            stub_latency_ms=scenario.latency_ms,
+            warmup=0,
+            timeout=0,
+            log_level="INFO",
+        ),
+    )
+
+    def replica(template: Service) -> Service:
+        # Each worker serves its metrics on a port of its own.
+        return replace(template, env={**template.env, "METRICS_PORT": str(free_port())})
+
+    processors = [replica(base.processor) for _ in range(scenario.processors)]
+    mailers = [replica(base.mailer) for _ in range(scenario.mailers)]
+    return Replicated(
+        api=base.api,
+        processor=processors[0],
+        mailer=mailers[0],
+        more=(*processors[1:], *mailers[1:]),
+    )
+
+
+def wait_all_consuming(management: Management, scenario: Scenario, vhost: str) -> None:
+    """Every replica consumes (``pt.running_pipeline`` waits for one per queue)."""
+    for queue, count in (
+        (PROCESSOR.queue, scenario.processors),
+        (MAILER.queue, scenario.mailers),
+    ):
+
+        def all_of_them(queue: str = queue, count: int = count) -> bool:
+            return management.consumers(vhost, queue) >= count
+
+        wait_for(all_of_them, timeout=30, what=f"{count} consumers of {queue}")
+
+
+@contextlib.contextmanager
+def running_scenario(
+    management: Management, scenario: Scenario
+) -> Iterator[tuple[Replicated, MailtrapStub]]:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-suite-") as tmp,
+        pt.throwaway_vhost(management) as vhost,
+        pt.running_stub(Path(tmp), scenario.latency_ms) as stub,
+    ):
+        stub.rate_limit = PROVIDER_LIMIT
+        pipeline = build(Path(tmp), url_for_vhost(vhost), stub, scenario)
+        with pt.running_pipeline(pipeline, management, vhost):
+            wait_all_consuming(management, scenario, vhost)
+            yield pipeline, stub
+
+
+# --- submitting --------------------------------------------------------------------------
+
+
+async def submit_batches(
+    api_url: str, count: int, size: int, concurrency: int
+) -> list[pt.Submission]:
+    """``count`` jobs through ``POST /jobs/batch``, ``size`` per request, ``concurrency``
+    requests in flight; one ``pt.Submission`` per job (its request's times)."""
+    chunks = iter([range(start, min(start + size, count)) for start in range(0, count, size)])
+    results: list[pt.Submission] = []
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for chunk in chunks:
+            started = time.monotonic()
+            try:
+                response = await client.post(
+                    "/jobs/batch", json={"jobs": [pt.job_body(n) for n in chunk]}
+                )
+            except httpx.HTTPError:
+                results.extend(pt.Submission(started, time.monotonic(), 0, None) for _ in chunk)
+                continue
+            finished = time.monotonic()
+            if response.status_code == 202:
+                results.extend(
+                    pt.Submission(started, finished, 202, str(item["job_id"]))
+                    for item in response.json()["jobs"]
+                )
+            else:
+                results.extend(
+                    pt.Submission(started, finished, response.status_code, None) for _ in chunk
+                )
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=api_url, limits=limits, timeout=60) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    return results
+
+
+async def submit_at_rate(api_url: str, count: int, rate: int) -> list[pt.Submission]:
+    """``count`` single POSTs started at ``rate`` per second whatever the answers (an
+    open loop: a slow answer does not slow the arrivals)."""
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+    async with httpx.AsyncClient(base_url=api_url, limits=limits, timeout=60) as client:
+        start = time.monotonic()
+        tasks = []
+        for i in range(count):
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(pt.submit_one(client, 1_000_000 + i)))
+        return list(await asyncio.gather(*tasks))
+
+
+# --- measuring ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Usage:
+    """CPU seconds so far of each service (replicas summed) and of RabbitMQ."""
+
+    cpu: dict[str, float]
+    load: str
+
+
+def usage(pipeline: Replicated) -> Usage:
+    cpu: dict[str, float] = {}
+    for service in pipeline.services:
+        assert service.process is not None
+        cpu[service.command] = cpu.get(service.command, 0.0) + pt.process_cpu(service.process.pid)
+    cpu["rabbitmq"] = amqp_cost.cpu_of(amqp_cost.beam_pid())
+    return Usage(cpu, Path("/proc/loadavg").read_text().split(" ", 3)[0])
+
+
+def peak_rss_mb(pipeline: Replicated) -> dict[str, float]:
+    """``VmHWM`` of each service, the largest replica's, in MB."""
+    peaks: dict[str, float] = {}
+    for service in pipeline.services:
+        assert service.process is not None
+        for line in Path(f"/proc/{service.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                mb = int(line.split()[1]) / 1024
+                peaks[service.command] = max(peaks.get(service.command, 0.0), mb)
+    return peaks
+
+
+def delivered(stub: MailtrapStub, job_ids: set[str]) -> tuple[dict[str, float], int, int]:
+    """(first email's arrival per job, jobs without one, emails beyond a job's first)."""
+    emails = [r for r in stub.delivered if r.job_id in job_ids]
+    per_job = Counter(r.job_id for r in emails)
+    first: dict[str, float] = {}
+    for email in sorted(emails, key=lambda r: r.received_at):
+        if email.job_id is not None:
+            first.setdefault(email.job_id, email.received_at)
+    return first, len(job_ids - set(first)), sum(n - 1 for n in per_job.values())
+
+
+def run_scenario(management: Management, scenario: Scenario, options: Options) -> Row:
+    row = Row(scenario)
+    with running_scenario(management, scenario) as (pipeline, stub):
+        api = pipeline.api.url
+        warm = asyncio.run(pt.submit_all(api, options.warmup, 8))
+        pt.wait_for_emails(stub, {s.job_id for s in warm if s.job_id}, options.timeout)
+        requests_before = len(stub.sending_times) + stub.rate_limited
+        limited_before = stub.rate_limited
+        before = usage(pipeline)
+        if scenario.batch:
+            submissions = asyncio.run(
+                submit_batches(api, options.batch_jobs, options.batch_size, 4)
+            )
+        else:
+            submissions = asyncio.run(pt.submit_all(api, options.jobs, options.concurrency))
+        accepted = [s for s in submissions if s.status == 202]
+        job_ids = {s.job_id for s in accepted if s.job_id is not None}
+        pt.wait_for_emails(stub, job_ids, options.timeout)
+        ps.wait_for_read_model(pipeline, len(warm) + len(job_ids), options.timeout)
+        after = usage(pipeline)
+        first, row.lost, row.duplicated = delivered(stub, job_ids)
+        row.jobs = len(accepted)
+        start = min(s.started for s in submissions)
+        if first:
+            row.per_second = len(first) / (max(first.values()) - start)
+        refused = len(submissions) - len(accepted)
+        if refused:
+            row.note = f"{refused} POSTs refused or failed; "
+        row.cpu_ms = {
+            name: 1000 * (after.cpu[name] - before.cpu[name]) / max(row.jobs, 1)
+            for name in after.cpu
+        }
+        row.note += f"load {before.load}->{after.load}"
+        latencies = [s.finished - s.started for s in accepted]
+        if options.rate and not scenario.batch:
+            at_rate = asyncio.run(
+                submit_at_rate(api, int(options.rate * options.rate_seconds), options.rate)
+            )
+            ok = [s for s in at_rate if s.status == 202]
+            latencies = [s.finished - s.started for s in ok]
+            rate_ids = {s.job_id for s in ok if s.job_id is not None}
+            pt.wait_for_emails(stub, rate_ids, options.timeout)
+            _, lost, duplicated = delivered(stub, rate_ids)
+            row.lost += lost + len(at_rate) - len(ok)
+            row.duplicated += duplicated
+        if latencies and not scenario.batch:
+            p50, p99 = pt.percentiles(latencies, (50, 99))
+            row.post_p50_ms, row.post_p99_ms = 1000 * p50, 1000 * p99
+        row.requests = len(stub.sending_times) + stub.rate_limited - requests_before
+        row.limited = stub.rate_limited - limited_before
+        row.peak_rss_mb = peak_rss_mb(pipeline)
+    return row
+
+
+# --- reporting ---------------------------------------------------------------------------
+
+
+def print_table(rows: Sequence[Row], ceiling: amqp_cost.Ceiling, options: Options) -> None:
+    latency = f"at {options.rate}/s" if options.rate else "at 32 in flight"
+    print()
+    print(
+        f"{'scenario':<20} {'jobs':>5} {'jobs/s':>7} {'xceil':>6} "
+        f"{'POST p50/p99 ms':>16} {'CPU ms/job api/proc/mail (rabbit)':>34} "
+        f"{'req/429':>9} {'lost/dup':>9} {'peak RSS MB api/proc/mail':>26}"
+    )
+    print("-" * 141)
+    for row in rows:
+        post = (
+            f"{row.post_p50_ms:.0f}/{row.post_p99_ms:.0f}"
+            if row.post_p50_ms is not None and row.post_p99_ms is not None
+            else "-"
+        )
+        cpu = "/".join(f"{row.cpu_ms.get(name, 0):.2f}" for name in SERVICES)
+        total = sum(row.cpu_ms.get(name, 0) for name in SERVICES)
+        cpu += f" ={total:.2f} ({row.cpu_ms.get('rabbitmq', 0):.2f})"
+        rss = "/".join(f"{row.peak_rss_mb.get(name, 0):.0f}" for name in SERVICES)
+        print(
+            f"{row.scenario.name:<20} {row.jobs:>5} {row.per_second:>7.1f} "
+            f"{row.per_second / ceiling.per_second:>6.2f} {post:>16} {cpu:>34} "
+            f"{f'{row.requests}/{row.limited}':>9} {f'{row.lost}/{row.duplicated}':>9} {rss:>26}"
+        )
+    print()
+    print(
+        f"broker ceiling (bare aio-pika, three confirmed persistent hops, a process each): "
+        f"{ceiling.per_second:.0f} msg/s, RabbitMQ {1000 * ceiling.broker_s / ceiling.messages:.2f}"
+        " ms CPU per message"
+    )
+    print(
+        f"POST /jobs latency {latency}; batch rows: {options.batch_size} jobs per "
+        "POST /jobs/batch, 4 in flight; pN mM = N processors, M mailers; "
+        "0/150ms = provider latency"
+    )
+    for row in rows:
+        print(f"  {row.scenario.name}: {row.note}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    options = parse_args(argv)
+    stop_cleanly_on_signals()
+    management = Management.connect()
+    try:
+        print("make bench: the pipeline as production runs it")
+        print(f"  machine  : {machine()}")
+        print(f"  code     : {code_version()}")
+        print(f"  load     : {Path('/proc/loadavg').read_text().strip()} at start")
+        print(
+            f"  provider : stand-in over HTTPS, {PROVIDER_LIMIT[0]} requests per "
+            f"{PROVIDER_LIMIT[1]:g} s per token (429 + Retry-After beyond)"
+        )
+        print(
+            "  settings : services' defaults (processor prefetch 32; MAILER_CONCURRENCY 8, "
+            "prefetch 16; Mailtrap batches <= 500, BATCH_WAIT_MS 20)"
+        )
+        with pt.throwaway_vhost(management) as vhost:
+            ceiling = amqp_cost.three_hops(management, vhost, options.ceiling_messages)
+        print(f"  ceiling  : {ceiling.per_second:.0f} msg/s through three hops", flush=True)
+        rows = []
+        for scenario in options.scenarios:
+            print(f"  running  : {scenario.name}", flush=True)
+            rows.append(run_scenario(management, scenario, options))
+        print(f"  load     : {Path('/proc/loadavg').read_text().strip()} at end")
+        print_table(rows, ceiling, options)
+    except KeyboardInterrupt:
+        print("\ninterrupted; services stopped and vhosts deleted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        management.close()
+
+
+if __name__ == "__main__":
+    main()
