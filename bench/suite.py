@@ -135,7 +135,16 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         help="every scenario: single and batch x 0 and 150 ms x 1 and 2 processors "
         "x 1 and 3 mailers (16; about 10 minutes)",
     )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="run the scenarios whose name contains this, e.g. 'batch' or 'p2 m3'",
+    )
     args = parser.parse_args(argv)
+    scenarios = ALL_SCENARIOS if args.all else DEFAULT_SCENARIOS
+    scenarios = tuple(s for s in scenarios if args.only in s.name)
+    if not scenarios:
+        parser.error(f"no scenario's name contains {args.only!r}")
     return Options(
         jobs=args.jobs,
         batch_jobs=args.batch_jobs,
@@ -146,7 +155,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         ceiling_messages=args.ceiling_messages,
         warmup=args.warmup,
         timeout=args.timeout,
-        scenarios=ALL_SCENARIOS if args.all else DEFAULT_SCENARIOS,
+        scenarios=scenarios,
     )
 
 
