@@ -34,16 +34,19 @@ from sqlalchemy import (
     and_,
     bindparam,
     delete,
-    inspect,
     or_,
     select,
     text,
     update,
 )
-from sqlalchemy.exc import DBAPIError
 
 from api_service.read_model import Entry, JobEvent, JobRecord, Status, apply, facts
-from pipeline_shared.database import build_engine, create_tables, for_writing
+from pipeline_shared.database import (
+    add_missing_columns,
+    build_engine,
+    create_tables,
+    for_writing,
+)
 
 metadata = MetaData()
 
@@ -76,13 +79,6 @@ idempotency_keys = Table(
     Column("confirmed", Text, nullable=True),
     PrimaryKeyConstraint("caller", "key"),
 )
-
-# Columns added to api_idempotency_keys after its first release, and how to add them
-# to a table made before (``JobStore.create_schema``).
-_ADDED_KEY_COLUMNS = {
-    "job_ids": text("ALTER TABLE api_idempotency_keys ADD COLUMN job_ids TEXT"),
-    "confirmed": text("ALTER TABLE api_idempotency_keys ADD COLUMN confirmed TEXT"),
-}
 
 _INSERT_JOB = text(
     "INSERT INTO api_jobs (job_id, caller, status, created_at, updated_at, timeline) "
@@ -186,26 +182,6 @@ def _reservation(outcome: KeyOutcome, row: Any) -> Reservation:
     )
 
 
-def add_missing_columns(engine: Engine, attempts: int = 5) -> None:
-    """Bring a table made by an earlier version up to date: add the columns it lacks.
-    Its rows keep working, NULL in a new column meaning what they meant before. Replicas
-    starting together may race to add a column: a failed attempt looks again."""
-    for attempt in range(1, attempts + 1):
-        present = {column["name"] for column in inspect(engine).get_columns(idempotency_keys.name)}
-        missing = [ddl for name, ddl in _ADDED_KEY_COLUMNS.items() if name not in present]
-        if not missing:
-            return
-        try:
-            with for_writing(engine).begin() as connection:
-                for ddl in missing:
-                    connection.execute(ddl)
-            return
-        except DBAPIError:
-            if attempt == attempts:
-                raise
-            time.sleep(0.1 * attempt)
-
-
 class JobStore:
     def __init__(self, engine: Engine, relaxed: Engine | None = None) -> None:
         self._engine = engine
@@ -225,7 +201,7 @@ class JobStore:
 
     def create_schema(self) -> None:
         create_tables(self._engine, metadata)
-        add_missing_columns(self._engine)
+        add_missing_columns(self._engine, idempotency_keys)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._engine.dispose)

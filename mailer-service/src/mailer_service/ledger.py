@@ -43,13 +43,18 @@ from sqlalchemy import (
     String,
     Table,
     bindparam,
-    inspect,
     text,
 )
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql.elements import BindParameter
 
-from pipeline_shared.database import build_engine, create_tables, database_now, for_writing
+from pipeline_shared.database import (
+    add_missing_columns,
+    build_engine,
+    create_tables,
+    database_now,
+    for_writing,
+)
 from pipeline_shared.group_commit import GroupCommit
 
 log = logging.getLogger("mailer.ledger")
@@ -206,14 +211,7 @@ class SqlLedger:
     def create_schema(self) -> None:
         create_tables(self._engine, metadata)
         # A ledger made by an earlier version gains the columns added since.
-        present = {c["name"] for c in inspect(self._engine).get_columns(sent_emails.name)}
-        with self._writer.begin() as connection:
-            for column in sent_emails.columns:
-                if column.name not in present:
-                    kind = column.type.compile(dialect=self._engine.dialect)
-                    connection.execute(
-                        text(f"ALTER TABLE {sent_emails.name} ADD COLUMN {column.name} {kind}")
-                    )
+        add_missing_columns(self._engine, sent_emails)
 
     @property
     def held(self) -> int:

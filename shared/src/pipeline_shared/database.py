@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy import Engine, MetaData, Table, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
@@ -91,6 +91,29 @@ def create_tables(engine: Engine, metadata: MetaData, attempts: int = 5) -> None
     for attempt in range(1, attempts + 1):
         try:
             metadata.create_all(engine)
+            return
+        except DBAPIError:
+            if attempt == attempts:
+                raise
+            time.sleep(0.1 * attempt)
+
+
+def add_missing_columns(engine: Engine, table: Table, attempts: int = 5) -> None:
+    """Bring ``table``, made by an earlier version, up to date: add the columns it
+    lacks (each nullable, NULL meaning what the rows meant before). Replicas starting
+    together may race to add a column: a failed attempt looks again."""
+    for attempt in range(1, attempts + 1):
+        present = {column["name"] for column in inspect(engine).get_columns(table.name)}
+        missing = [column for column in table.columns if column.name not in present]
+        if not missing:
+            return
+        try:
+            with for_writing(engine).begin() as connection:
+                for column in missing:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    connection.execute(
+                        text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
+                    )
             return
         except DBAPIError:
             if attempt == attempts:
