@@ -15,6 +15,11 @@ waits for every email and for the api's read model to catch up. Per scenario:
   (``amqp_cost.three_hops``), measured in the same run;
 * ``POST /jobs`` latency p50/p99 of single POSTs, in the window above, or
   with ``--rate R`` in a second window at R requests per second;
+* in the ``backlog`` scenario, ``POST /jobs`` latency (p50/p99/max, from each
+  request's due time) of single POSTs sent open loop at ``--rate`` per second
+  (default 300) for ``--rate-seconds`` while the pipeline drains a backlog of
+  ``--backlog`` jobs submitted just before through ``POST /jobs/batch``, with
+  the backlog still waiting at the start and end of that window;
 * CPU milliseconds per job of each service (replicas summed) and of RabbitMQ,
   from ``/proc``, over the window until the read model caught up;
 * provider requests and 429 answers, lost and duplicated emails;
@@ -29,6 +34,8 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import json
+import resource
 import sys
 import tempfile
 import time
@@ -36,25 +43,35 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
+import aio_pika
 import httpx
+from aio_pika.abc import AbstractChannel
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent / "tests"))
 
 import amqp_cost  # noqa: E402
+import open_loop  # noqa: E402
 import pipeline_throughput as pt  # noqa: E402
 import profile_services as ps  # noqa: E402
 from benchkit import code_version, machine, stop_cleanly_on_signals  # noqa: E402
 from pipeline_shared.topology import MAILER, PROCESSOR  # noqa: E402
 from support.mailtrap_stub import MailtrapStub  # noqa: E402
-from support.rabbit import Management, url_for_vhost  # noqa: E402
-from support.services import Service, free_port  # noqa: E402
+from support.rabbit import Management, messages_ready_now, url_for_vhost  # noqa: E402
+from support.services import Api, Service, free_port  # noqa: E402
 from support.waiting import wait_for  # noqa: E402
 
 PROVIDER_LIMIT = (150, 10.0)
 """Mailtrap's sending limit per API token: requests per seconds."""
 SERVICES = ("api-service", "processor-service", "mailer-service")
+BACKLOG_BATCH = 1000
+"""Jobs per ``POST /jobs/batch`` of the backlog (``MAX_BATCH_JOBS``): the fewest requests."""
+BACKLOG_IN_FLIGHT = 2
+"""Backlog requests in flight: one being read while the api publishes the other's jobs."""
+BACKLOG_RATE = 300
+"""Single POSTs per second during the backlog window unless ``--rate`` says otherwise."""
 
 
 @dataclass(frozen=True)
@@ -63,10 +80,12 @@ class Scenario:
     mailers: int
     latency_ms: float
     batch: bool
+    backlog: bool = False
+    """Single POSTs at a fixed rate while a backlog of batch-submitted jobs drains."""
 
     @property
     def name(self) -> str:
-        how = "batch" if self.batch else "single"
+        how = "backlog" if self.backlog else "batch" if self.batch else "single"
         return f"{how} p{self.processors} m{self.mailers} {self.latency_ms:g}ms"
 
 
@@ -75,10 +94,14 @@ DEFAULT_SCENARIOS = (
     Scenario(2, 3, 0, batch=False),
     Scenario(1, 1, 150, batch=False),
     Scenario(1, 1, 0, batch=True),
+    Scenario(1, 1, 0, batch=False, backlog=True),
 )
-ALL_SCENARIOS = tuple(
-    Scenario(p, m, latency, batch)
-    for batch, latency, p, m in itertools.product((False, True), (0, 150), (1, 2), (1, 3))
+ALL_SCENARIOS = (
+    *(
+        Scenario(p, m, latency, batch)
+        for batch, latency, p, m in itertools.product((False, True), (0, 150), (1, 2), (1, 3))
+    ),
+    Scenario(1, 1, 0, batch=False, backlog=True),
 )
 
 
@@ -90,6 +113,7 @@ class Options:
     concurrency: int
     rate: int
     rate_seconds: float
+    backlog: int
     ceiling_messages: int
     warmup: int
     timeout: float
@@ -110,6 +134,46 @@ class Row:
     duplicated: int = 0
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
     note: str = ""
+    window: Window | None = None
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """The backlog at one moment: the backlog's jobs the stand-in has no email for yet
+    (exact), each work queue's ready messages as the broker counts them now (a passive
+    declare), and its ready + unacked messages as the management API last sampled
+    them (up to its statistics interval, 5 s, old: it can show 0 while thousands
+    wait)."""
+
+    not_emailed: int
+    processor_ready: int
+    mailer_ready: int
+    processor_management: int | None
+    mailer_management: int | None
+
+    def __str__(self) -> str:
+        def depth(n: int | None) -> str:
+            return "?" if n is None else str(n)
+
+        return (
+            f"{self.not_emailed} backlog jobs not yet emailed; ready now: processor queue "
+            f"{self.processor_ready}, mailer queue {self.mailer_ready} (management API: "
+            f"{depth(self.processor_management)}, {depth(self.mailer_management)})"
+        )
+
+
+@dataclass(frozen=True)
+class Window:
+    """The backlog scenario's fixed-rate window of single POSTs."""
+
+    backlog: int
+    backlog_seconds: float
+    rate: int
+    seconds: float
+    shots: list[open_loop.Shot]
+    at_start: Waiting
+    at_end: Waiting
+    client_cpu_s: float
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -123,9 +187,19 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         type=int,
         default=0,
         help="measure POST /jobs latency in a second window at this many requests per "
-        "second (default: in the as-fast-as-it-can window)",
+        "second (default: in the as-fast-as-it-can window); in the backlog scenario, "
+        f"the rate while the backlog drains (default {BACKLOG_RATE})",
     )
-    parser.add_argument("--rate-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--rate-seconds", type=float, default=10.0, help="length of a fixed-rate window"
+    )
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        default=5000,
+        help=f"jobs the backlog scenario submits by POST /jobs/batch ({BACKLOG_BATCH} per "
+        "request) before its fixed-rate window (issue 9's figure: 20000)",
+    )
     parser.add_argument("--ceiling-messages", type=int, default=3000)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per wait")
@@ -145,6 +219,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     scenarios = tuple(s for s in scenarios if args.only in s.name)
     if not scenarios:
         parser.error(f"no scenario's name contains {args.only!r}")
+    if args.backlog < 1 or args.rate < 0 or args.rate_seconds <= 0:
+        parser.error("--backlog must be positive, --rate not negative, --rate-seconds positive")
     return Options(
         jobs=args.jobs,
         batch_jobs=args.batch_jobs,
@@ -152,6 +228,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         concurrency=args.concurrency,
         rate=args.rate,
         rate_seconds=args.rate_seconds,
+        backlog=args.backlog,
         ceiling_messages=args.ceiling_messages,
         warmup=args.warmup,
         timeout=args.timeout,
@@ -384,6 +461,184 @@ def run_scenario(management: Management, scenario: Scenario, options: Options) -
     return row
 
 
+# --- the backlog scenario ---------------------------------------------------------------
+
+
+def vhost_of(pipeline: Replicated) -> str:
+    return unquote(urlsplit(pipeline.api.env["RABBITMQ_URL"]).path[1:])
+
+
+async def waiting(
+    channel: AbstractChannel,
+    management: Management,
+    vhost: str,
+    stub: MailtrapStub,
+    job_ids: set[str],
+) -> Waiting:
+    def depth(queue: str) -> int | None:
+        info = management.queue(vhost, queue)
+        return None if info is None or "messages" not in info else int(info["messages"])
+
+    def not_emailed() -> int:
+        return len(job_ids - {r.job_id for r in stub.delivered})
+
+    return Waiting(
+        await asyncio.to_thread(not_emailed),
+        await messages_ready_now(channel, PROCESSOR.queue),
+        await messages_ready_now(channel, MAILER.queue),
+        await asyncio.to_thread(depth, PROCESSOR.queue),
+        await asyncio.to_thread(depth, MAILER.queue),
+    )
+
+
+def wait_for_all_emails(stub: MailtrapStub, job_ids: set[str], stall: float) -> None:
+    """Until every job has an email, or ``stall`` seconds pass with no new one (a
+    backlog of 20,000 takes minutes; what matters is that it still moves). Polls
+    twice a second: each look copies the stand-in's list of every email."""
+    seen, last_progress = -1, time.monotonic()
+    while True:
+        emailed = len(job_ids & {r.job_id for r in stub.delivered})
+        if emailed == len(job_ids):
+            break
+        if emailed > seen:
+            seen, last_progress = emailed, time.monotonic()
+        elif time.monotonic() - last_progress > stall:
+            break
+        time.sleep(0.5)
+    time.sleep(0.5)  # a late duplicate would show up here
+
+
+async def backlog_window(
+    management: Management,
+    vhost: str,
+    stub: MailtrapStub,
+    api: Api,
+    backlog_ids: set[str],
+    rate: int,
+    seconds: float,
+) -> tuple[list[open_loop.Shot], Waiting, Waiting]:
+    """Single POSTs at ``rate`` per second for ``seconds``, open loop; the backlog
+    waiting just before the first is due and when the last is due."""
+    count = round(rate * seconds)
+
+    def request(i: int) -> bytes:
+        body = json.dumps(pt.job_body(1_000_000 + i)).encode()
+        return open_loop.post_request("127.0.0.1", api.port, "/jobs", body)
+
+    async with await aio_pika.connect(url_for_vhost(vhost)) as connection:
+        channel = await connection.channel()
+        at_start = await waiting(channel, management, vhost, stub, backlog_ids)
+
+        async def at_window_end() -> Waiting:
+            await asyncio.sleep(seconds)
+            return await waiting(channel, management, vhost, stub, backlog_ids)
+
+        end = asyncio.create_task(at_window_end())
+        shots = await open_loop.run("127.0.0.1", api.port, request, rate, count)
+        return shots, at_start, await end
+
+
+def run_backlog(management: Management, scenario: Scenario, options: Options) -> Row:
+    """Submit ``--backlog`` jobs by ``POST /jobs/batch``; while they drain, single POSTs
+    at a fixed rate; then wait for every email (backlog and window) and the read model."""
+    row = Row(scenario)
+    rate = options.rate or BACKLOG_RATE
+    with running_scenario(management, scenario) as (pipeline, stub):
+        api, vhost = pipeline.api, vhost_of(pipeline)
+        warm = asyncio.run(pt.submit_all(api.url, options.warmup, 8))
+        pt.wait_for_emails(stub, {s.job_id for s in warm if s.job_id}, options.timeout)
+        requests_before = len(stub.sending_times) + stub.rate_limited
+        limited_before = stub.rate_limited
+        before = usage(pipeline)
+        backlog = asyncio.run(
+            submit_batches(api.url, options.backlog, BACKLOG_BATCH, BACKLOG_IN_FLIGHT)
+        )
+        backlog_ids = {s.job_id for s in backlog if s.status == 202 and s.job_id is not None}
+        backlog_seconds = max(s.finished for s in backlog) - min(s.started for s in backlog)
+        client_before = resource.getrusage(resource.RUSAGE_SELF)
+        shots, at_start, at_end = asyncio.run(
+            backlog_window(management, vhost, stub, api, backlog_ids, rate, options.rate_seconds)
+        )
+        client_after = resource.getrusage(resource.RUSAGE_SELF)
+        window_ids = {s.job_id for s in shots if s.status == 202 and s.job_id is not None}
+        job_ids = backlog_ids | window_ids
+        wait_for_all_emails(stub, job_ids, options.timeout)
+        ps.wait_for_read_model(pipeline, len(warm) + len(job_ids), options.timeout)
+        after = usage(pipeline)
+        first, row.lost, row.duplicated = delivered(stub, job_ids)
+        row.jobs = len(job_ids)
+        if first:
+            row.per_second = len(first) / (max(first.values()) - min(s.started for s in backlog))
+        refused = len(backlog) - len(backlog_ids) + len(shots) - len(window_ids)
+        if refused:
+            row.note = f"{refused} POSTs refused or failed (jobs counted, not lost); "
+        row.note += f"load {before.load}->{after.load}"
+        row.cpu_ms = {
+            name: 1000 * (after.cpu[name] - before.cpu[name]) / max(row.jobs, 1)
+            for name in after.cpu
+        }
+        latencies = [s.latency for s in shots if s.status == 202]
+        if latencies:
+            p50, p99 = pt.percentiles(latencies, (50, 99))
+            row.post_p50_ms, row.post_p99_ms = 1000 * p50, 1000 * p99
+        row.requests = len(stub.sending_times) + stub.rate_limited - requests_before
+        row.limited = stub.rate_limited - limited_before
+        row.peak_rss_mb = peak_rss_mb(pipeline)
+        row.window = Window(
+            backlog=len(backlog_ids),
+            backlog_seconds=backlog_seconds,
+            rate=rate,
+            seconds=options.rate_seconds,
+            shots=shots,
+            at_start=at_start,
+            at_end=at_end,
+            client_cpu_s=(client_after.ru_utime + client_after.ru_stime)
+            - (client_before.ru_utime + client_before.ru_stime),
+        )
+    return row
+
+
+def print_window(row: Row) -> None:
+    """The backlog window's own figures, under the table."""
+    window = row.window
+    if window is None:
+        return
+    shots = window.shots
+    ok = [s for s in shots if s.status == 202]
+    others = Counter(s.status for s in shots if s.status != 202)
+    first_due = min(s.due for s in shots)
+    last_sent = max(s.sent for s in shots)
+    print(
+        f"  {row.scenario.name}: {window.backlog} jobs by POST /jobs/batch in "
+        f"{window.backlog_seconds:.1f} s ({window.backlog / window.backlog_seconds:.0f}/s "
+        f"accepted); then {len(shots)} single POST /jobs due at {window.rate}/s for "
+        f"{window.seconds:g} s, open loop"
+    )
+    print(f"    backlog at window start : {window.at_start}")
+    print(f"    backlog at window end   : {window.at_end}")
+    if ok:
+        p50, p99 = pt.percentiles([s.latency for s in ok], (50, 99))
+        print(
+            f"    POST /jobs from due time: p50 {1000 * p50:.1f} ms, p99 {1000 * p99:.1f} ms, "
+            f"max {1000 * max(s.latency for s in ok):.1f} ms ({len(ok)} answered 202"
+            + (f"; others by status: {dict(others)}" if others else "")
+            + ")"
+        )
+        print(
+            f"    achieved                : sent {len(shots) / (last_sent - first_due):.1f}/s, "
+            f"202 answers {len(ok) / (max(s.finished for s in ok) - first_due):.1f}/s "
+            f"(last answer {max(s.finished for s in ok) - first_due:.1f} s after the first due)"
+        )
+    else:
+        print(f"    no POST answered 202: {dict(others)}")
+    lag50, lag99 = pt.percentiles([s.send_lag for s in shots], (50, 99))
+    print(
+        f"    client                  : wrote p50 {1000 * lag50:.1f} ms, p99 "
+        f"{1000 * lag99:.1f} ms after due; {window.client_cpu_s:.1f} s CPU in the window "
+        "(client and stand-in)"
+    )
+
+
 # --- reporting ---------------------------------------------------------------------------
 
 
@@ -424,6 +679,8 @@ def print_table(rows: Sequence[Row], ceiling: amqp_cost.Ceiling, options: Option
     )
     for row in rows:
         print(f"  {row.scenario.name}: {row.note}")
+    for row in rows:
+        print_window(row)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -449,7 +706,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows = []
         for scenario in options.scenarios:
             print(f"  running  : {scenario.name}", flush=True)
-            rows.append(run_scenario(management, scenario, options))
+            run = run_backlog if scenario.backlog else run_scenario
+            rows.append(run(management, scenario, options))
         print(f"  load     : {Path('/proc/loadavg').read_text().strip()} at end")
         print_table(rows, ceiling, options)
     except KeyboardInterrupt:

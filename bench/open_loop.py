@@ -1,0 +1,168 @@
+"""An open-loop HTTP/1.1 load generator that costs the benchmark little CPU.
+
+Requests are due at fixed times (``start + i / rate``) whatever the answers:
+a slow answer does not delay the next arrival, as it would in a closed loop
+(the "coordinated omission" that hides queueing). Each request's latency is
+taken from its *due* time, so time spent waiting for the client itself (its
+event loop behind schedule, no connection free) counts against the server
+too, never in its favour; ``send_lag`` says how far behind schedule the client
+actually wrote each request, so a client that could not keep up shows.
+
+It writes pre-encoded requests on raw asyncio streams with keep-alive
+connections (a new one whenever none is idle, up to ``max_connections``),
+because at hundreds of requests per second ``httpx`` costs a core-share that
+the services under test would otherwise get on a small machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Shot:
+    """One request: when it was due, written and answered (``time.monotonic()``)."""
+
+    due: float
+    sent: float
+    finished: float
+    status: int
+    """HTTP status, or 0 if the request failed (connection error, timeout)."""
+    job_id: str | None
+
+    @property
+    def latency(self) -> float:
+        return self.finished - self.due
+
+    @property
+    def send_lag(self) -> float:
+        return self.sent - self.due
+
+
+class _Connections:
+    def __init__(self, host: str, port: int, limit: int) -> None:
+        self._host, self._port = host, port
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._slots = asyncio.Semaphore(limit)
+        self.opened = 0
+
+    async def take(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+        """A connection, and whether it was reused (a reused one may have been closed
+        by the server while idle)."""
+        await self._slots.acquire()
+        if self._idle:
+            reader, writer = self._idle.pop()
+            return reader, writer, True
+        try:
+            reader, writer = await asyncio.open_connection(self._host, self._port)
+        except BaseException:
+            self._slots.release()
+            raise
+        self.opened += 1
+        return reader, writer, False
+
+    def give_back(
+        self, connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None
+    ) -> None:
+        if connection is not None:
+            self._idle.append(connection)
+        self._slots.release()
+
+    def close(self) -> None:
+        for _, writer in self._idle:
+            writer.close()
+        self._idle.clear()
+
+
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+) -> tuple[int, bytes, bool]:
+    """Write ``request``, read one answer: (status, body, connection reusable)."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, body, headers.get("connection", "").lower() != "close"
+
+
+def post_request(host: str, port: int, path: str, body: bytes) -> bytes:
+    """A pre-encoded ``POST`` of a JSON body."""
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def run(
+    host: str,
+    port: int,
+    requests: Callable[[int], bytes],
+    rate: float,
+    count: int,
+    *,
+    max_connections: int = 4000,
+    answer_within: float = 120.0,
+) -> list[Shot]:
+    """Send ``requests(i)`` for ``i`` in ``range(count)``, the ``i``-th due at
+    ``start + i / rate``; one ``Shot`` per request, in order. An answer is read as
+    JSON for its ``job_id`` when its status is 202; one not in by ``answer_within``
+    seconds after its due time counts as failed (status 0)."""
+    pool = _Connections(host, port, max_connections)
+    payloads = [requests(i) for i in range(count)]  # encoded before the clock starts
+
+    async def one(due: float, payload: bytes) -> Shot:
+        sent = due
+        try:
+            async with asyncio.timeout(max(due + answer_within - time.monotonic(), 0.001)):
+                for attempt in (1, 2):
+                    reader, writer, reused = await pool.take()
+                    sent = time.monotonic()
+                    try:
+                        status, body, keep = await _exchange(reader, writer, payload)
+                    except (asyncio.IncompleteReadError, ConnectionError) as error:
+                        writer.close()
+                        pool.give_back(None)
+                        # A keep-alive connection the server closed while it was idle
+                        # fails before any answer: try once more on a new one.
+                        if reused and attempt == 1 and not getattr(error, "partial", b""):
+                            continue
+                        raise
+                    except BaseException:
+                        writer.close()
+                        pool.give_back(None)
+                        raise
+                    if keep:
+                        pool.give_back((reader, writer))
+                    else:
+                        writer.close()
+                        pool.give_back(None)
+                    break
+        except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError):
+            return Shot(due, sent, time.monotonic(), 0, None)
+        finished = time.monotonic()
+        job_id = str(json.loads(body)["job_id"]) if status == 202 else None
+        return Shot(due, sent, finished, status, job_id)
+
+    tasks: list[asyncio.Task[Shot]] = []
+    start = time.monotonic() + 0.05
+    try:
+        for i, payload in enumerate(payloads):
+            due = start + i / rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(due, payload)))
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        pool.close()
