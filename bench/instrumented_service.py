@@ -340,6 +340,7 @@ def _instrument_broker() -> None:
     from aio_pika.message import IncomingMessage
 
     from pipeline_shared import messaging
+    from pipeline_shared.messaging import broker as messaging_broker
 
     def publish_name(
         self: Any, exchange: Any, message: Any, routing_key: str, *rest: Any, **kw: Any
@@ -360,7 +361,7 @@ def _instrument_broker() -> None:
         ),
     )
     _patch(
-        messaging,
+        messaging_broker,
         "event_message",
         lambda original: _timed(
             lambda event, *a, **k: f"messaging.event_message({type(event).__name__})", original

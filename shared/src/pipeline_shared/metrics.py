@@ -98,7 +98,7 @@ def event_type_label(event: Event | None, message_type: str | None) -> str:
 def failure_label(failure: BaseException) -> str | None:
     """The ``failure`` label of a handler's exception; None for a deferral, which is
     no failure."""
-    # Imported here: messaging imports this module.
+    # Imported here: the messaging package imports this module.
     from pipeline_shared.messaging import PoisonMessage
 
     if isinstance(failure, Deferred):

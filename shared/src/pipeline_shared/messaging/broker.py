@@ -1,0 +1,309 @@
+"""``Broker``: one service's connection to RabbitMQ, its publishing, and the consumers it starts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from urllib.parse import unquote, urlsplit
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import (
+    CONNECTION_EXCEPTIONS,
+    ChannelInvalidStateError,
+    DeliveryError,
+    PublishError,
+)
+from aiormq.exceptions import ChannelAccessRefused
+from pydantic import TypeAdapter
+
+from pipeline_shared import metrics
+from pipeline_shared.errors import BrokerUnavailable, PublishOutcomeUnknown
+from pipeline_shared.events import Event
+from pipeline_shared.messaging import refusals
+from pipeline_shared.messaging.consumer import Consumer, E, Handler
+from pipeline_shared.messaging.declare import close_quietly, declare_topology, verify_topology
+from pipeline_shared.messaging.policy import DEFAULT_RETRY_DELAYS
+from pipeline_shared.messaging.wire import DEFAULT_MAX_EVENT_BYTES, event_message
+from pipeline_shared.settings import PipelineSettings, redact_url
+from pipeline_shared.topology import EXCHANGE, QUEUE_EXCHANGE, STAGES, Stage
+
+log = logging.getLogger("pipeline.messaging")
+
+# Routing keys some queue is bound to: publishing to one of them must reach a
+# queue (mandatory). Other events are notifications that may have no listener.
+_BOUND_ROUTING_KEYS = frozenset(key for stage in STAGES.values() for key in stage.routing_keys)
+
+
+def vhost_of(url: str) -> str:
+    """The virtual host an AMQP URL names (``/`` when it names none)."""
+    return unquote(urlsplit(url).path[1:]) or "/"
+
+
+class Broker:
+    """One service's connection to RabbitMQ.
+
+    Make it in the service's composition root, ``await connect()`` (or
+    ``connect_until_ready()``) and ``await close()`` on the way out.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        app_id: str,
+        publish_timeout: float = 10.0,
+        retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
+    ) -> None:
+        self._url = url
+        self.app_id = app_id
+        self._publish_timeout = publish_timeout
+        self.retry_delays = tuple(retry_delays)
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._queue_exchange: AbstractExchange | None = None
+        self.passive = False
+        """Whether the broker user may not configure, so the topology is only
+        checked (``verify_topology``), never declared; set by ``connect``."""
+        self._lost = False
+        self.user = unquote(urlsplit(url).username or "guest")
+        self.vhost = vhost_of(url)
+
+    @classmethod
+    def from_settings(cls, settings: PipelineSettings, *, app_id: str) -> Broker:
+        """The broker a service's settings describe."""
+        return cls(
+            settings.rabbitmq_url,
+            app_id=app_id,
+            publish_timeout=settings.publish_timeout_seconds,
+            retry_delays=settings.retry_delays,
+        )
+
+    @property
+    def is_ready(self) -> bool:
+        """True while the connection is open and publishing is possible."""
+        return (
+            self._connection is not None
+            and self._connection.connected.is_set()
+            and self._channel is not None
+            and not self._channel.is_closed
+        )
+
+    async def connect(self) -> None:
+        """Connect once and declare the topology, or, if the broker user may not
+        configure it, check that it exists.
+
+        Raises if the broker cannot be reached, ``TopologyMissing`` if the
+        topology is not there and may not be declared, and ``BrokerRefused`` if
+        the broker refuses what no retry changes (the login, the vhost, an
+        exchange or queue declared before with other arguments).
+        """
+        try:
+            connection = await aio_pika.connect_robust(
+                self._url,
+                client_properties={"connection_name": self.app_id},
+                timeout=self._publish_timeout,
+            )
+        except (TimeoutError, *CONNECTION_EXCEPTIONS) as exc:
+            refusal = refusals.refusal(exc, self.user, self.vhost)
+            if refusal is not None:
+                raise refusal from exc
+            raise
+        try:
+            channel = await self._prepare_topology(connection)
+            self._exchange = await channel.get_exchange(EXCHANGE, ensure=False)
+            self._queue_exchange = await channel.get_exchange(QUEUE_EXCHANGE, ensure=False)
+        except BaseException:
+            await connection.close()
+            raise
+        self._connection, self._channel = connection, channel
+        self._lost = False
+        connection.close_callbacks.add(self._on_connection_lost)
+        connection.reconnect_callbacks.add(self._on_reconnected)
+        log.info(
+            "connected to %s as %s%s",
+            redact_url(self._url),
+            self.app_id,
+            " (topology checked: the broker user may not configure)" if self.passive else "",
+        )
+
+    async def _prepare_topology(self, connection: AbstractConnection) -> AbstractChannel:
+        """The publishing channel, once the topology is declared or found."""
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        try:
+            # Declared on the publishing channel, the topology is declared
+            # again whenever the robust connection reconnects.
+            await declare_topology(channel, self.retry_delays)
+            self.passive = False
+            return channel
+        except ChannelAccessRefused as exc:
+            log.debug("may not declare the topology (%s); checking it instead", exc)
+        await close_quietly(channel)
+        await verify_topology(connection, self.retry_delays, vhost_of(self._url))
+        self.passive = True
+        return await connection.channel(publisher_confirms=True, on_return_raises=True)
+
+    def _on_connection_lost(self, sender: object, exc: BaseException | None) -> None:
+        # The robust connection calls this when the connection drops and again
+        # for every failed attempt to reconnect: one line for the loss, and
+        # the attempts at DEBUG.
+        if exc is None or isinstance(exc, asyncio.CancelledError):
+            return
+        if self._lost:
+            log.debug("still no broker connection (%s); retrying", refusals.loss_reason(exc))
+            return
+        self._lost = True
+        log.warning("lost the broker connection (%s); reconnecting", refusals.loss_reason(exc))
+
+    def _on_reconnected(self, sender: object) -> None:
+        self._lost = False
+        log.info("reconnected to %s; topology and consumers restored", redact_url(self._url))
+
+    async def connect_until_ready(
+        self, *, first_delay: float = 0.5, max_delay: float = 10.0
+    ) -> None:
+        """Keep trying to connect, with growing pauses, until it works or the task is cancelled.
+
+        Only an unreachable broker, a dropped connection or a passing refusal
+        (a connection limit) is retried. Configuration errors, ``TopologyMissing``
+        and ``BrokerRefused``, are raised at once: they need an operator.
+        """
+        delay = first_delay
+        while True:
+            try:
+                await self.connect()
+                return
+            except (TimeoutError, *CONNECTION_EXCEPTIONS) as exc:
+                reply = refusals.closed_by_broker(exc)
+                if reply is not None:
+                    log.warning(
+                        "broker at %s closed the connection (%s); retrying in %.1f s",
+                        redact_url(self._url),
+                        reply,
+                        delay,
+                    )
+                else:
+                    log.warning(
+                        "broker at %s not reachable (%s); retrying in %.1f s",
+                        redact_url(self._url),
+                        type(exc).__name__,
+                        delay,
+                    )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay)
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+        self._connection = self._channel = self._exchange = self._queue_exchange = None
+
+    @metrics.count_publishes
+    async def publish(self, event: Event) -> None:
+        """Publish ``event`` on the exchange and wait for the broker's confirm.
+
+        Raises ``BrokerUnavailable`` when not connected, or when the broker
+        nacks the message, cannot route it, or refuses it (the broker user may
+        not publish this routing key): the message was not taken. Raises
+        ``PublishOutcomeUnknown`` (a ``BrokerUnavailable``) when the confirm does
+        not come in time or the connection drops while waiting: it may have been.
+        """
+        if self._exchange is None:
+            raise BrokerUnavailable("not connected to the message broker")
+        mandatory = event.routing_key in _BOUND_ROUTING_KEYS
+        await self._publish(
+            self._exchange, event_message(event, self.app_id), event.routing_key, mandatory
+        )
+
+    async def send_to_queue(self, queue: str, message: aio_pika.Message) -> None:
+        """Put ``message`` into one of the stages' queues, by name, confirmed."""
+        if self._queue_exchange is None:
+            raise BrokerUnavailable("not connected to the message broker")
+        await self._publish(self._queue_exchange, message, queue, mandatory=True)
+
+    async def _publish(
+        self,
+        exchange: AbstractExchange,
+        message: aio_pika.Message,
+        routing_key: str,
+        mandatory: bool,
+    ) -> None:
+        if not self.is_ready:
+            raise BrokerUnavailable("not connected to the message broker")
+        try:
+            await exchange.publish(
+                message, routing_key, mandatory=mandatory, timeout=self._publish_timeout
+            )
+        except PublishError as exc:
+            raise BrokerUnavailable(f"no queue is bound to routing key {routing_key!r}") from exc
+        except DeliveryError as exc:
+            raise BrokerUnavailable("the broker refused the message (nack)") from exc
+        except TimeoutError as exc:
+            raise PublishOutcomeUnknown(
+                f"the broker did not confirm the message within {self._publish_timeout:g} s"
+            ) from exc
+        except ChannelAccessRefused as exc:
+            # The broker closes the channel; the robust connection reopens it.
+            raise BrokerUnavailable(
+                f"the broker refused to let this service publish to {exchange.name!r} "
+                f"with routing key {routing_key!r} ({refusals.reply_text(exc)})"
+            ) from exc
+        except (ChannelInvalidStateError, *CONNECTION_EXCEPTIONS) as exc:
+            # The message may have left before the connection went.
+            raise PublishOutcomeUnknown(
+                f"lost the broker connection while publishing ({type(exc).__name__})"
+            ) from exc
+
+    async def consume(
+        self,
+        stage: Stage,
+        model: type[E] | TypeAdapter[E],
+        handler: Handler[E],
+        *,
+        prefetch: int,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        handler_timeout: float | None = None,
+        handled_level: int = logging.INFO,
+    ) -> Consumer[E]:
+        """Start consuming ``stage``'s work queue with manual acks and a bounded prefetch.
+
+        A handler still running after ``handler_timeout`` seconds is cancelled and its
+        message retried as a transient failure, so a hung step cannot hold a message
+        until the broker's ``consumer_timeout``. Each message handled is logged at
+        ``handled_level`` (failures always at WARNING or ERROR)."""
+        if self._connection is None:
+            raise BrokerUnavailable("not connected to the message broker")
+        channel = await self._connection.channel()
+        try:
+            await channel.set_qos(prefetch_count=prefetch)
+            if self.passive:
+                queue = await channel.get_queue(stage.queue, ensure=True)
+            else:
+                queue = await channel.declare_queue(
+                    stage.queue, durable=True, arguments=stage.queue_arguments()
+                )
+            consumer = Consumer(
+                self,
+                channel,
+                queue,
+                stage,
+                model,
+                handler,
+                max_event_bytes,
+                handler_timeout,
+                handled_level=handled_level,
+            )
+            await consumer.start()
+        except BaseException:
+            # Closed by us, the robust connection stops restoring it.
+            with contextlib.suppress(Exception):
+                await channel.close()
+            raise
+        return consumer

@@ -1,0 +1,340 @@
+"""``Consumer``: delivers one queue's messages to a handler and settles each by the policy."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from uuid import UUID
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, HeadersType
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError
+from pydantic import TypeAdapter
+
+from pipeline_shared import metrics
+from pipeline_shared.errors import (
+    BrokerUnavailable,
+    Deferred,
+    PermanentFailure,
+    TransientFailure,
+)
+from pipeline_shared.events import Event, JobFailed, utc_now
+from pipeline_shared.messaging.policy import Disposition, Outcome, deferral_delay, settle
+from pipeline_shared.messaging.wire import (
+    ATTEMPTS_HEADER,
+    PoisonMessage,
+    attempts_of,
+    copy_message,
+    decode_event,
+)
+from pipeline_shared.topology import Stage
+
+if TYPE_CHECKING:
+    from pipeline_shared.messaging.broker import Broker
+
+log = logging.getLogger("pipeline.messaging")
+
+E = TypeVar("E", bound=Event)
+Handler = Callable[[E], Awaitable[None]]
+
+delivery_attempt: ContextVar[int] = ContextVar("delivery_attempt", default=1)
+"""Which attempt the message being handled is (1 for the first), for handlers
+that report it; set by the consumer before each handler call."""
+
+SETTLE_ERRORS = (BrokerUnavailable, ChannelInvalidStateError, *CONNECTION_EXCEPTIONS)
+# At a stop, how long giving one message back may take before it is nacked instead.
+GIVE_BACK_TIMEOUT_SECONDS = 2.0
+
+
+def handled_fields(
+    message: AbstractIncomingMessage,
+    job_id: str | None,
+    outcome: Outcome,
+    attempt: int,
+    duration_ms: float,
+) -> dict[str, object]:
+    """The structured fields of the one line logged per handled message (passed as
+    ``extra=``: JSON lines show them, text lines do not)."""
+    return {
+        "event_type": message.type,
+        "job_id": job_id,
+        "event_id": message.message_id,
+        "outcome": outcome,
+        "attempt": attempt,
+        "duration_ms": round(duration_ms, 1),
+        # No tracing yet: the field is there, always null, so that log queries and
+        # dashboards written now keep working once a trace id fills it.
+        "trace_id": None,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    reason: str
+    error_type: str
+
+
+class Consumer(Generic[E]):
+    """Delivers one queue's messages to a handler; see the module docstring for the policy."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        channel: AbstractChannel,
+        queue: AbstractQueue,
+        stage: Stage,
+        model: type[E] | TypeAdapter[E],
+        handler: Handler[E],
+        max_event_bytes: int,
+        handler_timeout: float | None = None,
+        *,
+        handled_level: int = logging.INFO,
+    ) -> None:
+        self._broker = broker
+        self._handler_timeout = handler_timeout
+        self._handled_level = handled_level
+        self._channel = channel
+        self._queue = queue
+        self._stage = stage
+        self._model = model
+        self._handler = handler
+        self._max_event_bytes = max_event_bytes
+        self._tag: str | None = None
+        self._in_flight: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        self._tag = await self._queue.consume(self._on_message)
+
+    async def is_consuming(self) -> bool:
+        """True while the channel is open and the broker has not cancelled the consumer
+        (as it does when its queue is deleted)."""
+        if self._tag is None or self._channel.is_closed:
+            return False
+        try:
+            underlay = await self._channel.get_underlay_channel()
+        except Exception:  # closed in between
+            return False
+        # aiormq drops a consumer the broker cancels from ``consumers``; its
+        # abstract type does not declare the attribute.
+        consumers: Collection[str] = getattr(underlay, "consumers", {})
+        return self._tag in consumers
+
+    async def stop(self, grace_seconds: float) -> None:
+        """Stop taking messages, let the in-flight ones finish for up to
+        ``grace_seconds``, return the rest to the queue, close the channel."""
+        if self._tag is not None and not self._channel.is_closed:
+            await self._queue.cancel(self._tag)
+        self._tag = None
+        if self._in_flight:
+            log.info(
+                "waiting up to %g s for %d in-flight message(s)",
+                grace_seconds,
+                len(self._in_flight),
+            )
+            _, pending = await asyncio.wait(set(self._in_flight), timeout=grace_seconds)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if not self._channel.is_closed:
+            await self._channel.close()
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        # The AMQP library cancels its delivery tasks when the connection
+        # drops. A handler stopped half-way (an email at the provider, its
+        # ledger entry unwritten) would turn the redelivery into a duplicate,
+        # so the handling runs in a task of its own that only ``stop`` cancels;
+        # its ack then fails and the broker redelivers, which the handlers'
+        # idempotency makes harmless.
+        handling = asyncio.create_task(self._handle(message))
+        self._in_flight.add(handling)
+        handling.add_done_callback(self._in_flight.discard)
+        handling.add_done_callback(metrics.track_in_flight(self._stage.name))
+        await asyncio.shield(handling)
+
+    async def _run_handler(self, event: E) -> None:
+        if self._handler_timeout is None:
+            await self._handler(event)
+            return
+        try:
+            async with asyncio.timeout(self._handler_timeout) as deadline:
+                await self._handler(event)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the handler's own timeout, not ours
+            raise TransientFailure(
+                f"handling took longer than {self._handler_timeout:g} s "
+                "(HANDLER_TIMEOUT_SECONDS) and was cancelled"
+            ) from None
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        started = time.perf_counter()
+        attempts = attempts_of(message)
+        event: E | None = None
+        failure: BaseException | None = None
+        try:
+            event = decode_event(message.body, self._model, self._max_event_bytes)
+            delivery_attempt.set(attempts)
+            await self._run_handler(event)
+        except asyncio.CancelledError:
+            await self._give_back(message)
+            metrics.message_requeued(self._stage.name, event, message.type)
+            raise
+        except (PoisonMessage, PermanentFailure, TransientFailure, BrokerUnavailable) as exc:
+            failure = exc
+        except Exception as exc:  # a bug in a handler must not stop the consumer
+            log.exception("unexpected error handling message %s", message.message_id)
+            failure = exc
+
+        job_id = str(event.job_id) if event is not None else message.correlation_id
+        job = job_id or "?"
+        disposition = settle(failure, attempts, self._broker.retry_delays)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+
+        def handled(outcome: Outcome) -> dict[str, object]:
+            return handled_fields(message, job_id, outcome, attempts, elapsed_ms)
+
+        try:
+            if disposition is Disposition.ACK:
+                await message.ack()
+                metrics.message_settled(
+                    self._stage.name, event, message.type, disposition.value, None, started
+                )
+                log.log(
+                    self._handled_level,
+                    "job %s: %s handled in %.0f ms",
+                    job,
+                    message.type or "event",
+                    elapsed_ms,
+                    extra=handled("acked"),
+                )
+                return
+            assert failure is not None
+            details = _describe(failure)
+            if disposition is Disposition.DEFER:
+                assert isinstance(failure, Deferred)
+                delay = deferral_delay(failure.wait_seconds, self._broker.retry_delays)
+                await self._retry(message, attempts, delay, details)
+                log.info(
+                    "job %s: deferred (%s); again in %g s",
+                    job,
+                    details.reason,
+                    delay,
+                    extra=handled("deferred"),
+                )
+            elif disposition is Disposition.RETRY:
+                delay = self._broker.retry_delays[attempts - 1]
+                await self._retry(message, attempts + 1, delay, details)
+                log.warning(
+                    "job %s: attempt %d failed (%s); retrying in %g s",
+                    job,
+                    attempts,
+                    details.reason,
+                    delay,
+                    extra=handled("retried"),
+                )
+            else:
+                await self._dead_letter(message, event, attempts, details)
+                log.error(
+                    "job %s: dead-lettered after %d attempt(s): %s: %s",
+                    job,
+                    attempts,
+                    details.error_type,
+                    details.reason,
+                    extra=handled("dead_lettered"),
+                )
+            metrics.message_settled(
+                self._stage.name, event, message.type, disposition.value, failure, started
+            )
+        except SETTLE_ERRORS as exc:
+            log.warning(
+                "job %s: could not settle the message (%s); it will be redelivered",
+                job,
+                exc,
+                extra=handled("requeued"),
+            )
+            await self._return(message)
+            metrics.message_requeued(self._stage.name, event, message.type)
+
+    async def _retry(
+        self, message: AbstractIncomingMessage, next_attempt: int, delay: float, failure: _Failure
+    ) -> None:
+        headers: HeadersType = {
+            ATTEMPTS_HEADER: next_attempt,
+            "x-retry-reason": failure.reason,
+            "x-retry-error-type": failure.error_type,
+        }
+        await self._broker.send_to_queue(
+            self._stage.retry_queue(delay), copy_message(message, headers)
+        )
+        await message.ack()
+
+    async def _dead_letter(
+        self,
+        message: AbstractIncomingMessage,
+        event: Event | None,
+        attempts: int,
+        failure: _Failure,
+    ) -> None:
+        headers: HeadersType = {
+            "x-error-reason": failure.reason,
+            "x-error-type": failure.error_type,
+            ATTEMPTS_HEADER: attempts,
+            "x-failed-service": self._broker.app_id,
+            "x-failed-at": utc_now().isoformat(),
+        }
+        await self._broker.send_to_queue(
+            self._stage.dead_letter_queue, copy_message(message, headers)
+        )
+        job_id = event.job_id if event is not None else _job_id_hint(message)
+        if job_id is not None and self._stage.reports_failures:
+            await self._broker.publish(
+                JobFailed(
+                    job_id=job_id,
+                    stage=self._broker.app_id,
+                    reason=failure.reason,
+                    error_type=failure.error_type,
+                    attempts=attempts,
+                )
+            )
+        await message.ack()
+
+    async def _give_back(self, message: AbstractIncomingMessage) -> None:
+        """At a stop: put a copy of the message back at the end of its queue, then ack.
+        A nack would count toward the quorum queue's delivery limit, and enough stops
+        would dead-letter a healthy message without its ``JobFailed``."""
+        try:
+            async with asyncio.timeout(GIVE_BACK_TIMEOUT_SECONDS):
+                await self._broker.send_to_queue(self._queue.name, copy_message(message, {}))
+                await message.ack()
+        except (TimeoutError, *SETTLE_ERRORS):
+            # Returned by nack instead (or by the broker when the channel goes);
+            # a copy that did arrive is a repeat, which the handlers absorb.
+            await self._return(message)
+
+    async def _return(self, message: AbstractIncomingMessage) -> None:
+        """Give the message back to the queue for another consumer (best effort: if
+        the channel is gone, the broker requeues it anyway)."""
+        if self._channel.is_closed:
+            return
+        try:
+            await message.nack(requeue=True)
+        except (ChannelInvalidStateError, *CONNECTION_EXCEPTIONS):
+            pass
+
+
+def _describe(failure: BaseException) -> _Failure:
+    if isinstance(failure, PermanentFailure | TransientFailure):
+        return _Failure(failure.reason, type(failure).__name__)
+    return _Failure(str(failure) or type(failure).__name__, type(failure).__name__)
+
+
+def _job_id_hint(message: AbstractIncomingMessage) -> UUID | None:
+    """The job a poison message belonged to, if its correlation_id says so."""
+    try:
+        return UUID(message.correlation_id or "")
+    except ValueError:
+        return None
