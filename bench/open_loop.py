@@ -33,6 +33,8 @@ class Shot:
     status: int
     """HTTP status, or 0 if the request failed (connection error, timeout)."""
     job_id: str | None
+    """The answer's ``job_id``: a 202's, or a 503's whose outcome is unknown (the job may
+    yet be emailed)."""
 
     @property
     def latency(self) -> float:
@@ -114,7 +116,7 @@ async def run(
 ) -> list[Shot]:
     """Send ``requests(i)`` for ``i`` in ``range(count)``, the ``i``-th due at
     ``start + i / rate``; one ``Shot`` per request, in order. An answer is read as
-    JSON for its ``job_id`` when its status is 202; one not in by ``answer_within``
+    JSON for its ``job_id``; one not in by ``answer_within``
     seconds after its due time counts as failed (status 0)."""
     pool = _Connections(host, port, max_connections)
     payloads = [requests(i) for i in range(count)]  # encoded before the clock starts
@@ -149,7 +151,11 @@ async def run(
         except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError):
             return Shot(due, sent, time.monotonic(), 0, None)
         finished = time.monotonic()
-        job_id = str(json.loads(body)["job_id"]) if status == 202 else None
+        try:
+            answer = json.loads(body)
+            job_id = str(answer["job_id"]) if isinstance(answer, dict) else None
+        except (ValueError, KeyError):
+            job_id = None
         return Shot(due, sent, finished, status, job_id)
 
     tasks: list[asyncio.Task[Shot]] = []

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -167,6 +168,7 @@ class Window:
     """The backlog scenario's fixed-rate window of single POSTs."""
 
     backlog: int
+    backlog_refused: Counter[int]
     backlog_seconds: float
     rate: int
     seconds: float
@@ -174,6 +176,8 @@ class Window:
     at_start: Waiting
     at_end: Waiting
     client_cpu_s: float
+    unknown_emailed: int
+    """Window POSTs answered 503 with an unknown outcome whose job was emailed anyway."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -315,7 +319,7 @@ def running_scenario(
 
 
 async def submit_batches(
-    api_url: str, count: int, size: int, concurrency: int
+    api_url: str, count: int, size: int, concurrency: int, answer_within: float = 60
 ) -> list[pt.Submission]:
     """``count`` jobs through ``POST /jobs/batch``, ``size`` per request, ``concurrency``
     requests in flight; one ``pt.Submission`` per job (its request's times)."""
@@ -344,7 +348,7 @@ async def submit_batches(
                 )
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=api_url, limits=limits, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=api_url, limits=limits, timeout=answer_within) as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
     return results
 
@@ -551,7 +555,9 @@ def run_backlog(management: Management, scenario: Scenario, options: Options) ->
         limited_before = stub.rate_limited
         before = usage(pipeline)
         backlog = asyncio.run(
-            submit_batches(api.url, options.backlog, BACKLOG_BATCH, BACKLOG_IN_FLIGHT)
+            submit_batches(
+                api.url, options.backlog, BACKLOG_BATCH, BACKLOG_IN_FLIGHT, options.timeout
+            )
         )
         backlog_ids = {s.job_id for s in backlog if s.status == 202 and s.job_id is not None}
         backlog_seconds = max(s.finished for s in backlog) - min(s.started for s in backlog)
@@ -561,6 +567,7 @@ def run_backlog(management: Management, scenario: Scenario, options: Options) ->
         )
         client_after = resource.getrusage(resource.RUSAGE_SELF)
         window_ids = {s.job_id for s in shots if s.status == 202 and s.job_id is not None}
+        unknown_ids = {s.job_id for s in shots if s.status != 202 and s.job_id is not None}
         job_ids = backlog_ids | window_ids
         wait_for_all_emails(stub, job_ids, options.timeout)
         ps.wait_for_read_model(pipeline, len(warm) + len(job_ids), options.timeout)
@@ -569,6 +576,7 @@ def run_backlog(management: Management, scenario: Scenario, options: Options) ->
         row.jobs = len(job_ids)
         if first:
             row.per_second = len(first) / (max(first.values()) - min(s.started for s in backlog))
+        unknown_emailed = len(unknown_ids & {r.job_id for r in stub.delivered})
         refused = len(backlog) - len(backlog_ids) + len(shots) - len(window_ids)
         if refused:
             row.note = f"{refused} POSTs refused or failed (jobs counted, not lost); "
@@ -586,6 +594,7 @@ def run_backlog(management: Management, scenario: Scenario, options: Options) ->
         row.peak_rss_mb = peak_rss_mb(pipeline)
         row.window = Window(
             backlog=len(backlog_ids),
+            backlog_refused=Counter(s.status for s in backlog if s.status != 202),
             backlog_seconds=backlog_seconds,
             rate=rate,
             seconds=options.rate_seconds,
@@ -594,6 +603,7 @@ def run_backlog(management: Management, scenario: Scenario, options: Options) ->
             at_end=at_end,
             client_cpu_s=(client_after.ru_utime + client_after.ru_stime)
             - (client_before.ru_utime + client_before.ru_stime),
+            unknown_emailed=unknown_emailed,
         )
     return row
 
@@ -608,10 +618,15 @@ def print_window(row: Row) -> None:
     others = Counter(s.status for s in shots if s.status != 202)
     first_due = min(s.due for s in shots)
     last_sent = max(s.sent for s in shots)
+    refused = (
+        f" (jobs refused or failed, by status, 0 = no answer: {dict(window.backlog_refused)})"
+        if window.backlog_refused
+        else ""
+    )
     print(
-        f"  {row.scenario.name}: {window.backlog} jobs by POST /jobs/batch in "
-        f"{window.backlog_seconds:.1f} s ({window.backlog / window.backlog_seconds:.0f}/s "
-        f"accepted); then {len(shots)} single POST /jobs due at {window.rate}/s for "
+        f"  {row.scenario.name}: {window.backlog} jobs accepted by POST /jobs/batch in "
+        f"{window.backlog_seconds:.1f} s ({window.backlog / window.backlog_seconds:.0f}/s)"
+        f"{refused}; then {len(shots)} single POST /jobs due at {window.rate}/s for "
         f"{window.seconds:g} s, open loop"
     )
     print(f"    backlog at window start : {window.at_start}")
@@ -631,10 +646,17 @@ def print_window(row: Row) -> None:
         )
     else:
         print(f"    no POST answered 202: {dict(others)}")
+    unknown = sum(1 for s in shots if s.status != 202 and s.job_id is not None)
+    if unknown:
+        print(
+            f"    unknown outcomes        : {unknown} answered 503 with a job id (outcome "
+            f"unknown), {window.unknown_emailed} of them emailed anyway"
+        )
     lag50, lag99 = pt.percentiles([s.send_lag for s in shots], (50, 99))
     print(
         f"    client                  : wrote p50 {1000 * lag50:.1f} ms, p99 "
-        f"{1000 * lag99:.1f} ms after due; {window.client_cpu_s:.1f} s CPU in the window "
+        f"{1000 * lag99:.1f} ms after due (connecting included); {window.client_cpu_s:.1f} s "
+        "CPU in the window "
         "(client and stand-in)"
     )
 
@@ -691,6 +713,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("make bench: the pipeline as production runs it")
         print(f"  machine  : {machine()}")
         print(f"  code     : {code_version()}")
+        if os.environ.get("PYTHONPATH"):
+            # profile_services.code_snapshot's way of running a commit, not the tree
+            print(f"  services : PYTHONPATH={os.environ['PYTHONPATH']}")
         print(f"  load     : {Path('/proc/loadavg').read_text().strip()} at start")
         print(
             f"  provider : stand-in over HTTPS, {PROVIDER_LIMIT[0]} requests per "
