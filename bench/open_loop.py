@@ -35,6 +35,8 @@ class Shot:
     job_id: str | None
     """The answer's ``job_id``: a 202's, or a 503's whose outcome is unknown (the job may
     yet be emailed)."""
+    detail: str | None = None
+    """The answer's ``detail``, if it has one (an error's reason)."""
 
     @property
     def latency(self) -> float:
@@ -153,10 +155,19 @@ async def run(
         finished = time.monotonic()
         try:
             answer = json.loads(body)
-            job_id = str(answer["job_id"]) if isinstance(answer, dict) else None
-        except (ValueError, KeyError):
-            job_id = None
-        return Shot(due, sent, finished, status, job_id)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            return Shot(due, sent, finished, status, None)
+        job_id, detail = answer.get("job_id"), answer.get("detail")
+        return Shot(
+            due,
+            sent,
+            finished,
+            status,
+            None if job_id is None else str(job_id),
+            None if detail is None else str(detail),
+        )
 
     tasks: list[asyncio.Task[Shot]] = []
     start = time.monotonic() + 0.05

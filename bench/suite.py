@@ -646,6 +646,10 @@ def print_window(row: Row) -> None:
         )
     else:
         print(f"    no POST answered 202: {dict(others)}")
+    for (status, detail), n in Counter(
+        (s.status, s.detail) for s in shots if s.status != 202
+    ).most_common(3):
+        print(f"    answered {status} x{n:<13}: {detail}")
     unknown = sum(1 for s in shots if s.status != 202 and s.job_id is not None)
     if unknown:
         print(
