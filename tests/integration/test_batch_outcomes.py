@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 from uuid import UUID
@@ -203,9 +203,11 @@ async def test_a_batch_the_broker_took_none_of_frees_its_key_for_a_fresh_attempt
 class Recorded:
     def __init__(self) -> None:
         self.batches: list[list[str]] = []
+        self.traces: dict[str, str] = {}
 
-    async def __call__(self, events: Sequence[JobRequested]) -> None:
+    async def __call__(self, events: Sequence[JobRequested], traces: Mapping[str, str]) -> None:
         self.batches.append([str(event.job_id) for event in events])
+        self.traces.update(traces)
 
 
 async def first_answer(
@@ -248,6 +250,9 @@ async def submit_twice(answers: list[Answer]) -> None:
             assert sorted(broker.confirmed_ids()) == sorted(queued)
             assert sorted(job for batch in recorded.batches for job in batch) == sorted(queued)
             assert len(recorded.batches) <= 1  # one transaction for the batch
+            # Each job its own trace.
+            assert sorted(recorded.traces) == sorted(queued)
+            assert len(set(recorded.traces.values())) == len(queued)
 
             retry_ids, replayed = await intake.accept_once(jobs, "caller", "k")
 

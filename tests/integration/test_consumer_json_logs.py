@@ -7,12 +7,15 @@ import asyncio
 import io
 import json
 import logging
+import re
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from opentelemetry.trace import SpanKind
 
+from pipeline_shared import tracing
 from pipeline_shared.errors import PermanentFailure
 from pipeline_shared.events import JobRequested
 from pipeline_shared.logs import configure_service_logging
@@ -75,7 +78,10 @@ async def test_each_handled_message_is_one_json_line_with_its_job_event_and_outc
             raise PermanentFailure(f"refused by {received.email}")
 
     consumer = await broker.consume(PROCESSOR, JobRequested, handler, prefetch=4)
-    await broker.publish(good)
+    # The good job in a trace (as the api publishes every job), the bad one in none.
+    with tracing.span("submit", SpanKind.SERVER, parent=tracing.new_root()) as span:
+        trace_id = tracing.trace_id_of(span)
+        await broker.publish(good)
     await broker.publish(bad)
     seen: dict[str, dict[str, object]] = {}
 
@@ -95,7 +101,7 @@ async def test_each_handled_message_is_one_json_line_with_its_job_event_and_outc
     assert acked["attempt"] == 1
     assert isinstance(acked["duration_ms"], float)
     assert acked["duration_ms"] >= 0
-    assert acked["trace_id"] is None
+    assert acked["trace_id"] == trace_id
     assert acked["service"] == SERVICE
     assert acked["level"] == "INFO"
     assert acked["logger"] == "pipeline.messaging"
@@ -105,5 +111,8 @@ async def test_each_handled_message_is_one_json_line_with_its_job_event_and_outc
     assert failed["outcome"] == "dead_lettered"
     assert failed["event_id"] == str(bad.event_id)
     assert failed["level"] == "ERROR"
+    # A message that came without a trace starts one: its lines still share an id.
+    assert re.fullmatch("[0-9a-f]{32}", str(failed["trace_id"]))
+    assert failed["trace_id"] != trace_id
     assert "refused by g***@example.org" in str(failed["message"])
     assert "grace@example.org" not in json.dumps(failed)

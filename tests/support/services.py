@@ -27,6 +27,7 @@ _SETTINGS_PREFIXES = (
     "OUTBOX_",
     "PROCESSING_",
     "METRICS_",
+    "OTEL_",
 )
 _SETTINGS_NAMES = {
     "LOG_LEVEL",

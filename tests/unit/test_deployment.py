@@ -44,7 +44,7 @@ SETTINGS_CLASSES = {
     "mailer-service": "mailer_service.settings.MailerSettings",
 }
 SERVICES = sorted(SETTINGS_CLASSES)
-PORT_PUBLISHERS = {"api-service", BROKER, "prometheus", "grafana"}
+PORT_PUBLISHERS = {"api-service", BROKER, "prometheus", "grafana", "jaeger"}
 MAILTRAP_VARIABLES = ("MAILTRAP_TOKEN", "MAIL_FROM")
 # Secrets compose must refuse to start without (``${VAR:?message}``), with the
 # value a deployer would set.

@@ -29,6 +29,7 @@ from mailer_service import metrics as mailer_metrics
 from pipeline_shared import metrics as shared_metrics
 from unit.test_deployment import (
     ROOT,
+    app_services,
     compose_services,
     container_port,
     environment_of,
@@ -39,7 +40,9 @@ from unit.test_deployment import (
 PROFILE = "observability"
 PROMETHEUS = "prometheus"
 GRAFANA = "grafana"
-OBSERVABILITY_SERVICES = {PROMETHEUS, GRAFANA}
+OBSERVABILITY_SERVICES = {PROMETHEUS, GRAFANA, "jaeger"}
+# Jaeger keeps its traces in memory, on purpose (see docker-compose.yml).
+KEEPS_DATA = {PROMETHEUS, GRAFANA}
 OBSERVABILITY = ROOT / "observability"
 PROMETHEUS_CONFIG = OBSERVABILITY / "prometheus.yml"
 PROMETHEUS_CONFIG_IN_CONTAINER = "/etc/prometheus/prometheus.yml"
@@ -183,7 +186,7 @@ def run_promtool(*arguments: str) -> None:
 # --- the profile -------------------------------------------------------------------------------
 
 
-def test_prometheus_and_grafana_start_only_with_the_observability_profile() -> None:
+def test_the_observability_services_start_only_with_their_profile() -> None:
     services = compose_services()
     assert set(services) >= OBSERVABILITY_SERVICES
     for name, spec in services.items():
@@ -224,11 +227,29 @@ def test_an_observability_service_is_published_on_the_hosts_loopback_only(servic
 
 def test_the_profiles_volumes_are_declared() -> None:
     declared = set(yaml.safe_load((ROOT / "docker-compose.yml").read_text("utf-8"))["volumes"])
-    for service in OBSERVABILITY_SERVICES:
+    for service in KEEPS_DATA:
         sources = {mount.source for mount in mounts_of(compose_services()[service]).values()}
         named = {source for source in sources if not source.startswith(("./", "/"))}
         assert named, f"{service} keeps no data in a named volume"
         assert named <= declared, f"{service}: {sorted(named - declared)} not declared"
+
+
+# --- Jaeger -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("service", sorted(app_services()))
+def test_a_service_exports_spans_only_where_the_deployer_names_a_collector(service: str) -> None:
+    # Empty by default: nothing is exported; `.env` may point at the profile's Jaeger.
+    endpoint = environment_of(app_services()[service]).get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    assert endpoint == "${OTEL_EXPORTER_OTLP_ENDPOINT:-}"
+    assert interpolate(endpoint) == ""
+
+
+def test_jaeger_takes_otlp_over_http_on_the_port_the_readme_names() -> None:
+    jaeger = compose_services()["jaeger"]
+    assert jaeger["image"].startswith("jaegertracing/jaeger:2.")  # OTLP on 4317/4318 by default
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT=http://jaeger:4318" in (ROOT / "README.md").read_text()
+    assert [container_port(mapping) for mapping in jaeger["ports"]] == ["16686"]
 
 
 # --- Prometheus --------------------------------------------------------------------------------

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pytest
+from opentelemetry.trace import SpanKind
 
 from api_service.read_model import JobEvent
 from api_service.recorder import JobRecorder
+from pipeline_shared import tracing
 from unit.fakes import job_requested
 
 
@@ -18,16 +20,18 @@ class Writes:
 
     def __init__(self, *, hold_first: bool = False, fail: Exception | None = None) -> None:
         self.batches: list[list[JobEvent]] = []
+        self.traces: list[dict[str, str]] = []
         self.gate = threading.Event()
         self.entered = threading.Event()
         if not hold_first:
             self.gate.set()
         self.fail = fail
 
-    def __call__(self, events: Sequence[JobEvent]) -> None:
+    def __call__(self, events: Sequence[JobEvent], traces: Mapping[str, str]) -> None:
         self.entered.set()
         self.gate.wait(10)
         self.batches.append(list(events))
+        self.traces.append(dict(traces))
         if self.fail is not None:
             raise self.fail
 
@@ -101,3 +105,24 @@ async def test_a_noted_job_whose_write_fails_is_logged_not_raised(
     await asyncio.sleep(0)
 
     assert "not recorded yet (RuntimeError)" in caplog.text
+
+
+async def test_each_job_is_recorded_with_the_trace_it_was_handled_in() -> None:
+    writes = Writes(hold_first=True)
+    recorder = JobRecorder(writes)
+    traced, untraced = job_requested(), job_requested()
+
+    with tracing.span("request", SpanKind.SERVER, parent=tracing.new_root()) as span:
+        trace_id = tracing.trace_id_of(span)
+        recorder.note(traced)
+        in_trace = recorder.pending(str(traced.job_id), None)
+    recorder.note(untraced)  # outside any trace
+    writes.gate.set()
+    await recorder.close()
+
+    assert trace_id is not None
+    assert len(trace_id) == 32
+    assert in_trace is not None
+    assert in_trace.trace_id == trace_id
+    written = {job: trace for batch in writes.traces for job, trace in batch.items()}
+    assert written == {str(traced.job_id): trace_id}

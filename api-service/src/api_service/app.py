@@ -30,6 +30,7 @@ from api_service.dependencies import (
 )
 from api_service.following import NOT_CONNECTED, JobFollower
 from api_service.http_metrics import install_http_metrics
+from api_service.http_tracing import install_http_tracing
 from api_service.intake import IntakePolicy
 from api_service.read_model import JobEvent, Status
 from api_service.recorder import JobRecorder
@@ -152,7 +153,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
         timeout_seconds=settings.request_timeout_seconds,
         max_bytes_by_path={BATCH_PATH: settings.max_batch_request_bytes},
     )
-    install_http_metrics(app)  # outermost: it counts the body limit's answers too
+    install_http_metrics(app)  # it counts the body limit's answers too
+    install_http_tracing(app)  # and around it, each request's trace
     app.state.api_keys = settings.keys
     app.state.intake_policy = IntakePolicy(
         publish_budget=settings.publish_timeout_seconds,

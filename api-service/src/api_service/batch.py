@@ -27,11 +27,12 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 from uuid import UUID, uuid4
 
+from opentelemetry import trace
 from sqlalchemy.exc import SQLAlchemyError
 
 from api_service.intake import (
@@ -46,12 +47,14 @@ from api_service.intake import (
 )
 from api_service.schemas import BatchJobState, JobRequest
 from api_service.store import KeyOutcome, KeyState, Reservation
+from pipeline_shared import tracing
 from pipeline_shared.events import JobRequested
 
 log = logging.getLogger("api.batch")
 
-RecordJobs = Callable[[Sequence[JobRequested]], Awaitable[None]]
-"""Writes accepted jobs into the read model, all in one transaction."""
+RecordJobs = Callable[[Sequence[JobRequested], Mapping[str, str]], Awaitable[None]]
+"""Writes accepted jobs (and each job's trace id, by job id) into the read model, all in
+one transaction."""
 
 
 class BatchKeys(Protocol):
@@ -180,22 +183,37 @@ class BatchIntake:
             for position, job in enumerate(jobs)
             if position not in confirmed
         }
-        states = await asyncio.gather(
-            *(self._publish_one(event, resumed=resumed) for event in events.values())
+        request = trace.get_current_span()
+        traced = await asyncio.gather(
+            *(self._publish_traced(event, request, resumed=resumed) for event in events.values())
         )
-        published = dict(zip(events, states, strict=True))
+        published = {p: state for p, (state, _) in zip(events, traced, strict=True)}
         accepted = [events[p] for p, (state, _) in published.items() if state == "queued"]
+        traces = {
+            str(event.job_id): trace_id
+            for event, ((state, _), trace_id) in zip(events.values(), traced, strict=True)
+            if state == "queued" and trace_id is not None
+        }
         log.info(
             "batch of %d jobs: %d JobRequested published now, %d before",
             len(jobs),
             len(accepted),
             len(confirmed),
         )
-        await self._record_quietly(accepted)
+        await self._record_quietly(accepted, traces)
         return [
             JobOutcome(job_id, *published.get(position, ("queued", "")))
             for position, job_id in enumerate(job_ids)
         ]
+
+    async def _publish_traced(
+        self, event: JobRequested, request: trace.Span, *, resumed: bool
+    ) -> tuple[tuple[BatchJobState, str], str | None]:
+        """Publish ``event`` in a trace of its own, linked to the batch's request: one
+        trace per job (a thousand jobs in the request's trace would be one unreadable
+        trace); (outcome, the job's trace id)."""
+        with tracing.job_trace("accept job", str(event.job_id), link_to=request) as span:
+            return await self._publish_one(event, resumed=resumed), tracing.trace_id_of(span)
 
     async def _publish_one(
         self, event: JobRequested, *, resumed: bool
@@ -213,11 +231,13 @@ class BatchIntake:
             return "unknown", f"unexpected {type(exc).__name__}"
         return "queued", ""
 
-    async def _record_quietly(self, events: Sequence[JobRequested]) -> None:
+    async def _record_quietly(
+        self, events: Sequence[JobRequested], traces: Mapping[str, str]
+    ) -> None:
         if not events:
             return
         try:
-            await self._record(events)
+            await self._record(events, traces)
         except SQLAlchemyError as exc:
             # The jobs are safe with the broker; the read model records them from
             # their events, which come back through the status queue.

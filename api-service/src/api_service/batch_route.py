@@ -9,7 +9,7 @@ model made in a function is not.
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request, Response
@@ -38,8 +38,8 @@ async def get_batch_intake(request: Request) -> BatchIntake:
     store: JobStore = state.store
     policy: IntakePolicy = state.intake_policy
 
-    async def record(events: Sequence[JobRequested]) -> None:
-        await asyncio.to_thread(store.record_batch, events)
+    async def record(events: Sequence[JobRequested], traces: Mapping[str, str]) -> None:
+        await asyncio.to_thread(store.record_batch, events, traces)
 
     return BatchIntake(state.broker, store, policy, record)
 

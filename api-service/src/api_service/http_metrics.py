@@ -104,6 +104,7 @@ async def serve_metrics(request: Request) -> Response:
 def install_http_metrics(app: FastAPI) -> None:
     """Count and time the app's requests, and serve ``GET /metrics``.
 
-    Call it after adding the other middleware, so that this one is outermost."""
+    Call it after adding the other middleware, so that this one is outside them
+    (only the request's trace is outside it)."""
     app.add_middleware(HttpMetrics, routes=app.router.routes)
     app.add_route(PATH, serve_metrics, methods=["GET"], include_in_schema=False)

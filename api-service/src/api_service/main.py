@@ -10,6 +10,7 @@ import uvicorn
 from api_service.app import SERVICE, create_app
 from api_service.http_protocol import protocol_with_header_deadline
 from api_service.settings import ApiSettings
+from pipeline_shared import tracing
 from pipeline_shared.logs import configure_service_logging
 from pipeline_shared.settings import load_settings
 from pipeline_shared.worker import STOP_SIGNALS, ignore_stop_signals
@@ -28,11 +29,12 @@ def main() -> None:
     # which is what process supervisors expect from a requested stop.
     for signum in STOP_SIGNALS:
         signal.signal(signum, _exit_cleanly)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.api_host,
-        port=settings.api_port,
-        log_config=None,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds),
-        http=protocol_with_header_deadline(settings.request_timeout_seconds),
-    )
+    with tracing.configured(SERVICE):
+        uvicorn.run(
+            create_app(settings),
+            host=settings.api_host,
+            port=settings.api_port,
+            log_config=None,
+            timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds),
+            http=protocol_with_header_deadline(settings.request_timeout_seconds),
+        )

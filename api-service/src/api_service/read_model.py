@@ -19,7 +19,9 @@ record still ends in the same state:
   ``error`` is the kept ``JobFailed``'s reason;
 * ``attempts`` is the highest attempt count of the kept ``EmailSent`` and
   ``JobFailed`` (0 without either); ``provider_message_id`` is the kept (the
-  first) ``EmailSent``'s.
+  first) ``EmailSent``'s;
+* ``trace_id`` is the job's trace, from the first event that came with one
+  (every event of a job travels in the trace its request started).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class JobRecord:
     job_id: str
     caller: str | None
     timeline: tuple[Entry, ...]
+    trace_id: str | None = None
 
     @property
     def created_at(self) -> datetime:
@@ -134,13 +137,20 @@ def entry_of(event: JobEvent) -> Entry:
     return entry
 
 
-def apply(record: JobRecord | None, event: JobEvent) -> JobRecord:
-    """The record after ``event``; the same record (``is``) if it adds no fact."""
+def apply(record: JobRecord | None, event: JobEvent, trace_id: str | None = None) -> JobRecord:
+    """The record after ``event`` (which travelled in trace ``trace_id``); the same
+    record (``is``) if it adds no fact."""
     caller = event.submitted_by if isinstance(event, JobRequested) else None
     if record is None:
-        return JobRecord(job_id=str(event.job_id), caller=caller, timeline=(entry_of(event),))
+        return JobRecord(
+            job_id=str(event.job_id),
+            caller=caller,
+            timeline=(entry_of(event),),
+            trace_id=trace_id,
+        )
     timeline = facts((*record.timeline, entry_of(event)))
     caller = record.caller or caller
-    if timeline == record.timeline and caller == record.caller:
+    trace_id = record.trace_id or trace_id
+    if timeline == record.timeline and caller == record.caller and trace_id == record.trace_id:
         return record
-    return replace(record, caller=caller, timeline=timeline)
+    return replace(record, caller=caller, timeline=timeline, trace_id=trace_id)

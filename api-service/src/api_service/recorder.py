@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from api_service.read_model import JobEvent, JobRecord, apply
+from pipeline_shared import tracing
 from pipeline_shared.group_commit import GroupCommit
 
 log = logging.getLogger("api.recorder")
@@ -22,19 +23,25 @@ log = logging.getLogger("api.recorder")
 MAX_BATCH = 500
 """Events in one transaction at most (bounded by the follower's prefetch anyway)."""
 
-WriteBatch = Callable[[Sequence[JobEvent]], None]
+WriteBatch = Callable[[Sequence[JobEvent], Mapping[str, str]], None]
+"""Writes events, and each job's trace id by job id, in one transaction."""
 
 
 class JobRecorder:
-    """Writes job events through ``write_batch`` (blocking, run in a thread), in batches."""
+    """Writes job events through ``write_batch`` (blocking, run in a thread), in batches.
+
+    Each event is recorded with the trace it is handled in (the current one), which
+    is its job's trace."""
 
     def __init__(self, write_batch: WriteBatch, *, max_batch: int = MAX_BATCH) -> None:
         def write(events: Sequence[JobEvent]) -> list[None]:
-            write_batch(events)
+            jobs = {str(event.job_id) for event in events}
+            write_batch(events, {job: trace for job in jobs if (trace := self._traces.get(job))})
             return [None] * len(events)
 
         self._batches = GroupCommit(write, max_batch=max_batch)
         self._unwritten: dict[str, list[JobEvent]] = {}
+        self._traces: dict[str, str] = {}
         self._noted: set[asyncio.Future[None]] = set()
 
     async def record(self, event: JobEvent) -> None:
@@ -56,7 +63,7 @@ class JobRecorder:
         so a job reads back the moment it was accepted."""
         record = stored
         for event in self._unwritten.get(job_id, ()):
-            record = apply(record, event)
+            record = apply(record, event, self._traces.get(job_id))
         return record
 
     async def close(self) -> None:
@@ -65,7 +72,11 @@ class JobRecorder:
         await self._batches.close()
 
     def _track(self, event: JobEvent) -> None:
-        self._unwritten.setdefault(str(event.job_id), []).append(event)
+        job_id = str(event.job_id)
+        self._unwritten.setdefault(job_id, []).append(event)
+        trace_id = tracing.current_trace_id()
+        if trace_id is not None:
+            self._traces.setdefault(job_id, trace_id)
 
     async def _submit(self, event: JobEvent) -> None:
         try:
@@ -76,6 +87,7 @@ class JobRecorder:
             unwritten.remove(event)
             if not unwritten:
                 del self._unwritten[job_id]
+                self._traces.pop(job_id, None)
 
 
 def _log_failure(done: asyncio.Future[None]) -> None:

@@ -100,6 +100,10 @@ class JobView(BaseModel):
     attempts: int = Field(description="Delivery attempts the last stage needed (0 until then).")
     error: str | None = Field(description="Why the job failed, while it is failed.")
     provider_message_id: str | None = Field(description="Mailtrap's message id, once sent.")
+    trace_id: str | None = Field(
+        description="The job's W3C trace id (32 hex digits): its spans in every service, "
+        "where OpenTelemetry exports them, are in this trace."
+    )
     timeline: list[TimelineItem]
 
     @classmethod
@@ -112,6 +116,7 @@ class JobView(BaseModel):
             attempts=record.attempts,
             error=record.error,
             provider_message_id=record.provider_message_id,
+            trace_id=record.trace_id,
             timeline=[TimelineItem(event=e.event, at=e.at) for e in record.timeline],
         )
 

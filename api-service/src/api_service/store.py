@@ -13,7 +13,7 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from enum import Enum
@@ -59,6 +59,7 @@ jobs = Table(
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("timeline", Text, nullable=False),
+    Column("trace_id", String(32), nullable=True),
     Index("api_jobs_caller_created", "caller", "created_at"),
     Index("api_jobs_status_created", "status", "created_at"),
 )
@@ -81,16 +82,18 @@ idempotency_keys = Table(
 )
 
 _INSERT_JOB = text(
-    "INSERT INTO api_jobs (job_id, caller, status, created_at, updated_at, timeline) "
-    "VALUES (:job_id, :caller, :status, :created_at, :updated_at, :timeline) "
+    "INSERT INTO api_jobs (job_id, caller, status, created_at, updated_at, timeline, trace_id) "
+    "VALUES (:job_id, :caller, :status, :created_at, :updated_at, :timeline, :trace_id) "
     "ON CONFLICT (job_id) DO NOTHING"
 )
 _LOCK_JOBS = (
-    "SELECT job_id, caller, timeline FROM api_jobs WHERE job_id IN :job_ids ORDER BY job_id"
+    "SELECT job_id, caller, timeline, trace_id FROM api_jobs "
+    "WHERE job_id IN :job_ids ORDER BY job_id"
 )
 _UPDATE_JOB = text(
     "UPDATE api_jobs SET caller = :caller, status = :status, created_at = :created_at, "
-    "updated_at = :updated_at, timeline = :timeline WHERE job_id = :job_id"
+    "updated_at = :updated_at, timeline = :timeline, trace_id = :trace_id "
+    "WHERE job_id = :job_id"
 )
 _RESERVE_KEY = text(
     "INSERT INTO api_idempotency_keys "
@@ -100,11 +103,11 @@ _RESERVE_KEY = text(
 )
 
 
-def _fold(record: JobRecord | None, events: Sequence[JobEvent]) -> JobRecord:
-    """``record`` after ``events``: the very same object when they add nothing."""
+def _fold(record: JobRecord | None, events: Sequence[JobEvent], trace_id: str | None) -> JobRecord:
+    """``record`` after ``events`` of its trace: the very same object when they add nothing."""
     folded = record
     for event in events:
-        folded = apply(folded, event)
+        folded = apply(folded, event, trace_id)
     assert folded is not None
     return folded
 
@@ -122,7 +125,12 @@ def _timeline_of(raw: str) -> tuple[Entry, ...]:
 
 
 def _record_of(row: Any) -> JobRecord:
-    return JobRecord(job_id=row.job_id, caller=row.caller, timeline=_timeline_of(row.timeline))
+    return JobRecord(
+        job_id=row.job_id,
+        caller=row.caller,
+        timeline=_timeline_of(row.timeline),
+        trace_id=row.trace_id,
+    )
 
 
 def _row_values(record: JobRecord) -> dict[str, Any]:
@@ -133,6 +141,7 @@ def _row_values(record: JobRecord) -> dict[str, Any]:
         "created_at": record.created_at.timestamp(),
         "updated_at": record.updated_at.timestamp(),
         "timeline": _timeline_json(record.timeline),
+        "trace_id": record.trace_id,
     }
 
 
@@ -201,6 +210,7 @@ class JobStore:
 
     def create_schema(self) -> None:
         create_tables(self._engine, metadata)
+        add_missing_columns(self._engine, jobs)
         add_missing_columns(self._engine, idempotency_keys)
 
     async def close(self) -> None:
@@ -209,11 +219,14 @@ class JobStore:
 
     # --- the read model -------------------------------------------------
 
-    async def record(self, event: JobEvent) -> None:
+    async def record(self, event: JobEvent, trace_id: str | None = None) -> None:
         """Fold ``event`` into its job's record (idempotent)."""
-        await asyncio.to_thread(self.record_batch, [event])
+        traces = {str(event.job_id): trace_id} if trace_id else {}
+        await asyncio.to_thread(self.record_batch, [event], traces)
 
-    def record_batch(self, events: Sequence[JobEvent]) -> None:
+    def record_batch(
+        self, events: Sequence[JobEvent], traces: Mapping[str, str] | None = None
+    ) -> None:
         """Fold many events into their jobs' records in one transaction (blocking).
 
         Three statements, whatever the number of events: insert a record for each
@@ -230,14 +243,15 @@ class JobStore:
         for event in events:
             by_job.setdefault(str(event.job_id), []).append(event)
         job_ids = sorted(by_job)  # one lock order for every replica
-        fresh = [_row_values(_fold(None, by_job[job_id])) for job_id in job_ids]
+        traces = traces or {}
+        fresh = [_row_values(_fold(None, by_job[job], traces.get(job))) for job in job_ids]
         with self._relaxed.begin() as connection:
             connection.execute(_INSERT_JOB, fresh)
             rows = connection.execute(self._lock_jobs, {"job_ids": job_ids}).all()
             changed = []
             for row in rows:
                 stored = _record_of(row)
-                updated = _fold(stored, by_job[row.job_id])
+                updated = _fold(stored, by_job[row.job_id], traces.get(row.job_id))
                 if updated is not stored:
                     changed.append(_row_values(updated))
             if changed:
@@ -245,7 +259,9 @@ class JobStore:
 
     @staticmethod
     def _read(connection: Connection, job_id: str, *, lock: bool = False) -> JobRecord | None:
-        query = select(jobs.c.job_id, jobs.c.caller, jobs.c.timeline).where(jobs.c.job_id == job_id)
+        query = select(jobs.c.job_id, jobs.c.caller, jobs.c.timeline, jobs.c.trace_id).where(
+            jobs.c.job_id == job_id
+        )
         row = connection.execute(query.with_for_update() if lock else query).one_or_none()
         return _record_of(row) if row is not None else None
 
@@ -266,9 +282,9 @@ class JobStore:
     def _list_jobs(
         self, caller: str, status: Status | None, limit: int, cursor: str | None
     ) -> tuple[list[JobRecord], str | None]:
-        query = select(jobs.c.job_id, jobs.c.caller, jobs.c.timeline, jobs.c.created_at).where(
-            jobs.c.caller == caller
-        )
+        query = select(
+            jobs.c.job_id, jobs.c.caller, jobs.c.timeline, jobs.c.trace_id, jobs.c.created_at
+        ).where(jobs.c.caller == caller)
         if status is not None:
             query = query.where(jobs.c.status == status)
         if cursor is not None:

@@ -6,10 +6,13 @@ import asyncio
 import logging
 from typing import Protocol
 
+from opentelemetry.trace import SpanKind
+
 from mailer_service.compose import OutgoingEmail, Sender, compose_email
 from mailer_service.ledger import Claim, ClaimState, LedgerUnavailable, Uncertainty
 from mailer_service.metrics import email_sent
 from mailer_service.transport import EmailTransport, Receipt, SendOutcomeUnknown
+from pipeline_shared import tracing
 from pipeline_shared.contract import TRUSTED
 from pipeline_shared.errors import Deferred, TransientFailure
 from pipeline_shared.events import DataProcessed, EmailSent, Event
@@ -92,7 +95,11 @@ class SendEmail:
                 email_sent(event)
                 return
         try:
-            receipt = await self._transport.send(email)
+            with tracing.span(
+                "send email", SpanKind.CLIENT, attributes={"email.transport": self._transport.name}
+            ) as span:
+                receipt = await self._transport.send(email)
+                span.set_attribute("email.provider_message_id", receipt.message_id or "")
         except asyncio.CancelledError:
             # The send may still complete in its thread: the claim lapses and
             # is then uncertain, so the provider is asked before a new send.
@@ -130,7 +137,14 @@ class SendEmail:
                 wait_seconds=settle - uncertain.age,
             )
         try:
-            return await self._transport.find_sent(email, uncertain.since)
+            with tracing.span(
+                "find sent email",
+                SpanKind.CLIENT,
+                attributes={"email.transport": self._transport.name},
+            ) as span:
+                found = await self._transport.find_sent(email, uncertain.since)
+                span.set_attribute("email.found", found is not None)
+                return found
         except BaseException:
             await self._ledger.release(job_id, claim)
             raise

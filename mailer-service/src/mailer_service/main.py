@@ -18,6 +18,7 @@ from mailer_service.outbox import OutboxTransport
 from mailer_service.send_budget import SendBudget
 from mailer_service.settings import MailerSettings
 from mailer_service.transport import EmailTransport
+from pipeline_shared import tracing
 from pipeline_shared.events import DataProcessed
 from pipeline_shared.logs import configure_service_logging
 from pipeline_shared.messaging import Broker
@@ -172,4 +173,5 @@ async def leave_uncertain(ledger: SqlLedger) -> None:
 def main() -> None:
     settings = load_settings(MailerSettings, SERVICE)
     configure_service_logging(settings, SERVICE)
-    run_until_signalled(lambda stop: serve(settings, stop))
+    with tracing.configured(SERVICE):
+        run_until_signalled(lambda stop: serve(settings, stop))

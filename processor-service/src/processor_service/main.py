@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
+from pipeline_shared import tracing
 from pipeline_shared.events import JobRequested
 from pipeline_shared.logs import configure_service_logging
 from pipeline_shared.messaging import Broker
@@ -47,4 +48,5 @@ async def serve(settings: ProcessorSettings, stop: asyncio.Event) -> None:
 def main() -> None:
     settings = load_settings(ProcessorSettings, SERVICE)
     configure_service_logging(settings, SERVICE)
-    run_until_signalled(lambda stop: serve(settings, stop))
+    with tracing.configured(SERVICE):
+        run_until_signalled(lambda stop: serve(settings, stop))

@@ -34,7 +34,7 @@ from pipeline_shared.events import (
     JobFailed,
     JobRequested,
 )
-from pipeline_shared.messaging import event_message
+from pipeline_shared.messaging import ATTEMPTS_HEADER, event_message
 from pipeline_shared.topology import EXCHANGE, STAGES
 
 ASYNCAPI_VERSION = "3.0.0"
@@ -228,7 +228,7 @@ def build_asyncapi(events: Sequence[type[Event]] = EVENT_TYPES) -> dict[str, Any
                 event_name(event): _message(event, examples.get(event_name(event)))
                 for event in events
             },
-            "schemas": _payload_schemas(events),
+            "schemas": {**_payload_schemas(events), HEADERS_SCHEMA: _headers_schema()},
         },
     }
 
@@ -286,6 +286,7 @@ def _message(event: type[Event], example: Event | None) -> dict[str, Any]:
             "description": Event.model_fields["job_id"].description,
             "location": "$message.payload#/job_id",
         },
+        "headers": _ref("components", "schemas", HEADERS_SCHEMA),
         "payload": _ref("components", "schemas", name),
         "bindings": {"amqp": {"messageType": name, "bindingVersion": AMQP_BINDING_VERSION}},
     }
@@ -294,6 +295,37 @@ def _message(event: type[Event], example: Event | None) -> dict[str, Any]:
             {"name": f"{name}-example", "payload": example.model_dump(mode="json")}
         ]
     return message
+
+
+HEADERS_SCHEMA = "MessageHeaders"
+
+
+def _headers_schema() -> dict[str, Any]:
+    """The AMQP headers a message may carry: the job's trace, and on a retried copy its
+    attempt (``messaging.wire``, ``tracing``). Consumers must accept others."""
+    return {
+        "type": "object",
+        "description": "AMQP message headers. A consumer continues the trace and passes "
+        "`traceparent` and `tracestate` on to what it publishes.",
+        "properties": {
+            "traceparent": {
+                "type": "string",
+                "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
+                "description": "W3C Trace Context: the job's trace id and the span that "
+                "published the message. Absent on messages from older publishers.",
+            },
+            "tracestate": {
+                "type": "string",
+                "description": "W3C Trace Context: vendor entries, passed on unchanged.",
+            },
+            ATTEMPTS_HEADER: {
+                "type": "integer",
+                "minimum": 1,
+                "description": "Which attempt a retried copy is (absent on the first).",
+            },
+        },
+        "additionalProperties": True,
+    }
 
 
 def _payload_schemas(events: Sequence[type[Event]]) -> dict[str, Any]:

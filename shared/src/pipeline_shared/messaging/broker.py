@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from collections.abc import Sequence
 from urllib.parse import unquote, urlsplit
 
@@ -14,6 +16,7 @@ from aio_pika.abc import (
     AbstractConnection,
     AbstractExchange,
     AbstractRobustConnection,
+    HeadersType,
 )
 from aio_pika.exceptions import (
     CONNECTION_EXCEPTIONS,
@@ -22,9 +25,10 @@ from aio_pika.exceptions import (
     PublishError,
 )
 from aiormq.exceptions import ChannelAccessRefused
+from opentelemetry.trace import SpanKind
 from pydantic import TypeAdapter
 
-from pipeline_shared import metrics
+from pipeline_shared import metrics, tracing
 from pipeline_shared.errors import BrokerUnavailable, PublishOutcomeUnknown
 from pipeline_shared.events import Event
 from pipeline_shared.messaging import refusals
@@ -40,11 +44,18 @@ log = logging.getLogger("pipeline.messaging")
 # Routing keys some queue is bound to: publishing to one of them must reach a
 # queue (mandatory). Other events are notifications that may have no listener.
 _BOUND_ROUTING_KEYS = frozenset(key for stage in STAGES.values() for key in stage.routing_keys)
+_MESSAGING_ATTRIBUTES = {"messaging.system": "rabbitmq", "messaging.operation.type": "send"}
 
 
 def vhost_of(url: str) -> str:
     """The virtual host an AMQP URL names (``/`` when it names none)."""
     return unquote(urlsplit(url).path[1:]) or "/"
+
+
+def connection_name(app_id: str) -> str:
+    """What the management UI calls this process's connection: the service, and which
+    replica it is (the host, a container's id under compose, and the process)."""
+    return f"{app_id} on {socket.gethostname()} (pid {os.getpid()})"
 
 
 class Broker:
@@ -109,7 +120,7 @@ class Broker:
         try:
             connection = await aio_pika.connect_robust(
                 self._url,
-                client_properties={"connection_name": self.app_id},
+                client_properties={"connection_name": connection_name(self.app_id)},
                 timeout=self._publish_timeout,
             )
         except (TimeoutError, *CONNECTION_EXCEPTIONS) as exc:
@@ -218,9 +229,21 @@ class Broker:
         if self._exchange is None:
             raise BrokerUnavailable("not connected to the message broker")
         mandatory = event.routing_key in _BOUND_ROUTING_KEYS
-        await self._publish(
-            self._exchange, event_message(event, self.app_id), event.routing_key, mandatory
-        )
+        with tracing.span(
+            f"publish {event.routing_key}",
+            SpanKind.PRODUCER,
+            attributes={
+                **_MESSAGING_ATTRIBUTES,
+                "messaging.destination.name": EXCHANGE,
+                "messaging.rabbitmq.destination.routing_key": event.routing_key,
+                "messaging.message.id": str(event.event_id),
+                "messaging.message.conversation_id": str(event.job_id),
+            },
+        ):
+            headers: HeadersType = {}
+            tracing.inject(headers)
+            message = event_message(event, self.app_id, headers)
+            await self._publish(self._exchange, message, event.routing_key, mandatory)
 
     async def send_to_queue(self, queue: str, message: aio_pika.Message) -> None:
         """Put ``message`` into one of the stages' queues, by name, confirmed."""

@@ -13,9 +13,10 @@ from uuid import UUID
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, HeadersType
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError
+from opentelemetry.trace import Span, SpanKind, StatusCode
 from pydantic import TypeAdapter
 
-from pipeline_shared import metrics
+from pipeline_shared import metrics, tracing
 from pipeline_shared.errors import (
     BrokerUnavailable,
     Deferred,
@@ -66,9 +67,7 @@ def handled_fields(
         "outcome": outcome,
         "attempt": attempt,
         "duration_ms": round(duration_ms, 1),
-        # No tracing yet: the field is there, always null, so that log queries and
-        # dashboards written now keep working once a trace id fills it.
-        "trace_id": None,
+        "trace_id": tracing.current_trace_id(),
     }
 
 
@@ -171,6 +170,22 @@ class Consumer(Generic[E]):
             ) from None
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
+        """Handle and settle ``message`` in the trace its headers carry."""
+        with tracing.span(
+            f"process {self._queue.name}",
+            SpanKind.CONSUMER,
+            parent=tracing.extract(message.headers),
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": self._queue.name,
+                "messaging.message.id": message.message_id or "",
+                "messaging.message.conversation_id": message.correlation_id or "",
+            },
+        ) as span:
+            await self._handle_in(span, message)
+
+    async def _handle_in(self, span: Span, message: AbstractIncomingMessage) -> None:
         started = time.perf_counter()
         attempts = attempts_of(message)
         event: E | None = None
@@ -195,6 +210,10 @@ class Consumer(Generic[E]):
         elapsed_ms = (time.perf_counter() - started) * 1000
 
         def handled(outcome: Outcome) -> dict[str, object]:
+            span.set_attribute("pipeline.outcome", outcome)
+            if outcome in ("retried", "dead_lettered", "requeued"):
+                why = _describe(failure).reason if failure is not None else "not settled"
+                span.set_status(StatusCode.ERROR, why)
             return handled_fields(message, job_id, outcome, attempts, elapsed_ms)
 
         try:

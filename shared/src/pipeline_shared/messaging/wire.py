@@ -37,10 +37,13 @@ def decode_event(body: bytes, model: type[E] | TypeAdapter[E], max_bytes: int) -
         raise PoisonMessage(describe_validation_error(exc, what)) from exc
 
 
-def event_message(event: Event, app_id: str) -> aio_pika.Message:
+def event_message(
+    event: Event, app_id: str, headers: HeadersType | None = None
+) -> aio_pika.Message:
     """The AMQP message for ``event``, with properties that read well in the management UI."""
     return aio_pika.Message(
         body=event.model_dump_json().encode(),
+        headers=headers,
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         message_id=str(event.event_id),
