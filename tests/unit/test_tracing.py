@@ -167,3 +167,18 @@ def test_a_job_trace_is_a_new_root_linked_to_its_request(
     accepted = next(s for s in exported.get_finished_spans() if s.name == "accept job")
     assert accepted.parent is None
     assert [link.context.span_id for link in accepted.links] == [request.get_span_context().span_id]
+
+
+def test_a_trace_started_where_nothing_records_asks_exporting_services_to_record_it() -> None:
+    headers: dict[str, object] = {}
+    with tracing.span("POST /jobs", SpanKind.SERVER, parent=tracing.extract({})):
+        tracing.inject(headers)
+
+    assert str(headers["traceparent"]).endswith("-01")
+    # A client's own decision is passed on unchanged.
+    unsampled = PARENT[:-2] + "00"
+    with tracing.span(
+        "POST /jobs", SpanKind.SERVER, parent=tracing.extract({"traceparent": unsampled})
+    ):
+        tracing.inject(headers)
+    assert headers["traceparent"] == unsampled

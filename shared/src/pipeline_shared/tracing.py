@@ -158,14 +158,16 @@ def extract(headers: Mapping[str, Any] | None) -> Context:
 
 def new_root() -> Context:
     """A context starting a new trace: empty where spans are recorded (the SDK gives
-    the first span new ids), else one holding fresh ids that nothing records."""
+    the first span new ids and its sampler decides), else one holding fresh ids that
+    nothing here records, flagged sampled: a service further on that exports (its
+    sampler follows the parent's flag) records the job's spans."""
     if exporting():
         return Context()
     ids = SpanContext(
         trace_id=secrets.randbits(128) or 1,
         span_id=secrets.randbits(64) or 1,
         is_remote=False,
-        trace_flags=TraceFlags(TraceFlags.DEFAULT),
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
     )
     return trace.set_span_in_context(NonRecordingSpan(ids), Context())
 
