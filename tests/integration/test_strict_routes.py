@@ -268,3 +268,41 @@ async def test_a_surrogate_pair_is_one_character_and_accepted(
 
     assert response.status_code == 202
     assert broker.published[0].subject == "\U0001f600"  # type: ignore[attr-defined]
+
+
+async def test_a_client_gone_mid_body_is_a_400_not_an_error_of_the_api(
+    app: FastAPI, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As uvicorn reports a client that hangs up, or chunked framing it cannot read.
+    arrivals: list[dict[str, Any]] = [
+        {"type": "http.request", "body": JOB[:10], "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return arrivals.pop(0) if arrivals else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/jobs",
+        "raw_path": b"/jobs",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"60")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+        "state": {},
+    }
+    await app(scope, receive, send)
+
+    assert sent[0]["status"] == 400
+    assert b"ended before it was complete" in sent[1]["body"]
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]

@@ -85,6 +85,27 @@ def test_a_refused_control_character_is_named_in_the_message() -> None:
         check_single_line("a\x85b")
 
 
+@pytest.mark.parametrize(
+    "char", ["\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2069", "\ufeff"]
+)
+def test_a_character_that_reorders_what_a_line_shows_is_refused(char: str) -> None:
+    # "invoice<RLO>gnp.exe" shows as "invoiceexe.png" in a mail client.
+    with pytest.raises(ValueError, match=rf"bidirectional.*U\+{ord(char):04X}"):
+        check_single_line(f"invoice{char}gnp.exe")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\u05e9\u05dc\u05d5\u05dd report",  # Hebrew, laid out by the reader's own rules
+        "price\u200e 42",  # LEFT-TO-RIGHT MARK
+        "family \U0001f468\u200d\U0001f469\u200d\U0001f467",  # emoji joined by ZWJ
+    ],
+)
+def test_right_to_left_text_marks_and_joiners_stay_allowed(text: str) -> None:
+    assert check_single_line(text) == text
+
+
 def test_a_blank_single_line_field_is_refused() -> None:
     with pytest.raises(ValueError, match="blank"):
         check_single_line("   ")

@@ -370,11 +370,12 @@ def test_the_trace_id_is_the_first_one_an_event_came_with() -> None:
     untraced = fold([processed(1)])
     assert untraced.trace_id is None
 
+    email_sent = sent(2)
     record = apply(untraced, requested(0), "a" * 32)
-    later = apply(apply(record, sent(2), "b" * 32), processed(1))
+    later = apply(apply(record, email_sent, "b" * 32), processed(1))
 
     assert record.trace_id == later.trace_id == "a" * 32
-    assert apply(later, sent(2), "c" * 32) is later  # a known trace adds nothing
+    assert apply(later, email_sent, "c" * 32) is later  # a known trace adds nothing
 
 
 def test_a_job_requested_without_a_caller_has_none() -> None:

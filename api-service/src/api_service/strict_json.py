@@ -146,7 +146,12 @@ def parse_json_body(body: bytes) -> Any:
         ) from None
     except RecursionError:
         raise InvalidJsonBody(
-            [BodyProblem(("body",), f"nested too deeply (data may nest {MAX_DATA_DEPTH} levels)")]
+            [
+                BodyProblem(
+                    ("body",),
+                    f"nested too deeply to read (a job's data may nest {MAX_DATA_DEPTH} levels)",
+                )
+            ]
         ) from None
     except ValueError:
         # int() refuses a literal of more than sys.get_int_max_str_digits() digits.

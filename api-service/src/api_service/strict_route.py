@@ -27,6 +27,7 @@ from uuid import UUID
 from fastapi import HTTPException, Request, Response
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
+from starlette.requests import ClientDisconnect
 from starlette.routing import compile_path
 
 from api_service.dependencies import authenticate, caller_of
@@ -69,6 +70,15 @@ def _unsupported_media(request: Request) -> str | None:
     return None
 
 
+async def _body(request: Request) -> bytes:
+    """The whole body; a client gone before sending it all (or whose chunked framing
+    the server could not read) is a 400, not an error of the api's."""
+    try:
+        return await request.body()
+    except ClientDisconnect:
+        raise HTTPException(400, "the request body ended before it was complete") from None
+
+
 class StrictRoute(APIRoute):
     """An ``APIRoute`` with the checks in this module's docstring."""
 
@@ -97,7 +107,7 @@ class StrictRoute(APIRoute):
             problems = _repeated_or_unknown(strict, query_names, header_names)
             if problems:
                 raise HTTPException(422, validation_problems(problems))
-            if takes_body and (await strict.body()) and (why := _unsupported_media(strict)):
+            if takes_body and (await _body(strict)) and (why := _unsupported_media(strict)):
                 raise HTTPException(415, why)
             return await handler(strict)
 

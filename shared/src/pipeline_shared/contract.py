@@ -11,6 +11,11 @@ publish events (``rabbitmq/definitions.json``).
 * **Single-line fields** (subject, names, addresses) hold no control
   character and no character on which ``str.splitlines`` breaks (CR, LF,
   VT, FF, FS, GS, RS, NEL, U+2028, U+2029): nothing in them can end a header.
+  Nor do they hold the bidirectional embedding, override and isolate controls
+  (U+202A to U+202E, U+2066 to U+2069) or U+FEFF, with which a subject or a
+  sender's name shows text other than it holds (``invoice\u202egnp.exe`` reads
+  as ``invoiceexe.png``). The marks U+200E and U+200F, and the joiners emoji
+  need, stay allowed.
 * **Addresses** are one ``local@domain`` with an ASCII local part and no
   quoting, comments, whitespace, commas or encoded-words (``=?``); an
   internationalised domain is carried in its IDNA (punycode) form, the form
@@ -50,6 +55,7 @@ _NOT_IN_A_LINE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # In free text (data values) a line may end: TAB, LF and CR are allowed.
 _NOT_IN_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
+_REORDERING = re.compile(r"[\u202a-\u202e\u2066-\u2069\ufeff]")
 _ENCODED_WORD = "=?"
 _LARGEST_DOUBLE = float.fromhex("0x1.fffffffffffffp+1023")
 
@@ -106,6 +112,11 @@ def check_single_line(value: str) -> str:
         raise ValueError(
             f"must be a single line without control characters "
             f"(found {_describe_char(found.group())})"
+        )
+    if found := _REORDERING.search(value):
+        raise ValueError(
+            "must not contain bidirectional formatting characters, which make it show "
+            f"other text than it holds (found {_describe_char(found.group())})"
         )
     if not value.strip():
         raise ValueError("must not be blank")
