@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections.abc import Iterator, Mapping
@@ -9,11 +10,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeline_shared.errors import PermanentFailure
 from pipeline_shared.events import DataProcessed
+from pipeline_shared.messaging import delivery_size
 from processor_service.handlers import ProcessJob, describe_failure
 from processor_service.steps import (
+    INLINE_STEPS,
     STEPS,
     Step,
     UnknownStep,
@@ -254,6 +259,63 @@ async def test_the_step_runs_in_the_executor_not_on_the_event_loop(
     assert len(threads) == 1
     assert threads[0].startswith("step")
     assert threads[0] != threading.current_thread().name
+
+
+def thread_recorder(threads: list[str]) -> Step:
+    def records_thread(data: Mapping[str, Any]) -> dict[str, Any]:
+        threads.append(threading.current_thread().name)
+        return {}
+
+    return records_thread
+
+
+async def test_an_inline_step_runs_on_the_event_loop_for_a_small_job(
+    executor: ThreadPoolExecutor,
+) -> None:
+    threads: list[str] = []
+    steps = {"records": thread_recorder(threads)}
+    process = ProcessJob(FakePublisher(), executor, steps=steps, inline={"records"})
+
+    delivery_size.set(300)
+    await process(job_requested(step="records"))
+
+    assert threads == [threading.current_thread().name]
+
+
+async def test_an_inline_step_goes_to_a_thread_for_a_large_job(
+    executor: ThreadPoolExecutor,
+) -> None:
+    threads: list[str] = []
+    steps = {"records": thread_recorder(threads)}
+    process = ProcessJob(FakePublisher(), executor, steps=steps, inline={"records"})
+
+    delivery_size.set(50_000)
+    await process(job_requested(step="records"))
+
+    assert len(threads) == 1
+    assert threads[0].startswith("step")
+
+
+def test_the_built_in_steps_are_inline() -> None:
+    assert {"summarise", "word_count", "echo"} <= INLINE_STEPS
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(st.dictionaries(st.text(), json_values, max_size=6))
+def test_an_inline_step_never_changes_its_input(data: dict[str, Any]) -> None:
+    # The promise that lets an inline step run without a copy of the data.
+    for name in INLINE_STEPS:
+        before = repr(data)
+        # A step may refuse the data; it must still not change it.
+        with contextlib.suppress(Exception):
+            STEPS[name](data)
+        assert repr(data) == before, name
 
 
 async def test_the_step_is_taken_from_the_given_registry(executor: ThreadPoolExecutor) -> None:

@@ -15,7 +15,7 @@ from pipeline_shared.topology import PROCESSOR
 from pipeline_shared.worker import run_until_signalled, serve_stage
 from processor_service.handlers import ProcessJob
 from processor_service.settings import ProcessorSettings
-from processor_service.steps import STEPS
+from processor_service.steps import INLINE_STEPS, STEPS
 
 SERVICE = "processor-service"
 
@@ -28,6 +28,7 @@ async def serve(settings: ProcessorSettings, stop: asyncio.Event) -> None:
                 broker,
                 executor,
                 steps=STEPS,
+                inline=INLINE_STEPS,
                 delay_seconds=settings.processing_delay_seconds,
                 max_event_bytes=settings.max_event_bytes,
             )

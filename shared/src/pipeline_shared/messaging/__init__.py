@@ -35,7 +35,13 @@ but never loses one.
 """
 
 from pipeline_shared.messaging.broker import Broker, vhost_of
-from pipeline_shared.messaging.consumer import Consumer, Handler, delivery_attempt, handled_fields
+from pipeline_shared.messaging.consumer import (
+    Consumer,
+    Handler,
+    delivery_attempt,
+    delivery_size,
+    handled_fields,
+)
 from pipeline_shared.messaging.declare import declare_topology, topology_names, verify_topology
 from pipeline_shared.messaging.policy import (
     DEFAULT_RETRY_DELAYS,
@@ -70,6 +76,7 @@ __all__ = [
     "decode_event",
     "deferral_delay",
     "delivery_attempt",
+    "delivery_size",
     "event_message",
     "handled_fields",
     "settle",

@@ -45,6 +45,9 @@ Handler = Callable[[E], Awaitable[None]]
 delivery_attempt: ContextVar[int] = ContextVar("delivery_attempt", default=1)
 """Which attempt the message being handled is (1 for the first), for handlers
 that report it; set by the consumer before each handler call."""
+delivery_size: ContextVar[int] = ContextVar("delivery_size", default=0)
+"""The size in bytes of the message being handled, for handlers whose work grows
+with it; set by the consumer before each handler call."""
 
 SETTLE_ERRORS = (BrokerUnavailable, ChannelInvalidStateError, *CONNECTION_EXCEPTIONS)
 # At a stop, how long giving one message back may take before it is nacked instead.
@@ -193,6 +196,7 @@ class Consumer(Generic[E]):
         try:
             event = decode_event(message.body, self._model, self._max_event_bytes)
             delivery_attempt.set(attempts)
+            delivery_size.set(len(message.body))
             await self._run_handler(event)
         except asyncio.CancelledError:
             await self._give_back(message)
