@@ -10,9 +10,14 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from api_service.body_limit import BodySizeLimit
+from api_service.body_limit import BodyRefused, BodySizeLimit
 from api_service.schemas import JobRequest
 
 LIMIT = 64
@@ -74,6 +79,7 @@ async def test_a_body_at_the_limit_passes_through_intact(
     assert response.status_code == 200
     assert response.content == body
     assert app.bodies == [body]
+    assert "connection" not in response.headers  # read whole: the connection may be reused
 
 
 async def test_a_chunked_body_under_the_limit_reaches_the_app_whole(
@@ -116,14 +122,15 @@ async def test_a_declared_length_over_the_limit_is_refused_with_413_before_the_a
     assert app.scopes == []
 
 
-async def test_a_chunked_body_over_the_limit_is_refused_with_413(
+async def test_a_chunked_body_over_the_limit_is_refused_with_413_and_never_reaches_the_app_whole(
     client: httpx.AsyncClient, app: RecordingApp
 ) -> None:
     response = await client.post("/jobs", content=chunks(b"a" * 40, b"b" * 40, b"c" * 40))
 
     assert response.status_code == 413
     assert response.json() == {"detail": f"request body larger than {LIMIT} bytes"}
-    assert app.scopes == []
+    assert response.headers["connection"] == "close"
+    assert app.bodies == []
 
 
 async def test_a_body_longer_than_its_small_declared_length_is_still_refused(
@@ -145,7 +152,7 @@ async def test_a_body_longer_than_its_small_declared_length_is_still_refused(
     await BodySizeLimit(app, max_bytes=LIMIT)(scope, receive, send)
 
     assert sent[0]["status"] == 413
-    assert app.scopes == []
+    assert app.bodies == []
 
 
 @pytest.mark.parametrize("declared", ["abc", "-1", "1e3", "1 2", ""])
@@ -234,6 +241,7 @@ async def test_a_client_that_goes_away_mid_body_lets_the_app_see_the_disconnect(
 
     async def inner(scope: Scope, receive: Receive, send: Send) -> None:
         seen.append(dict(await receive()))
+        seen.append(dict(await receive()))
 
     async def receive() -> Message:
         return incoming.pop(0)
@@ -243,7 +251,10 @@ async def test_a_client_that_goes_away_mid_body_lets_the_app_see_the_disconnect(
 
     await BodySizeLimit(inner, max_bytes=LIMIT)(http_scope(), receive, send)
 
-    assert seen == [{"type": "http.disconnect"}]
+    assert seen == [
+        {"type": "http.request", "body": b"partial", "more_body": True},
+        {"type": "http.disconnect"},
+    ]
 
 
 async def test_after_the_body_the_app_receives_from_the_server_again() -> None:
@@ -286,52 +297,254 @@ async def test_a_content_length_with_surrounding_whitespace_is_read_as_its_numbe
     assert seen == [b"{}"]
 
 
-async def test_a_body_that_does_not_arrive_in_time_is_refused_with_408_and_closed() -> None:
-    sent: list[Message] = []
-    stalled = asyncio.Event()
-
-    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
-        raise AssertionError("the app must not see a request whose body never came")
+def stalling_after(*messages: Message) -> Receive:
+    """A server's ``receive`` that gives ``messages``, then waits for ever."""
+    incoming = list(messages)
 
     async def receive() -> Message:
-        if not stalled.is_set():
-            stalled.set()
-            return {"type": "http.request", "body": b"{", "more_body": True}
+        if incoming:
+            return incoming.pop(0)
         await asyncio.Event().wait()  # the rest never comes
         raise AssertionError("unreachable")
+
+    return receive
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_refused_with_408_and_closed(
+    app: RecordingApp,
+) -> None:
+    sent: list[Message] = []
+    receive = stalling_after({"type": "http.request", "body": b"{", "more_body": True})
 
     async def send(message: Message) -> None:
         sent.append(message)
 
     started = time.monotonic()
-    await BodySizeLimit(inner, max_bytes=LIMIT, timeout_seconds=0.2)(http_scope(), receive, send)
+    await BodySizeLimit(app, max_bytes=LIMIT, timeout_seconds=0.2)(http_scope(), receive, send)
 
     assert 0.2 <= time.monotonic() - started < 2
     assert sent[0]["status"] == 408
     assert (b"connection", b"close") in sent[0]["headers"]
     assert b"did not arrive within 0.2 s" in sent[1]["body"]
+    assert app.bodies == []
 
 
-async def test_a_body_that_arrives_in_time_is_not_cut_off() -> None:
-    bodies: list[bytes] = []
+async def test_a_body_that_arrives_in_time_is_not_cut_off(app: RecordingApp) -> None:
+    sent: list[Message] = []
     incoming: list[Message] = [
         {"type": "http.request", "body": b"{", "more_body": True},
         {"type": "http.request", "body": b"}", "more_body": False},
     ]
-
-    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
-        bodies.append((await receive())["body"])
 
     async def receive() -> Message:
         await asyncio.sleep(0.01)
         return incoming.pop(0)
 
     async def send(message: Message) -> None:
-        raise AssertionError("nothing should be refused")
+        sent.append(message)
 
-    await BodySizeLimit(inner, max_bytes=LIMIT, timeout_seconds=1)(http_scope(), receive, send)
+    await BodySizeLimit(app, max_bytes=LIMIT, timeout_seconds=1)(http_scope(), receive, send)
 
-    assert bodies == [b"{}"]
+    assert sent[0]["status"] == 200
+    assert app.bodies == [b"{}"]
+
+
+# --- the body is read only when the app reads it ------------------------------
+
+
+class AnsweringUnread:
+    """An ASGI app that answers 401 without reading the body, as an unauthenticated
+    route does."""
+
+    def __init__(self) -> None:
+        self.answered = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.answered += 1
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b'{"detail": "no key"}'})
+
+
+async def test_an_app_that_answers_without_the_body_is_never_made_to_wait_for_it() -> None:
+    sent: list[Message] = []
+    app = AnsweringUnread()
+
+    async def receive() -> Message:
+        raise AssertionError("nothing of the body may be read for the app")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = http_scope([(b"transfer-encoding", b"chunked")])
+    await BodySizeLimit(app, max_bytes=LIMIT)(scope, receive, send)
+
+    assert app.answered == 1
+    assert sent[0]["status"] == 401
+    assert sent[1]["body"] == b'{"detail": "no key"}'
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [[(b"content-length", b"2")], [(b"transfer-encoding", b"chunked")]],
+    ids=["declared length", "chunked"],
+)
+async def test_an_answer_given_before_the_body_arrived_closes_the_connection(
+    framing: list[tuple[bytes, bytes]],
+) -> None:
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await BodySizeLimit(AnsweringUnread(), max_bytes=LIMIT)(
+        http_scope(framing), stalling_after(), send
+    )
+
+    # The server must not wait for, nor read on, the rest of a body no one wants.
+    assert [h for h in sent[0]["headers"] if h[0] == b"connection"] == [(b"connection", b"close")]
+
+
+@pytest.mark.parametrize(
+    "headers", [[], [(b"content-length", b"0")]], ids=["no body", "empty body"]
+)
+async def test_an_answer_to_a_request_without_a_body_keeps_the_connection(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await BodySizeLimit(AnsweringUnread(), max_bytes=LIMIT)(
+        http_scope(headers), stalling_after(), send
+    )
+
+    assert sent[0]["status"] == 401
+    assert all(name != b"connection" for name, _ in sent[0]["headers"])
+
+
+async def test_the_apps_own_handler_answers_a_refusal_met_while_it_reads() -> None:
+    async def read(request: Request) -> Response:
+        return Response(await request.body())
+
+    async def handler(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return JSONResponse(
+            {"detail": exc.detail, "by": "the app"}, exc.status_code, headers=exc.headers
+        )
+
+    app = Starlette(
+        routes=[Route("/jobs", read, methods=["POST"])],
+        exception_handlers={HTTPException: handler},
+    )
+    transport = httpx.ASGITransport(app=BodySizeLimit(app, max_bytes=LIMIT))
+    async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as client:
+        response = await client.post("/jobs", content=chunks(b"a" * 40, b"b" * 40))
+
+    assert response.status_code == 413
+    assert response.json() == {"detail": f"request body larger than {LIMIT} bytes", "by": "the app"}
+    assert response.headers["connection"] == "close"
+
+
+async def test_the_deadline_runs_from_the_start_of_the_request_not_of_the_read() -> None:
+    sent: list[Message] = []
+
+    async def late_reader(scope: Scope, receive: Receive, send: Send) -> None:
+        await asyncio.sleep(0.15)
+        while (await receive()).get("more_body", False):
+            pass
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    receive = stalling_after({"type": "http.request", "body": b"{", "more_body": True})
+    started = time.monotonic()
+    await BodySizeLimit(late_reader, max_bytes=LIMIT, timeout_seconds=0.2)(
+        http_scope([(b"content-length", b"10")]), receive, send
+    )
+
+    assert 0.2 <= time.monotonic() - started < 0.3
+    assert sent[0]["status"] == 408
+
+
+async def test_once_the_body_is_in_the_app_may_wait_for_a_disconnect_past_the_deadline() -> None:
+    seen: list[str] = []
+    incoming: list[Message] = [
+        {"type": "http.request", "body": b"{}", "more_body": False},
+        {"type": "http.disconnect"},
+    ]
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append((await receive())["type"])
+        seen.append((await receive())["type"])
+
+    async def receive() -> Message:
+        if len(incoming) == 1:
+            await asyncio.sleep(0.2)  # the client leaves, well after the deadline
+        return incoming.pop(0)
+
+    async def send(message: Message) -> None:
+        raise AssertionError(f"nothing should be refused: {message}")
+
+    await BodySizeLimit(inner, max_bytes=LIMIT, timeout_seconds=0.05)(
+        http_scope([(b"content-length", b"2")]), receive, send
+    )
+
+    assert seen == ["http.request", "http.disconnect"]
+
+
+async def test_an_app_that_reads_on_after_a_refusal_is_refused_again() -> None:
+    refusals: list[int] = []
+    reads = 0
+
+    async def stubborn(scope: Scope, receive: Receive, send: Send) -> None:
+        for _ in range(2):
+            try:
+                while (await receive()).get("more_body", False):
+                    pass
+            except BodyRefused as refused:
+                refusals.append(refused.status_code)
+        raise BodyRefused(413, "gave up")
+
+    async def receive() -> Message:
+        nonlocal reads
+        reads += 1
+        return {"type": "http.request", "body": b"x" * 40, "more_body": True}
+
+    async def send(message: Message) -> None:
+        pass
+
+    await BodySizeLimit(stubborn, max_bytes=LIMIT)(http_scope(), receive, send)
+
+    assert refusals == [413, 413]
+    assert reads == 2  # nothing more was read for it after the limit
+
+
+async def test_a_refusal_after_the_app_began_its_answer_is_not_answered_twice() -> None:
+    sent: list[Message] = []
+
+    async def early_answerer(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        while (await receive()).get("more_body", False):
+            pass
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    receive = stalling_after(
+        {"type": "http.request", "body": b"x" * 40, "more_body": True},
+        {"type": "http.request", "body": b"x" * 40, "more_body": True},
+    )
+    with pytest.raises(BodyRefused):
+        await BodySizeLimit(early_answerer, max_bytes=LIMIT)(http_scope(), receive, send)
+
+    assert [message["type"] for message in sent] == ["http.response.start"]
 
 
 # --- the JobRequest schema --------------------------------------------------
