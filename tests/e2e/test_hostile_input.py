@@ -388,8 +388,8 @@ ACCEPTED_SUBJECTS = {
     "inner-spaces": "Report   of    the week",
     "non-ascii-long": "Bericht über die Woche " * 8,
     "emoji-200": "\U0001f600" * 200,
-    "rtl-override": "\u202e evil.exe",
-    "zero-width": "a\u200bb\ufeffc",
+    "right-to-left": "\u05d3\u05d5\u05d7 \u05e9\u05d1\u05d5\u05e2\u05d9 \u200f(weekly)",
+    "zero-width": "a\u200bb\u200dc",
     "looks-quoted": '"Report" (weekly) <ada@example.com>',
     "lone-word-marker": "=?",
     "word-end-marker": "?=",
@@ -458,10 +458,16 @@ def test_data_nested_deeper_than_32_levels_is_a_422_naming_data(api_url: str, de
 
 @pytest.mark.parametrize(
     "char",
-    ["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x7f", "\x1b"],
-    ids=["U+2028", "U+2029", "NEL", "VT", "FF", "FS", "GS", "RS", "DEL", "ESC"],
+    [
+        *["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x7f", "\x1b"],
+        *["\u202e", "\u2066", "\ufeff"],
+    ],
+    ids=[
+        *["U+2028", "U+2029", "NEL", "VT", "FF", "FS", "GS", "RS", "DEL", "ESC"],
+        *["RLO", "LRI", "BOM"],
+    ],
 )
-def test_a_subject_with_a_line_breaking_or_control_character_is_a_422_naming_subject(
+def test_a_subject_with_a_line_breaking_control_or_reordering_character_is_a_422_naming_subject(
     api_url: str, char: str
 ) -> None:
     body = {"email": "ada@example.com", "subject": f"Hi{char}Bcc: evil@x.com", "data": {}}
