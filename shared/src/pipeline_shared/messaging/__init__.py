@@ -2,9 +2,9 @@
 
 One module per concern: ``broker`` (the connection and publishing),
 ``declare`` (the topology), ``consumer`` (delivering and settling), ``policy``
-(the acknowledgement rules, pure), ``wire`` (events as AMQP messages) and
-``refusals`` (the broker's configuration errors). The names a service needs
-are here.
+(the acknowledgement rules, pure), ``acks`` (writing acks, many in one frame),
+``wire`` (events as AMQP messages) and ``refusals`` (the broker's
+configuration errors). The names a service needs are here.
 
 ``Broker`` owns one robust connection: it declares the topology (or, when
 its broker user may not configure, only checks that it exists), publishes

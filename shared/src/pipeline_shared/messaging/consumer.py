@@ -24,6 +24,7 @@ from pipeline_shared.errors import (
     TransientFailure,
 )
 from pipeline_shared.events import Event, JobFailed, utc_now
+from pipeline_shared.messaging.acks import Settlements
 from pipeline_shared.messaging.policy import Disposition, Outcome, deferral_delay, settle
 from pipeline_shared.messaging.wire import (
     ATTEMPTS_HEADER,
@@ -107,6 +108,7 @@ class Consumer(Generic[E]):
         self._max_event_bytes = max_event_bytes
         self._tag: str | None = None
         self._in_flight: set[asyncio.Task[Any]] = set()
+        self._settlements = Settlements()
 
     async def start(self) -> None:
         self._tag = await self._queue.consume(self._on_message)
@@ -151,6 +153,7 @@ class Consumer(Generic[E]):
         # so the handling runs in a task of its own that only ``stop`` cancels;
         # its ack then fails and the broker redelivers, which the handlers'
         # idempotency makes harmless.
+        self._settlements.delivered(message)
         handling = asyncio.create_task(self._handle(message))
         self._in_flight.add(handling)
         handling.add_done_callback(self._in_flight.discard)
@@ -222,7 +225,7 @@ class Consumer(Generic[E]):
 
         try:
             if disposition is Disposition.ACK:
-                await message.ack()
+                await self._settlements.ack(message)
                 metrics.message_settled(
                     self._stage.name, event, message.type, disposition.value, None, started
                 )
@@ -293,7 +296,7 @@ class Consumer(Generic[E]):
         await self._broker.send_to_queue(
             self._stage.retry_queue(delay), copy_message(message, headers)
         )
-        await message.ack()
+        await self._settlements.ack(message)
 
     async def _dead_letter(
         self,
@@ -323,7 +326,7 @@ class Consumer(Generic[E]):
                     attempts=attempts,
                 )
             )
-        await message.ack()
+        await self._settlements.ack(message)
 
     async def _give_back(self, message: AbstractIncomingMessage) -> None:
         """At a stop: put a copy of the message back at the end of its queue, then ack.
@@ -332,7 +335,7 @@ class Consumer(Generic[E]):
         try:
             async with asyncio.timeout(GIVE_BACK_TIMEOUT_SECONDS):
                 await self._broker.send_to_queue(self._queue.name, copy_message(message, {}))
-                await message.ack()
+                await self._settlements.ack(message)
         except (TimeoutError, *SETTLE_ERRORS):
             # Returned by nack instead (or by the broker when the channel goes);
             # a copy that did arrive is a repeat, which the handlers absorb.
@@ -342,11 +345,12 @@ class Consumer(Generic[E]):
         """Give the message back to the queue for another consumer (best effort: if
         the channel is gone, the broker requeues it anyway)."""
         if self._channel.is_closed:
+            self._settlements.forget(message)
             return
         try:
-            await message.nack(requeue=True)
+            await self._settlements.nack(message)
         except (ChannelInvalidStateError, *CONNECTION_EXCEPTIONS):
-            pass
+            self._settlements.forget(message)
 
 
 def _describe(failure: BaseException) -> _Failure:
