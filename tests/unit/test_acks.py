@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.exceptions import ChannelInvalidStateError
 
 from pipeline_shared.messaging.acks import Settlements
 
@@ -86,7 +87,7 @@ async def test_a_run_never_passes_a_delivery_still_being_handled() -> None:
 async def test_a_reopened_channel_starts_its_own_runs() -> None:
     settlements = Settlements()
     old, new = RecordingChannel(), RecordingChannel()
-    stale = deliveries(settlements, old, 2)[0]
+    deliveries(settlements, old, 2)
     old.is_closed = True
     fresh = deliveries(settlements, new, 1)[0]  # tag 1 again, on the new channel
 
@@ -94,7 +95,56 @@ async def test_a_reopened_channel_starts_its_own_runs() -> None:
 
     assert new.frames == [("ack", 1, True)]
     assert old.frames == []
-    assert stale.delivery_tag == 1
+
+
+async def test_forgetting_a_delivery_of_a_closed_channel_leaves_the_new_channels_alone() -> None:
+    # After a reconnect, an old handler finishing (its channel gone) must not erase
+    # the new channel's delivery with the same tag: a run would then pass over it.
+    settlements = Settlements()
+    old, new = RecordingChannel(), RecordingChannel()
+    stale = deliveries(settlements, old, 3)
+    old.is_closed = True
+    first, second, third = deliveries(settlements, new, 3)  # tags 1-3 again
+
+    for message in stale:
+        settlements.forget(message)
+    await asyncio.gather(settlements.ack(second), settlements.ack(third))
+
+    # 1 is still being handled on the new channel: 2 and 3 go alone.
+    assert new.frames == [("ack", 2, False), ("ack", 3, False)]
+    await settlements.ack(first)
+    assert new.frames[-1] == ("ack", 1, True)
+
+
+async def test_an_ack_its_caller_stopped_waiting_for_is_written_and_a_later_nack_dropped() -> None:
+    # A stop's timeout may cancel the wait for an ack; the stop then gives the
+    # message back. Settling it twice would close the channel.
+    channel, settlements = RecordingChannel(), Settlements()
+    (message,) = deliveries(settlements, channel, 1)
+
+    waiting = asyncio.ensure_future(settlements.ack(message))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    await settlements.nack(message)
+    await asyncio.sleep(0.01)
+
+    assert channel.frames == [("ack", 1, True)]
+
+
+async def test_a_write_cut_short_by_cancellation_fails_every_ack_it_held() -> None:
+    class Closing(RecordingChannel):
+        async def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+            raise asyncio.CancelledError  # how aiormq ends writes on a closing channel
+
+    channel, settlements = Closing(), Settlements()
+    _, second, third = deliveries(settlements, channel, 3)  # 1 still being handled
+
+    results = await asyncio.wait_for(
+        asyncio.gather(settlements.ack(second), settlements.ack(third), return_exceptions=True),
+        5,
+    )
+
+    assert all(isinstance(r, ChannelInvalidStateError) for r in results), results
 
 
 async def test_a_failed_write_is_raised_to_every_ack_it_carried() -> None:

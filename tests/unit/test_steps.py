@@ -452,3 +452,17 @@ async def test_a_result_outside_the_limits_of_a_job_fails_though_its_input_is_tr
 
     assert problem in caught.value.reason
     assert publisher.published == []
+
+
+async def test_outside_a_delivery_an_inline_step_still_goes_to_a_thread(
+    executor: ThreadPoolExecutor,
+) -> None:
+    # An unknown size is no small size.
+    threads: list[str] = []
+    steps = {"records": thread_recorder(threads)}
+    process = ProcessJob(FakePublisher(), executor, steps=steps, inline={"records"})
+
+    await process(job_requested(step="records"))
+
+    assert len(threads) == 1
+    assert threads[0].startswith("step")

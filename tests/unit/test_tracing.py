@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 
 import pytest
 from hypothesis import given
@@ -12,7 +13,8 @@ from hypothesis import strategies as st
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -182,3 +184,62 @@ def test_a_trace_started_where_nothing_records_asks_exporting_services_to_record
     ):
         tracing.inject(headers)
     assert headers["traceparent"] == unsampled
+
+
+@pytest.mark.parametrize(
+    ("environ", "flag"),
+    [
+        ({}, "01"),
+        ({"OTEL_TRACES_SAMPLER": "parentbased_always_off"}, "00"),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"}, "00"),
+        ({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1"}, "01"),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "lots"}, "01"),
+    ],
+)
+def test_where_nothing_exports_a_new_trace_is_flagged_as_the_sampler_variables_say(
+    environ: dict[str, str], flag: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # So sampling still works when only the workers export.
+    monkeypatch.setattr(tracing, "_root_sampler", tracing.root_sampler_from_environment(environ))
+    headers: dict[str, object] = {}
+    with tracing.span("POST /jobs", SpanKind.SERVER, parent=tracing.extract({})):
+        tracing.inject(headers)
+
+    assert str(headers["traceparent"]).endswith(f"-{flag}")
+
+
+def test_an_over_long_tracestate_is_dropped_and_the_trace_kept() -> None:
+    headers: dict[str, object] = {}
+    context = tracing.extract({"traceparent": PARENT, "tracestate": "k=" + "v" * 600})
+    with tracing.span("publish", SpanKind.PRODUCER, parent=context):
+        tracing.inject(headers)
+
+    assert headers == {"traceparent": PARENT}
+
+
+def test_spans_go_to_the_collector_named_by_the_base_or_the_signal_endpoint() -> None:
+    base = tracing.exporter_from_environment({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/"})
+    signal = tracing.exporter_from_environment(
+        {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/custom/path"}
+    )
+    assert isinstance(base, OTLPSpanExporter)
+    assert isinstance(signal, OTLPSpanExporter)
+    assert base._endpoint == "http://c:4318/v1/traces"
+    assert signal._endpoint == "http://c:4318/custom/path"
+
+
+def test_a_stop_waits_for_a_collector_that_does_not_answer_only_a_bounded_time() -> None:
+    class Unanswered(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            time.sleep(30)
+            return SpanExportResult.FAILURE
+
+    tracing.start_exporting(Unanswered(), Resource.create({"service.name": "test"}))
+    for _ in range(10):
+        with tracing.span("work", SpanKind.INTERNAL):
+            pass
+    started = time.monotonic()
+    tracing.shutdown()
+
+    assert time.monotonic() - started < tracing.SHUTDOWN_SECONDS + 1
+    assert not tracing.exporting()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
@@ -37,6 +38,13 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Decision,
+    Sampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -44,9 +52,19 @@ log = logging.getLogger("pipeline.tracing")
 
 TRACER_NAME = "pipeline"
 HEADERS = ("traceparent", "tracestate")
+MAX_TRACESTATE_CHARS = 512
+"""A longer ``tracestate`` is dropped, not passed on (W3C: propagate at least 512)."""
+SHUTDOWN_SECONDS = 2.0
+"""How long a stop waits for buffered spans to reach the collector."""
 
 _propagator = TraceContextTextMapPropagator()
 _provider: TracerProvider | None = None
+_root_sampler: Sampler = ALWAYS_ON
+
+# The SDK logs a warning per malformed header a client sends, and per span it
+# drops while the collector is away: errors only, so no one can flood the logs.
+for _noisy in ("opentelemetry.trace", "opentelemetry.sdk._shared_internal"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 
 def exporter_from_environment(environ: Mapping[str, str]) -> SpanExporter | None:
@@ -78,7 +96,26 @@ def exporter_from_environment(environ: Mapping[str, str]) -> SpanExporter | None
     # Imported only when used: it brings requests and protobuf along.
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    return OTLPSpanExporter()
+    signal = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    base = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    url = signal or (base.rstrip("/") + "/v1/traces" if base else None)
+    return OTLPSpanExporter(endpoint=url)
+
+
+def root_sampler_from_environment(environ: Mapping[str, str]) -> Sampler:
+    """Whether a trace started where nothing exports is to be recorded further on, by
+    ``OTEL_TRACES_SAMPLER`` (and its ``_ARG``), as an exporting service would decide:
+    by the trace id, so every service that samples by ratio keeps the same traces."""
+    name = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if name in ("always_off", "parentbased_always_off"):
+        return ALWAYS_OFF
+    if name in ("traceidratio", "parentbased_traceidratio"):
+        try:
+            ratio = float(environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0"))
+        except ValueError:
+            ratio = 1.0
+        return TraceIdRatioBased(min(max(ratio, 0.0), 1.0))
+    return ALWAYS_ON
 
 
 def configure(service_name: str, environ: Mapping[str, str] = os.environ) -> bool:
@@ -86,8 +123,10 @@ def configure(service_name: str, environ: Mapping[str, str] = os.environ) -> boo
 
     Call once at startup, before the first span; ``shutdown`` at exit sends what is
     still buffered."""
+    global _root_sampler
     exporter = exporter_from_environment(environ)
     if exporter is None:
+        _root_sampler = root_sampler_from_environment(environ)
         return False
     named = environ.get("OTEL_SERVICE_NAME")
     start_exporting(exporter, Resource.create({} if named else {SERVICE_NAME: service_name}))
@@ -118,11 +157,23 @@ def configured(service_name: str) -> Iterator[bool]:
 
 
 def shutdown() -> None:
-    """Send the spans still buffered and stop exporting."""
+    """Send the spans still buffered, for at most ``SHUTDOWN_SECONDS``, and stop exporting.
+
+    The SDK's own shutdown waits up to 30 s for a collector that does not answer,
+    longer than a stop may take: it runs in a thread of its own, given up on after
+    the bound (a daemon thread, so the process still exits)."""
     global _provider
-    if _provider is not None:
-        _provider.shutdown()
-        _provider = None
+    provider, _provider = _provider, None
+    if provider is None:
+        return
+    flushing = threading.Thread(target=provider.shutdown, name="trace-shutdown", daemon=True)
+    flushing.start()
+    flushing.join(SHUTDOWN_SECONDS)
+    if flushing.is_alive():
+        log.warning(
+            "buffered trace spans not sent: the collector did not take them within %g s",
+            SHUTDOWN_SECONDS,
+        )
 
 
 def exporting() -> bool:
@@ -148,7 +199,9 @@ def extract(headers: Mapping[str, Any] | None) -> Context:
     carrier = {
         name: value
         for name in HEADERS
-        if isinstance(value := (headers or {}).get(name), str) and value.isascii()
+        if isinstance(value := (headers or {}).get(name), str)
+        and value.isascii()
+        and len(value) <= MAX_TRACESTATE_CHARS
     }
     found = _propagator.extract(carrier)
     if exporting() or trace.get_current_span(found).get_span_context().is_valid:
@@ -159,15 +212,20 @@ def extract(headers: Mapping[str, Any] | None) -> Context:
 def new_root() -> Context:
     """A context starting a new trace: empty where spans are recorded (the SDK gives
     the first span new ids and its sampler decides), else one holding fresh ids that
-    nothing here records, flagged sampled: a service further on that exports (its
-    sampler follows the parent's flag) records the job's spans."""
+    nothing here records, flagged sampled as ``OTEL_TRACES_SAMPLER`` decides
+    (``root_sampler_from_environment``): the services further on that export follow
+    the flag."""
     if exporting():
         return Context()
+    trace_id = secrets.randbits(128) or 1
+    decision = _root_sampler.should_sample(None, trace_id, "root").decision
     ids = SpanContext(
-        trace_id=secrets.randbits(128) or 1,
+        trace_id=trace_id,
         span_id=secrets.randbits(64) or 1,
         is_remote=False,
-        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+        trace_flags=TraceFlags(
+            TraceFlags.SAMPLED if decision is Decision.RECORD_AND_SAMPLE else TraceFlags.DEFAULT
+        ),
     )
     return trace.set_span_in_context(NonRecordingSpan(ids), Context())
 

@@ -46,9 +46,9 @@ Handler = Callable[[E], Awaitable[None]]
 delivery_attempt: ContextVar[int] = ContextVar("delivery_attempt", default=1)
 """Which attempt the message being handled is (1 for the first), for handlers
 that report it; set by the consumer before each handler call."""
-delivery_size: ContextVar[int] = ContextVar("delivery_size", default=0)
+delivery_size: ContextVar[int | None] = ContextVar("delivery_size", default=None)
 """The size in bytes of the message being handled, for handlers whose work grows
-with it; set by the consumer before each handler call."""
+with it; set by the consumer before each handler call (None outside one)."""
 
 SETTLE_ERRORS = (BrokerUnavailable, ChannelInvalidStateError, *CONNECTION_EXCEPTIONS)
 # At a stop, how long giving one message back may take before it is nacked instead.
