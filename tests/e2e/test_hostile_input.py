@@ -40,7 +40,9 @@ from support.rabbit import Management, new_vhost_name, url_for_vhost
 from support.services import Api, Service, clean_environment, free_port
 from support.waiting import wait_for
 
-pytestmark = pytest.mark.e2e
+# One process runs the module: its tests share the pipelines below, which each
+# process would otherwise start for itself.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("hostile_input")]
 
 PipelineFactory = Callable[..., Pipeline]
 
