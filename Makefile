@@ -7,7 +7,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PACKAGES := shared api-service processor-service mailer-service
 SOURCES := shared/src api-service/src processor-service/src mailer-service/src
-PYTEST := $(BIN)/pytest
+# Tests run in two processes side by side (pytest-xdist): each test has its own vhost,
+# ports, folders and PostgreSQL database, and an e2e test mostly waits on its services.
+# loadgroup keeps a module whose tests share running services (xdist_group) in one
+# process. PYTEST_WORKERS=0 runs them in this one.
+PYTEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup
 ASYNCAPI_TOOLS := tools/asyncapi
 ASYNCAPI_STAMP := $(VENV)/asyncapi/node_modules/.package-lock.json
 

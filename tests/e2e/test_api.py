@@ -12,7 +12,8 @@ import pytest
 
 from e2e.conftest import Pipeline
 from pipeline_shared.topology import EXCHANGE, PROCESSOR, STATUS
-from support.services import Api, free_port
+from support.rabbit import Management, new_vhost_name, url_for_vhost
+from support.services import Api, clean_environment, free_port
 from support.tcp_proxy import TcpProxy
 from support.waiting import wait_for
 
@@ -21,8 +22,33 @@ PipelineFactory = Callable[..., Pipeline]
 GOOD = {"email": "ada@example.com", "data": {"a": 1}}
 
 
+@pytest.fixture(scope="module")
+def api(management: Management, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    """One api, in a vhost of its own, for the tests of its answers: none of them
+    changes what it answers the next, and its start is most of such a test's time."""
+    vhost = new_vhost_name("api")
+    management.create_vhost(vhost)
+    workdir = tmp_path_factory.mktemp("api")
+    port = free_port()
+    env = clean_environment(
+        RABBITMQ_URL=url_for_vhost(vhost),
+        API_HOST="127.0.0.1",
+        API_PORT=str(port),
+        DATABASE_URL=f"sqlite:///{workdir / 'state.sqlite3'}",
+    )
+    api = Api("api-service", env, workdir, port=port)
+    try:
+        api.start()
+        api.wait_ready()
+        yield api
+    finally:
+        api.stop_quietly()
+        management.delete_vhost(vhost)
+
+
 @pytest.fixture
-def api(pipeline_factory: PipelineFactory) -> Api:
+def own_api(pipeline_factory: PipelineFactory) -> Api:
+    """An api of the test's own, in the test's vhost, for a test that changes its broker."""
     pipeline = pipeline_factory()
     pipeline.api.start()
     pipeline.api.wait_ready()
@@ -167,7 +193,7 @@ def test_the_api_starts_without_a_broker_answers_503_and_recovers_when_it_return
 
 
 def test_a_job_the_broker_cannot_route_gets_a_503_not_a_silent_202(
-    api: Api, broker_url: str
+    own_api: Api, broker_url: str
 ) -> None:
     async def unbind() -> None:
         connection = await aio_pika.connect(broker_url)
@@ -179,7 +205,7 @@ def test_a_job_the_broker_cannot_route_gets_a_503_not_a_silent_202(
 
     asyncio.run(unbind())
 
-    response = httpx.post(f"{api.url}/jobs", json=GOOD, timeout=10)
+    response = httpx.post(f"{own_api.url}/jobs", json=GOOD, timeout=10)
 
     assert response.status_code == 503
     assert "no queue is bound" in response.json()["detail"]

@@ -20,7 +20,7 @@ import pytest
 from e2e.conftest import Pipeline
 from pipeline_shared.topology import PROCESSOR
 from support.rabbit import new_vhost_name, url_for_vhost
-from support.services import BIN, clean_environment
+from support.services import BIN, clean_environment, free_port
 from support.waiting import wait_for
 
 PipelineFactory = Callable[..., Pipeline]
@@ -103,6 +103,9 @@ def test_a_worker_refused_by_the_broker_exits_non_zero_with_one_line_quoting_it(
         RABBITMQ_URL=url,
         OUTBOX_DIR=str(tmp_path / "outbox"),
         DATABASE_URL=f"sqlite:///{tmp_path / 'state.sqlite3'}",
+        # Not the default port: another run of this test beside it (or a
+        # `make run` on this host) would hold it, and the worker fail on that.
+        METRICS_PORT=str(free_port()),
     )
     code, stderr, seconds = run_until_exit(worker, env, tmp_path)
 

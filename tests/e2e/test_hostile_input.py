@@ -13,6 +13,7 @@ import base64
 import json
 import math
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,7 +41,9 @@ from support.rabbit import Management, new_vhost_name, url_for_vhost
 from support.services import Api, Service, clean_environment, free_port
 from support.waiting import wait_for
 
-pytestmark = pytest.mark.e2e
+# One process runs the module: its tests share the pipelines below, which each
+# process would otherwise start for itself.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("hostile_input")]
 
 PipelineFactory = Callable[..., Pipeline]
 
@@ -777,7 +780,15 @@ def test_every_request_is_202_or_422_and_every_accepted_job_ends_sent(target: Ta
     def every_answer(body: dict[str, Any]) -> None:
         check_one_request(target, body)
 
-    every_answer()
+    # Hypothesis pretty-prints each explicit example before running it, a few frames
+    # a level: nested(500) takes about 950, under Python's limit of 1000 only near
+    # the bottom of plain pytest's stack, not in an xdist worker's, which starts deeper.
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 3000))
+    try:
+        every_answer()
+    finally:
+        sys.setrecursionlimit(limit)
     assert dead_letters(target.pipeline) == dead_before
 
 

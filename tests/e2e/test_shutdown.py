@@ -16,8 +16,10 @@ from support.waiting import wait_for
 PipelineFactory = Callable[..., Pipeline]
 
 SHUTDOWN_TIMEOUT = 3.0
-MARGIN = 3.0
-"""Seconds past SHUTDOWN_TIMEOUT_SECONDS a stop may take: the interpreter's own exit."""
+MARGIN = 7.0
+"""Seconds past SHUTDOWN_TIMEOUT_SECONDS a stop may take: the interpreter's own exit,
+which on a busy machine (the suite runs two tests at a time) has taken over 3 s. Still
+far below the provider's timeout (60 s), which must not be what ends the stop."""
 
 
 def test_a_mailer_stopped_while_the_provider_hangs_exits_0_in_time_and_sends_each_email_once(
