@@ -34,10 +34,12 @@ class JobRecorder:
     is its job's trace."""
 
     def __init__(self, write_batch: WriteBatch, *, max_batch: int = MAX_BATCH) -> None:
-        def write(events: Sequence[JobEvent]) -> list[None]:
-            jobs = {str(event.job_id) for event in events}
-            write_batch(events, {job: trace for job in jobs if (trace := self._traces.get(job))})
-            return [None] * len(events)
+        # Each item carries its job's trace, read on the event loop: the write's
+        # thread touches nothing the loop changes.
+        def write(items: Sequence[tuple[JobEvent, str | None]]) -> list[None]:
+            traces = {str(event.job_id): trace for event, trace in items if trace is not None}
+            write_batch([event for event, _ in items], traces)
+            return [None] * len(items)
 
         self._batches = GroupCommit(write, max_batch=max_batch)
         self._unwritten: dict[str, list[JobEvent]] = {}
@@ -80,7 +82,7 @@ class JobRecorder:
 
     async def _submit(self, event: JobEvent) -> None:
         try:
-            await self._batches.submit(event)
+            await self._batches.submit((event, self._traces.get(str(event.job_id))))
         finally:
             job_id = str(event.job_id)
             unwritten = self._unwritten[job_id]
