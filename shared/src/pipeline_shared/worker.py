@@ -17,6 +17,11 @@ from pipeline_shared.events import Event
 from pipeline_shared.messaging import Broker, Consumer, Handler
 from pipeline_shared.topology import Stage
 
+try:
+    import uvloop
+except ImportError:  # not built for this platform (Windows): asyncio's own loop
+    uvloop = None  # type: ignore[assignment]
+
 log = logging.getLogger("pipeline.worker")
 
 E = TypeVar("E", bound=Event)
@@ -27,7 +32,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 def run_until_signalled(service: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Run ``service(stop)`` in a fresh event loop; SIGTERM/SIGINT set ``stop``.
 
-    This is the process's only ``asyncio.run``. Once the service has stopped,
+    The loop is uvloop's, as the api's is under uvicorn: the services' own consumer
+    takes a quarter to a third less CPU per message on it than on asyncio's
+    (bench/README.md). This is the process's only event loop. Once the service has stopped,
     further signals are ignored: a supervisor that sends SIGINT and then
     SIGTERM must still see the exit code 0 of a clean stop.
     """
@@ -44,7 +51,10 @@ def run_until_signalled(service: Callable[[asyncio.Event], Awaitable[None]]) -> 
         await service(stop)
 
     try:
-        asyncio.run(main())
+        if uvloop is not None:
+            uvloop.run(main())
+        else:
+            asyncio.run(main())
     finally:
         ignore_stop_signals()
 
