@@ -61,6 +61,24 @@ def route_template(routes: list[BaseRoute], scope: Scope) -> str:
     return other_method or UNMATCHED
 
 
+class AnsweredStatus:
+    """An ASGI ``send`` that passes everything on and keeps the answer's status:
+    ``CLIENT_CLOSED`` until one starts, 500 if the app raised before (``failed``)."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.status = CLIENT_CLOSED
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self._send(message)
+
+    def failed(self) -> None:
+        if self.status == CLIENT_CLOSED:
+            self.status = 500  # what the server's error middleware answers
+
+
 class HttpMetrics:
     """ASGI middleware counting and timing every HTTP request by route template."""
 
@@ -74,24 +92,16 @@ class HttpMetrics:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = CLIENT_CLOSED
-
-        async def send_and_note(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        answered = AnsweredStatus(send)
         try:
-            await self.app(scope, receive, send_and_note)
+            await self.app(scope, receive, answered)
         except Exception:
-            if status == CLIENT_CLOSED:
-                status = 500  # what the server's error middleware answers
+            answered.failed()
             raise
         finally:
             method = scope["method"] if scope["method"] in _METHODS else "other"
             route = route_template(self._routes, scope)
-            REQUESTS.labels(method, route, str(status)).inc()
+            REQUESTS.labels(method, route, str(answered.status)).inc()
             DURATION.labels(method, route).observe(time.perf_counter() - started)
 
 

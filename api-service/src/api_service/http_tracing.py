@@ -12,9 +12,9 @@ from __future__ import annotations
 from fastapi import FastAPI
 from opentelemetry.trace import SpanKind, StatusCode
 from starlette.routing import BaseRoute
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api_service.http_metrics import CLIENT_CLOSED, route_template
+from api_service.http_metrics import AnsweredStatus, route_template
 from pipeline_shared import tracing
 
 
@@ -42,14 +42,7 @@ class HttpTracing:
             await self.app(scope, receive, send)
             return
         method = scope["method"]
-        status = CLIENT_CLOSED
-
-        async def send_and_note(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        answered = AnsweredStatus(send)
         with tracing.span(
             method,
             SpanKind.SERVER,
@@ -57,18 +50,17 @@ class HttpTracing:
             attributes={"http.request.method": method, "url.path": scope["path"]},
         ) as span:
             try:
-                await self.app(scope, receive, send_and_note)
+                await self.app(scope, receive, answered)
             except Exception:
-                if status == CLIENT_CLOSED:
-                    status = 500
+                answered.failed()
                 raise
             finally:
                 if span.is_recording():
                     route = route_template(self._routes, scope)
                     span.update_name(f"{method} {route}")
                     span.set_attribute("http.route", route)
-                    span.set_attribute("http.response.status_code", status)
-                    if status >= 500:
+                    span.set_attribute("http.response.status_code", answered.status)
+                    if answered.status >= 500:
                         span.set_status(StatusCode.ERROR)
 
 
