@@ -52,8 +52,9 @@ log = logging.getLogger("pipeline.tracing")
 
 TRACER_NAME = "pipeline"
 HEADERS = ("traceparent", "tracestate")
-MAX_TRACESTATE_CHARS = 512
-"""A longer ``tracestate`` is dropped, not passed on (W3C: propagate at least 512)."""
+MAX_HEADER_CHARS = 512
+"""A longer ``tracestate`` (or ``traceparent``, which has 55) is dropped, not passed
+on (W3C: propagate at least 512 characters of tracestate)."""
 SHUTDOWN_SECONDS = 2.0
 """How long a stop waits for buffered spans to reach the collector."""
 
@@ -180,12 +181,6 @@ def exporting() -> bool:
     return _provider is not None
 
 
-def tracer() -> trace.Tracer:
-    if _provider is None:
-        return trace.NoOpTracer()
-    return _provider.get_tracer(TRACER_NAME)
-
-
 def inject(headers: MutableMapping[str, Any]) -> None:
     """Write the current trace context into ``headers`` (an AMQP message's)."""
     _propagator.inject(headers)
@@ -201,7 +196,7 @@ def extract(headers: Mapping[str, Any] | None) -> Context:
         for name in HEADERS
         if isinstance(value := (headers or {}).get(name), str)
         and value.isascii()
-        and len(value) <= MAX_TRACESTATE_CHARS
+        and len(value) <= MAX_HEADER_CHARS
     }
     found = _propagator.extract(carrier)
     if exporting() or trace.get_current_span(found).get_span_context().is_valid:
@@ -252,8 +247,8 @@ def span(
     """A span for the block, current within it, a child of ``parent`` (default: the
     current context). Where nothing records spans the block runs in ``parent``'s
     context unchanged, without the cost of making a span no one sees."""
-    if exporting():
-        with tracer().start_as_current_span(
+    if _provider is not None:
+        with _provider.get_tracer(TRACER_NAME).start_as_current_span(
             name, context=parent, kind=kind, attributes=attributes, links=links
         ) as made:
             yield made

@@ -82,7 +82,8 @@ class _Failure:
 
 
 class Consumer(Generic[E]):
-    """Delivers one queue's messages to a handler; see the module docstring for the policy."""
+    """Delivers one queue's messages to a handler; the policy is in the package's
+    docstring (``pipeline_shared.messaging``)."""
 
     def __init__(
         self,
