@@ -16,6 +16,7 @@ from api_service.app import create_app
 from api_service.recorder import JobRecorder
 from api_service.settings import ApiSettings
 from api_service.store import JobStore
+from support.asgi import http_scope
 from unit.fakes import FakePublisher
 
 KEY = "a-test-key-of-enough-length"
@@ -286,21 +287,7 @@ async def test_a_client_gone_mid_body_is_a_400_not_an_error_of_the_api(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/jobs",
-        "raw_path": b"/jobs",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"60")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-        "state": {},
-    }
+    scope = http_scope([(b"content-type", b"application/json"), (b"content-length", b"60")])
     await app(scope, receive, send)
 
     assert sent[0]["status"] == 400

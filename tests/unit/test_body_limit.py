@@ -19,6 +19,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from api_service.body_limit import BodyRefused, BodySizeLimit
 from api_service.schemas import JobRequest
+from support.asgi import http_scope
 
 LIMIT = 64
 
@@ -194,23 +195,6 @@ async def test_a_path_with_a_limit_of_its_own_takes_larger_bodies_and_only_that_
 
 
 # --- other ASGI traffic -----------------------------------------------------
-
-
-def http_scope(headers: list[tuple[bytes, bytes]] | None = None) -> Scope:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/jobs",
-        "raw_path": b"/jobs",
-        "query_string": b"",
-        "root_path": "",
-        "headers": headers or [],
-        "server": ("api.test", 80),
-        "client": ("127.0.0.1", 50000),
-    }
 
 
 async def test_a_non_http_scope_goes_straight_to_the_app() -> None:
