@@ -26,6 +26,16 @@ def collector() -> Iterator[OtlpCollector]:
     collector.stop()
 
 
+@pytest.fixture
+def exporting(pipeline_factory: PipelineFactory, collector: OtlpCollector) -> Pipeline:
+    """The three services exporting their spans to ``collector``, flushed every 0.1 s."""
+    pipeline = pipeline_factory(
+        OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint, OTEL_BSP_SCHEDULE_DELAY="100"
+    )
+    pipeline.start()
+    return pipeline
+
+
 def traceparent() -> tuple[str, str, str]:
     """A client's own trace context: (header, trace id, span id)."""
     trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
@@ -69,12 +79,9 @@ def wait_trace(collector: OtlpCollector, trace_id: str) -> list[ExportedSpan]:
 
 
 def test_a_job_is_one_trace_through_the_three_services_continuing_the_clients(
-    pipeline_factory: PipelineFactory, collector: OtlpCollector
+    exporting: Pipeline, collector: OtlpCollector
 ) -> None:
-    pipeline = pipeline_factory(
-        OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint, OTEL_BSP_SCHEDULE_DELAY="100"
-    )
-    pipeline.start()
+    pipeline = exporting
     header, client_trace, client_span = traceparent()
 
     response = httpx.post(
@@ -112,12 +119,9 @@ def test_a_job_is_one_trace_through_the_three_services_continuing_the_clients(
 
 
 def test_each_job_of_a_batch_is_a_trace_of_its_own_linked_to_the_request(
-    pipeline_factory: PipelineFactory, collector: OtlpCollector
+    exporting: Pipeline, collector: OtlpCollector
 ) -> None:
-    pipeline = pipeline_factory(
-        OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint, OTEL_BSP_SCHEDULE_DELAY="100"
-    )
-    pipeline.start()
+    pipeline = exporting
     header, client_trace, _ = traceparent()
 
     response = httpx.post(
