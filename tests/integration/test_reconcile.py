@@ -3,7 +3,6 @@ against the HTTPS stand-in, the real ledger in SQLite."""
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +18,7 @@ from mailer_service.transport import SendOutcomeUnknown
 from pipeline_shared.errors import Deferred, TransientFailure
 from pipeline_shared.events import EmailSent
 from support.mailtrap_stub import MailtrapStub
+from support.services import free_port
 from unit.fakes import FakePublisher, data_processed
 
 SENDER = Sender(email="pipeline@example.com", name="Pipeline", category="test")
@@ -104,9 +104,7 @@ async def test_a_status_saying_not_taken_is_a_plain_transient_failure(
 
 
 async def test_a_provider_that_refuses_the_connection_did_not_take_the_email() -> None:
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        host = f"127.0.0.1:{probe.getsockname()[1]}"
+    host = f"127.0.0.1:{free_port()}"  # a port nobody listens on
     transport = MailtrapTransport(
         token="t", api_host=host, inbox_id=None, concurrency=1, timeout_seconds=TIMEOUT
     )

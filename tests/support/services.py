@@ -56,11 +56,40 @@ def clean_environment(**settings: str) -> dict[str, str]:
     return env
 
 
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports for services to listen on come from below the kernel's ephemeral range:
+# a port the kernel hands out for bind(0) is free only until some process's
+# outgoing connection takes it, which is how a service once found its metrics
+# port in use. Each xdist worker (and each run, by pid) gets a slice of its own
+# and walks it in turn, so two tests never pick the same port either.
+_PORTS_FROM = 20000
+_PORTS_TO = max(_PORTS_FROM + 1000, _ephemeral_floor())
+_SLICES = 16
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+_slice = (int(_worker) if _worker.isdigit() else 0) % _SLICES
+_slice_size = (_PORTS_TO - _PORTS_FROM) // _SLICES
+_next = os.getpid() % _slice_size
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback port that is free now and that no other test will be given."""
+    global _next
+    for _ in range(_slice_size):
+        port = _PORTS_FROM + _slice * _slice_size + _next
+        _next = (_next + 1) % _slice_size
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port left in this worker's slice")
 
 
 @dataclass
