@@ -1,12 +1,15 @@
-"""An open-loop HTTP/1.1 load generator that costs the benchmark little CPU.
+"""HTTP/1.1 load generators that cost the benchmark little CPU: open loop and closed.
 
-Requests are due at fixed times (``start + i / rate``) whatever the answers:
+``run``, open loop: requests are due at fixed times (``start + i / rate``) whatever the answers:
 a slow answer does not delay the next arrival, as it would in a closed loop
 (the "coordinated omission" that hides queueing). Each request's latency is
 taken from its *due* time, so time spent waiting for the client itself (its
 event loop behind schedule, no connection free) counts against the server
 too, never in its favour; ``send_lag`` says how far behind schedule the client
 actually wrote each request, so a client that could not keep up shows.
+
+``closed_loop``: a fixed number of requests in flight, the next written as soon
+as one is answered: how fast the server goes, and its latency at that load.
 
 It writes pre-encoded requests on raw asyncio streams with keep-alive
 connections (a new one whenever none is idle, up to ``max_connections``),
@@ -106,6 +109,54 @@ def post_request(host: str, port: int, path: str, body: bytes) -> bytes:
     ).encode() + body
 
 
+async def _send(pool: _Connections, due: float, payload: bytes, answer_within: float) -> Shot:
+    """One request on a pooled connection; a ``Shot`` whatever happens."""
+    sent = due
+    try:
+        async with asyncio.timeout(max(due + answer_within - time.monotonic(), 0.001)):
+            for attempt in (1, 2):
+                reader, writer, reused = await pool.take()
+                sent = time.monotonic()
+                try:
+                    status, body, keep = await _exchange(reader, writer, payload)
+                except (asyncio.IncompleteReadError, ConnectionError) as error:
+                    writer.close()
+                    pool.give_back(None)
+                    # A keep-alive connection the server closed while it was idle
+                    # fails before any answer: try once more on a new one.
+                    if reused and attempt == 1 and not getattr(error, "partial", b""):
+                        continue
+                    raise
+                except BaseException:
+                    writer.close()
+                    pool.give_back(None)
+                    raise
+                if keep:
+                    pool.give_back((reader, writer))
+                else:
+                    writer.close()
+                    pool.give_back(None)
+                break
+    except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError):
+        return Shot(due, sent, time.monotonic(), 0, None)
+    finished = time.monotonic()
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        return Shot(due, sent, finished, status, None)
+    job_id, detail = answer.get("job_id"), answer.get("detail")
+    return Shot(
+        due,
+        sent,
+        finished,
+        status,
+        None if job_id is None else str(job_id),
+        None if detail is None else str(detail),
+    )
+
+
 async def run(
     host: str,
     port: int,
@@ -122,53 +173,6 @@ async def run(
     seconds after its due time counts as failed (status 0)."""
     pool = _Connections(host, port, max_connections)
     payloads = [requests(i) for i in range(count)]  # encoded before the clock starts
-
-    async def one(due: float, payload: bytes) -> Shot:
-        sent = due
-        try:
-            async with asyncio.timeout(max(due + answer_within - time.monotonic(), 0.001)):
-                for attempt in (1, 2):
-                    reader, writer, reused = await pool.take()
-                    sent = time.monotonic()
-                    try:
-                        status, body, keep = await _exchange(reader, writer, payload)
-                    except (asyncio.IncompleteReadError, ConnectionError) as error:
-                        writer.close()
-                        pool.give_back(None)
-                        # A keep-alive connection the server closed while it was idle
-                        # fails before any answer: try once more on a new one.
-                        if reused and attempt == 1 and not getattr(error, "partial", b""):
-                            continue
-                        raise
-                    except BaseException:
-                        writer.close()
-                        pool.give_back(None)
-                        raise
-                    if keep:
-                        pool.give_back((reader, writer))
-                    else:
-                        writer.close()
-                        pool.give_back(None)
-                    break
-        except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError):
-            return Shot(due, sent, time.monotonic(), 0, None)
-        finished = time.monotonic()
-        try:
-            answer = json.loads(body)
-        except ValueError:
-            answer = None
-        if not isinstance(answer, dict):
-            return Shot(due, sent, finished, status, None)
-        job_id, detail = answer.get("job_id"), answer.get("detail")
-        return Shot(
-            due,
-            sent,
-            finished,
-            status,
-            None if job_id is None else str(job_id),
-            None if detail is None else str(detail),
-        )
-
     tasks: list[asyncio.Task[Shot]] = []
     start = time.monotonic() + 0.05
     try:
@@ -177,9 +181,37 @@ async def run(
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(due, payload)))
+            tasks.append(asyncio.create_task(_send(pool, due, payload, answer_within)))
         return list(await asyncio.gather(*tasks))
     finally:
         for task in tasks:
             task.cancel()
         pool.close()
+
+
+async def closed_loop(
+    host: str,
+    port: int,
+    requests: Callable[[int], bytes],
+    count: int,
+    concurrency: int,
+    *,
+    answer_within: float = 30.0,
+) -> list[Shot]:
+    """Send ``requests(i)`` for ``i`` in ``range(count)`` as fast as the server answers,
+    ``concurrency`` at a time on as many keep-alive connections (each request is
+    due when it is written); one ``Shot`` per request, in order."""
+    pool = _Connections(host, port, concurrency)
+    payloads = [requests(i) for i in range(count)]
+    shots: list[Shot | None] = [None] * count
+    numbers = iter(range(count))
+
+    async def worker() -> None:
+        for i in numbers:
+            shots[i] = await _send(pool, time.monotonic(), payloads[i], answer_within)
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        pool.close()
+    return [shot for shot in shots if shot is not None]

@@ -354,18 +354,14 @@ async def submit_batches(
 
 
 async def submit_at_rate(api_url: str, count: int, rate: int) -> list[pt.Submission]:
-    """``count`` single POSTs started at ``rate`` per second whatever the answers (an
-    open loop: a slow answer does not slow the arrivals)."""
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
-    async with httpx.AsyncClient(base_url=api_url, limits=limits, timeout=60) as client:
-        start = time.monotonic()
-        tasks = []
-        for i in range(count):
-            delay = start + i / rate - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(pt.submit_one(client, 1_000_000 + i)))
-        return list(await asyncio.gather(*tasks))
+    """``count`` single POSTs due at ``rate`` per second whatever the answers (an open
+    loop: a slow answer does not slow the arrivals); latency counts from each due time."""
+    url = urlsplit(api_url)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    shots = await open_loop.run(
+        host, port, lambda i: pt.post_job(host, port, 1_000_000 + i), rate, count
+    )
+    return [pt.Submission(shot.due, shot.finished, shot.status, shot.job_id) for shot in shots]
 
 
 # --- measuring ---------------------------------------------------------------------------
