@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from mailer_service.compose import Sender, compose_email
 from mailer_service.mailtrap_transport import MailtrapTransport
@@ -65,6 +66,73 @@ async def test_a_429_blocks_every_replica_for_its_retry_after(replicas: list[Sen
     await second.acquire()
 
     assert time.monotonic() - started >= 0.5
+
+
+async def test_a_tenth_of_the_budget_goes_at_once_then_requests_are_evenly_spaced(
+    database_url: str,
+) -> None:
+    # 20 requests per 20 s: two at once, then one per 1.05 s (the window's margin).
+    replicas = [SendBudget.open(database_url, max_requests=20, window_seconds=20) for _ in range(2)]
+    granted: list[float] = []
+
+    async def take(budget: SendBudget) -> None:
+        await budget.acquire()
+        granted.append(time.monotonic())
+
+    started = time.monotonic()
+    try:
+        await asyncio.gather(*(take(replicas[n % 2]) for n in range(4)))
+    finally:
+        for budget in replicas:
+            await budget.close()
+
+    interval = 20 * 1.05 / 20
+    _, second, third, fourth = sorted(t - started for t in granted)
+    assert second < interval  # the burst did not wait for the pace
+    # Then the pace, whichever replica asks (a little slack for the two clocks).
+    assert third >= interval - 0.05
+    assert fourth >= 2 * interval - 0.05
+
+
+async def test_a_lone_request_after_a_quiet_spell_goes_at_once(database_url: str) -> None:
+    budget = SendBudget.open(database_url, max_requests=3, window_seconds=3)
+    try:
+        await budget.acquire()
+        await asyncio.sleep(3 * 1.05 / 3)  # its turn in the pace has come
+        started = time.monotonic()
+        await budget.acquire()
+        waited = time.monotonic() - started
+        await budget.acquire()  # too soon: paced
+        paced = time.monotonic() - started
+    finally:
+        await budget.close()
+
+    assert waited < 0.5
+    assert paced >= 1.05 - 0.05
+
+
+async def test_a_budget_table_from_before_pacing_gains_its_column(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old-budget.sqlite3'}"
+    old = create_engine(url)
+    with old.begin() as connection:
+        connection.execute(
+            text(
+                "CREATE TABLE mailer_send_budgets (name VARCHAR(64) PRIMARY KEY, "
+                "blocked_until FLOAT NOT NULL)"
+            )
+        )
+        connection.execute(text("INSERT INTO mailer_send_budgets VALUES ('mailtrap', 0)"))
+    old.dispose()
+
+    budget = SendBudget.open(url, max_requests=3, window_seconds=3)
+    try:
+        started = time.monotonic()
+        await budget.acquire()  # the row's pace is unknown (NULL): now
+        assert time.monotonic() - started < 0.5
+        await budget.acquire()
+        assert time.monotonic() - started >= 1.05 - 0.05
+    finally:
+        await budget.close()
 
 
 # --- the real SDK against a rate-limited stand-in ---------------------------------

@@ -13,6 +13,15 @@ the ledger's leases, and a little widened for the provider's. A 429 that still
 comes (another client on the same token) blocks the budget for its
 ``Retry-After``, for every replica.
 
+Within the limit, requests are also paced: at most a tenth of the budget
+(``burst``) goes at once, then one request per ``window / max_requests``
+(the "generic cell rate" rule, its next due time kept in the budget's row).
+Without it a burst of small requests spent the whole window's budget in its
+first second and every email then waited for the window to slide; paced, the
+emails that gather while a request waits for its turn go out together, so a
+mailer held to the provider's rate sends as many emails per request as it has
+in hand. A lone email still goes at once.
+
 A lost write here (the budget's commits do not wait for the disk) costs at most
 a few requests too many after a power cut; the ledger, not the budget, guards
 against duplicate emails.
@@ -26,7 +35,13 @@ import time
 
 from sqlalchemy import Column, Engine, Float, Index, MetaData, String, Table, text
 
-from pipeline_shared.database import build_engine, create_tables, database_now, for_writing
+from pipeline_shared.database import (
+    add_missing_columns,
+    build_engine,
+    create_tables,
+    database_now,
+    for_writing,
+)
 
 log = logging.getLogger("mailer.budget")
 
@@ -37,6 +52,9 @@ budgets = Table(
     metadata,
     Column("name", String(64), primary_key=True),
     Column("blocked_until", Float, nullable=False),
+    # When the next request is due if requests are to be evenly spaced; NULL
+    # (a table made before pacing) is "now".
+    Column("paced_until", Float, nullable=True),
 )
 requests = Table(
     "mailer_send_requests",
@@ -46,9 +64,11 @@ requests = Table(
     Index("mailer_send_requests_name_at", "name", "at"),
 )
 
-_LOCK = "SELECT blocked_until FROM mailer_send_budgets WHERE name = :name"
+_LOCK = "SELECT blocked_until, paced_until FROM mailer_send_budgets WHERE name = :name"
 # The provider's window may start a little before ours ends (its clock, the network).
 WINDOW_MARGIN = 1.05
+BURST_SHARE = 10
+"""At most ``max_requests // BURST_SHARE`` requests (at least one) go back to back."""
 
 
 class SendBudget:
@@ -59,6 +79,9 @@ class SendBudget:
         self._engine = engine
         self._max = max_requests
         self._window = window_seconds * WINDOW_MARGIN
+        self._interval = self._window / max_requests
+        # How far ahead of its even pace the budget may run: ``burst`` requests at once.
+        self._tolerance = self._interval * (max(max_requests // BURST_SHARE, 1) - 1)
         self._name = name
         # SQLite has no FOR UPDATE: its writers hold the database's one write lock.
         locking = _LOCK + (" FOR UPDATE" if engine.dialect.name == "postgresql" else "")
@@ -78,11 +101,13 @@ class SendBudget:
             "UPDATE mailer_send_budgets SET blocked_until = :until "
             "WHERE name = :name AND blocked_until < :until"
         )
+        self._pace = text("UPDATE mailer_send_budgets SET paced_until = :due WHERE name = :name")
 
     @classmethod
     def open(cls, database_url: str, *, max_requests: int, window_seconds: float) -> SendBudget:
         engine = build_engine(database_url, durable=False)
         create_tables(engine, metadata)
+        add_missing_columns(engine, budgets)
         return cls(engine, max_requests=max_requests, window_seconds=window_seconds)
 
     async def acquire(self) -> None:
@@ -91,11 +116,14 @@ class SendBudget:
 
     def acquire_blocking(self) -> None:
         """``acquire`` in a worker thread, right before its request."""
-        waited = False
-        while (wait := self._try_take()) > 0:
-            if not waited:
-                log.info("provider request budget used up; waiting %.2f s", wait)
-                waited = True
+        told = False
+        while True:
+            wait, why = self._try_take()
+            if wait <= 0:
+                return
+            if why and not told:  # a wait for its turn in the pace is not news
+                log.info("%s; waiting %.2f s", why, wait)
+                told = True
             time.sleep(wait)
 
     async def block_for(self, seconds: float) -> None:
@@ -105,20 +133,26 @@ class SendBudget:
     async def close(self) -> None:
         await asyncio.to_thread(self._engine.dispose)
 
-    def _try_take(self) -> float:
-        """0 when a request was counted, else how long to wait before asking again."""
+    def _try_take(self) -> tuple[float, str | None]:
+        """0 when a request was counted, else how long to wait before asking again,
+        and why unless it is only the pace."""
         with self._writer.begin() as connection:
             connection.execute(self._ensure, {"name": self._name})
-            blocked_until = float(connection.execute(self._lock, {"name": self._name}).scalar_one())
+            budget = connection.execute(self._lock, {"name": self._name}).one()
             now = float(connection.execute(self._now).scalar_one())
-            if blocked_until > now:
-                return blocked_until - now
+            if budget.blocked_until > now:
+                return float(budget.blocked_until) - now, "the provider answered 429"
+            due = max(float(budget.paced_until or 0.0), now)
+            if due - now > self._tolerance:
+                return due - now - self._tolerance, None
             connection.execute(self._forget, {"name": self._name, "before": now - self._window})
             counted = connection.execute(self._count, {"name": self._name}).one()
             if counted.n < self._max:
                 connection.execute(self._record, {"name": self._name, "at": now})
-                return 0.0
-            return max(float(counted.oldest) + self._window - now, 0.01)
+                connection.execute(self._pace, {"name": self._name, "due": due + self._interval})
+                return 0.0, None
+            wait = max(float(counted.oldest) + self._window - now, 0.01)
+            return wait, "provider request budget used up"
 
     def _block_for(self, seconds: float) -> None:
         with self._writer.begin() as connection:
