@@ -259,14 +259,14 @@ class JobStore:
         job_ids = sorted(by_job)  # one lock order for every replica
         traces = traces or {}
         with self._relaxed.begin() as connection:
-            rows = connection.execute(self._lock_jobs, {"job_ids": job_ids}).all()
+            rows = list(connection.execute(self._lock_jobs, {"job_ids": job_ids}))
             missing = sorted(set(job_ids) - {row.job_id for row in rows})
             if missing:
                 fresh = [_row_values(_fold(None, by_job[job], traces.get(job))) for job in missing]
                 inserted = connection.execute(_INSERT_JOB, fresh).rowcount
                 if not (connection.dialect.supports_sane_multi_rowcount and inserted == len(fresh)):
                     # Some were inserted by another replica meanwhile: fold into those.
-                    rows += connection.execute(self._lock_jobs, {"job_ids": missing}).all()
+                    rows += connection.execute(self._lock_jobs, {"job_ids": missing})
             changed = []
             for row in rows:
                 stored = _record_of(row)
