@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
@@ -261,8 +262,20 @@ class Broker:
         if not self.is_ready:
             raise BrokerUnavailable("not connected to the message broker")
         try:
-            await exchange.publish(
-                message, routing_key, mandatory=mandatory, timeout=self._publish_timeout
+            assert self._channel is not None  # is_ready
+            channel = await self._channel.get_underlay_channel()
+            assert isinstance(channel, aiormq.Channel)  # whose basic_publish takes ``wait``
+            # aio-pika's Exchange.publish, but without waiting for the frame to be
+            # written out: aiormq holds the channel's lock until then, which let one
+            # publish at a time through. The broker's confirm is still awaited.
+            await channel.basic_publish(
+                message.body,
+                exchange=exchange.name,
+                routing_key=routing_key,
+                properties=message.properties,
+                mandatory=mandatory,
+                timeout=self._publish_timeout,
+                wait=False,
             )
         except PublishError as exc:
             raise BrokerUnavailable(f"no queue is bound to routing key {routing_key!r}") from exc
