@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
+import random
 import threading
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
@@ -212,11 +212,13 @@ def new_root() -> Context:
     the flag."""
     if exporting():
         return Context()
-    trace_id = secrets.randbits(128) or 1
+    # Unique, not secret: the SDK's own ids come from ``random`` too, and
+    # ``secrets`` was a system call per id.
+    trace_id = random.getrandbits(128) or 1
     decision = _root_sampler.should_sample(None, trace_id, "root").decision
     ids = SpanContext(
         trace_id=trace_id,
-        span_id=secrets.randbits(64) or 1,
+        span_id=random.getrandbits(64) or 1,
         is_remote=False,
         trace_flags=TraceFlags(
             TraceFlags.SAMPLED if decision is Decision.RECORD_AND_SAMPLE else TraceFlags.DEFAULT
