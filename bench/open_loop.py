@@ -137,8 +137,8 @@ async def _send(pool: _Connections, due: float, payload: bytes, answer_within: f
                     writer.close()
                     pool.give_back(None)
                 break
-    except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError):
-        return Shot(due, sent, time.monotonic(), 0, None)
+    except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError) as error:
+        return Shot(due, sent, time.monotonic(), 0, None, repr(error)[:200])
     finished = time.monotonic()
     try:
         answer = json.loads(body)

@@ -55,6 +55,9 @@ from support.rabbit import Management, new_vhost_name, url_for_vhost
 from support.services import Api, Service, clean_environment, free_port
 from support.waiting import wait_for
 
+WORKER_NICENESS = 10
+"""The Procfile's ``nice -n`` for the processor and the mailer."""
+
 
 @dataclass(frozen=True)
 class Options:
@@ -177,10 +180,12 @@ def build_pipeline(
         OUTBOX_DIR=str(workdir / "outbox"),
         LOG_LEVEL=options.log_level,
     )
+    # The workers at a lower CPU priority than the api, as `make run` (the
+    # Procfile) and compose (cpu_shares) run them.
     return Pipeline(
         api=Api("api-service", env, workdir, port=port),
-        processor=Service("processor-service", env, workdir),
-        mailer=Service("mailer-service", env, workdir),
+        processor=Service("processor-service", env, workdir, niceness=WORKER_NICENESS),
+        mailer=Service("mailer-service", env, workdir, niceness=WORKER_NICENESS),
     )
 
 

@@ -146,8 +146,9 @@ def _start(service: Service, prefix: Sequence[str]) -> None:
     with service.log_path.open("ab") as log:
         log.write(f"--- start #{service.starts}\n".encode())
         log.flush()
+        nice = ("nice", "-n", str(service.niceness)) if service.niceness else ()
         service.process = subprocess.Popen(
-            [*prefix, str(BIN / service.command)],
+            [*nice, *prefix, str(BIN / service.command)],
             cwd=service.cwd,
             env=service.env,
             stdout=log,

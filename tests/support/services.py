@@ -101,6 +101,8 @@ class Service:
     cwd: Path
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     starts: int = 0
+    niceness: int = 0
+    """Run at this lower CPU priority (``nice -n``, which execs the command: same pid)."""
 
     @property
     def log_path(self) -> Path:
@@ -112,8 +114,11 @@ class Service:
         with self.log_path.open("ab") as log:
             log.write(f"--- start #{self.starts}\n".encode())
             log.flush()
+            command = [str(BIN / self.command)]
+            if self.niceness:
+                command = ["nice", "-n", str(self.niceness), *command]
             self.process = subprocess.Popen(
-                [str(BIN / self.command)],
+                command,
                 cwd=self.cwd,
                 env=self.env,
                 stdout=log,

@@ -326,6 +326,30 @@ def test_only_the_api_and_the_broker_publish_ports_so_workers_scale() -> None:
     assert "api-service" in publishing
 
 
+def test_workers_have_less_cpu_weight_than_the_api_so_requests_come_first() -> None:
+    services = compose_services()
+    api_weight = services["api-service"].get("cpu_shares", 1024)  # Docker's default
+    for worker in ("processor-service", "mailer-service"):
+        assert services[worker].get("cpu_shares", 1024) < api_weight, worker
+
+
+def test_make_run_starts_the_workers_at_a_lower_cpu_priority_than_the_api() -> None:
+    commands = {
+        name: command.strip()
+        for name, _, command in (
+            line.partition(":")
+            for line in (ROOT / "Procfile").read_text().splitlines()
+            if line and not line.startswith("#")
+        )
+    }
+    assert commands["api"] == "exec api-service"
+    for worker in ("processor", "mailer"):
+        words = commands[worker].split()
+        assert words[:3] == ["exec", "nice", "-n"], commands[worker]
+        assert int(words[3]) > 0, commands[worker]
+        assert words[4:] == [f"{worker}-service"]
+
+
 def test_every_app_service_waits_for_a_healthy_broker() -> None:
     for name, spec in app_services().items():
         depends_on = spec.get("depends_on")
