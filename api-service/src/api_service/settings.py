@@ -55,7 +55,12 @@ class ApiSettings(PipelineSettings):
         default=24.0, ge=24, description="How long an Idempotency-Key is remembered."
     )
     status_prefetch: int = Field(
-        default=64, ge=1, le=10_000, description="Job events the read model holds unacked."
+        # Small, so that a burst of job events never holds the event loop long
+        # in front of the requests waiting on it (bench/README.md: the backlog row).
+        default=16,
+        ge=1,
+        le=10_000,
+        description="Job events the read model holds unacked.",
     )
 
     @model_validator(mode="after")
