@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -67,6 +68,44 @@ def test_a_number_too_small_to_represent_is_refused_not_made_zero(literal: str) 
 @pytest.mark.parametrize("literal", ["0", "0.0", "-0.0", "0e10", "5e-324", "1e308", "-1.5"])
 def test_ordinary_numbers_keep_their_value(literal: str) -> None:
     assert parse_json_body(f'{{"x": {literal}}}'.encode()) == {"x": json.loads(literal)}
+
+
+@pytest.mark.parametrize(
+    ("literal", "carried"),
+    [
+        ("0.1000000000000000055511151231257827", "0.1"),
+        ("0." + "1" * 100_000, "0.1111111111111111"),
+        ("3.14159265358979323846", "3.141592653589793"),
+        ("12345678901234567890.0", "1.2345678901234567e+19"),
+        ("1.23456789e-320", "1.2347e-320"),  # a subnormal keeps fewer digits
+    ],
+)
+def test_a_number_a_double_cannot_carry_as_written_is_refused_not_rounded(
+    literal: str, carried: str
+) -> None:
+    [problem] = problems_of(f'{{"data": {{"x": {literal}}}}}')
+
+    assert problem["loc"] == ["body", "data", "x"]
+    assert problem["msg"] == (
+        f"number has more digits than a double keeps (it would be carried as {carried})"
+    )
+
+
+@pytest.mark.parametrize("literal", ["1.50000000000000000000", "0.30000000000000004", "1e22"])
+def test_digits_that_change_nothing_are_accepted(literal: str) -> None:
+    assert parse_json_body(f'{{"x": {literal}}}'.encode()) == {"x": float(literal)}
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False))
+def test_a_number_accepted_is_carried_as_the_number_written(number: Decimal) -> None:
+    literal = f"{number:e}" if number.adjusted() > 20 or number.adjusted() < -20 else str(number)
+    if "." not in literal and "e" not in literal.lower():
+        literal += ".0"  # a float literal, not an integer one
+    try:
+        parsed = parse_json_body(f'{{"x": {literal}}}'.encode())
+    except InvalidJsonBody:
+        return
+    assert Decimal(repr(parsed["x"])) == Decimal(literal)
 
 
 def test_an_integer_with_more_digits_than_python_reads_is_refused() -> None:

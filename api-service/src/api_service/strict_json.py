@@ -1,9 +1,11 @@
 """Reading a request body as JSON, refusing what ``json.loads`` would let through silently.
 
 ``json.loads`` keeps the last of two equal keys, reads ``NaN`` and
-``Infinity``, turns ``1e400`` into infinity and ``1e-400`` into zero, and
-recurses until Python's stack limit. Each of these changes what the client
-meant without a word, so here each is an error naming where it happened.
+``Infinity``, turns ``1e400`` into infinity and ``1e-400`` into zero, rounds
+``0.1000000000000000055511151231257827`` to the double nearest it (so the
+email would show ``0.1``), and recurses until Python's stack limit. Each of
+these changes what the client meant without a word, so here each is an error
+naming where it happened.
 The rest of the contract (sizes, depth, characters) is the models' to check.
 """
 
@@ -11,7 +13,9 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from fastapi import HTTPException
@@ -95,7 +99,21 @@ class _Parser:
         if value == 0 and _NONZERO_MANTISSA.match(literal):
             self.suspect = True
             return _Refused("number too small to represent (it would become 0)")
+        if _rounded(literal, value):
+            self.suspect = True
+            return _Refused(
+                f"number has more digits than a double keeps (it would be carried as {value!r})"
+            )
         return value
+
+
+def _rounded(literal: str, value: float) -> bool:
+    """Whether the double ``value`` stands for another number than ``literal`` says: the
+    pipeline writes a number as the shortest text that reads back as its double."""
+    mantissa = literal.partition("e")[0].partition("E")[0]
+    if len(mantissa) <= 15 and abs(value) >= sys.float_info.min:
+        return False  # 15 significant digits of a normal double always come back as written
+    return Decimal(literal) != Decimal(repr(value))
 
 
 _LONE = "contains a lone surrogate (half of a UTF-16 pair), which is not text"
