@@ -50,20 +50,31 @@ class Shot:
         return self.sent - self.due
 
 
+IDLE_SECONDS = 4.0
+"""How long a connection may wait idle and still be reused: under uvicorn's
+keep-alive timeout (5 s), after which the server closes it."""
+
+
 class _Connections:
     def __init__(self, host: str, port: int, limit: int) -> None:
         self._host, self._port = host, port
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        # Each with the time it became idle; the most recent last.
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
         self._slots = asyncio.Semaphore(limit)
         self.opened = 0
 
-    async def take(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
-        """A connection, and whether it was reused (a reused one may have been closed
-        by the server while idle)."""
+    async def take(
+        self, *, fresh: bool = False
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+        """A connection (a new one if ``fresh``), and whether it was reused (a reused
+        one may have been closed by the server while idle)."""
         await self._slots.acquire()
-        if self._idle:
-            reader, writer = self._idle.pop()
-            return reader, writer, True
+        stale_before = time.monotonic() - IDLE_SECONDS
+        while self._idle and not fresh:
+            reader, writer, since = self._idle.pop()
+            if since >= stale_before:
+                return reader, writer, True
+            writer.close()  # the server is about to close it, or has
         try:
             reader, writer = await asyncio.open_connection(self._host, self._port)
         except BaseException:
@@ -76,11 +87,11 @@ class _Connections:
         self, connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None
     ) -> None:
         if connection is not None:
-            self._idle.append(connection)
+            self._idle.append((*connection, time.monotonic()))
         self._slots.release()
 
     def close(self) -> None:
-        for _, writer in self._idle:
+        for _, writer, _ in self._idle:
             writer.close()
         self._idle.clear()
 
@@ -115,7 +126,8 @@ async def _send(pool: _Connections, due: float, payload: bytes, answer_within: f
     try:
         async with asyncio.timeout(max(due + answer_within - time.monotonic(), 0.001)):
             for attempt in (1, 2):
-                reader, writer, reused = await pool.take()
+                # A retry on a new connection: the next idle one may be as stale.
+                reader, writer, reused = await pool.take(fresh=attempt == 2)
                 sent = time.monotonic()
                 try:
                     status, body, keep = await _exchange(reader, writer, payload)
