@@ -333,14 +333,12 @@ class MailtrapTransport:
             # Alone, it gets the plain answer of the sending endpoint.
             return [await self._outcome_of_one(emails[0], slot_taken=True)]
         try:
-            to_batch(emails)
+            params = to_batch(emails)
         except Exception:
             # One email the SDK cannot take: find it by building each alone.
             return [await self._outcome_of_one(email) for email in emails]
         try:
-            response = await self._pool.run(
-                lambda: self._sending_api().batch_send(to_batch(emails))
-            )
+            response = await self._pool.run(lambda: self._sending_api().batch_send(params))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
