@@ -70,6 +70,9 @@ def test_no_secret_appears_in_any_output_or_answer_and_addresses_are_masked(
             MAILTRAP_API_HOST=stub.host,
             REQUESTS_CA_BUNDLE=str(stub.ca_bundle),
             MAIL_FROM="reports@pipeline.example.com",
+            # One request per email: the scripted 401 then refuses one email, not
+            # whichever jobs happened to share its batch.
+            MAILTRAP_BATCH_SIZE="1",
         )
         pipeline.start()
         auth = {"Authorization": f"Bearer {api_key}"}

@@ -34,6 +34,9 @@ def test_a_mailer_stopped_while_the_provider_hangs_exits_0_in_time_and_sends_eac
         SEND_LEASE_SECONDS="61",
         HANDLER_TIMEOUT_SECONDS="120",
         MAILER_CONCURRENCY="4",
+        # One request per email, so that each job's send hangs on its own: jobs
+        # a few milliseconds apart would otherwise share a batch request.
+        MAILTRAP_BATCH_SIZE="1",
     )
     pipeline.start()
     mailtrap.hold()
