@@ -41,7 +41,9 @@ class JobRecorder:
             write_batch([event for event, _ in items], traces)
             return [None] * len(items)
 
-        self._batches = GroupCommit(write, max_batch=max_batch)
+        # Under load, 5 ms for company (see GroupCommit): the follower's small
+        # prefetch hands events in a few at a time.
+        self._batches = GroupCommit(write, max_batch=max_batch, linger=0.005)
         self._unwritten: dict[str, list[JobEvent]] = {}
         self._traces: dict[str, str] = {}
         self._noted: set[asyncio.Future[None]] = set()
