@@ -280,10 +280,6 @@ async def test_an_unknown_outcome_makes_the_next_claim_uncertain_at_once(
     assert again.uncertain is not None
     assert 0 <= again.uncertain.age < 5
     assert before - 5 <= again.uncertain.since <= time.time() + 5
-    # No send of the job is newer than the attempt's end and a lease (0.5 s).
-    attempt_ended = time.time() - again.uncertain.age
-    assert again.uncertain.until == pytest.approx(attempt_ended + 0.5, abs=1)
-    assert again.uncertain.since <= again.uncertain.until
     assert await first.heartbeat() == 0  # the first no longer renews it
 
 
@@ -319,8 +315,6 @@ async def test_a_lapsed_claim_is_taken_over_as_uncertain(
     assert taken.state is ClaimState.CLAIMED
     assert taken.uncertain is not None
     assert taken.uncertain.age >= 0.5
-    # Its owner renewed it last at the claim: it sent, if at all, within a lease.
-    assert taken.uncertain.until == pytest.approx(taken.uncertain.since + 0.5, abs=0.01)
 
 
 async def test_a_cancelled_send_is_no_longer_renewed(

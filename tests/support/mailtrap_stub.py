@@ -222,15 +222,13 @@ class MailtrapStub:
             self.log_searches.append(params)
         recipient = (params.get("filters[to][value]") or [None])[0]
         after = (params.get("filters[sent_after]") or [None])[0]
-        before = (params.get("filters[sent_before]") or [None])[0]
         since = datetime.fromisoformat(after).timestamp() if after else 0.0
-        until = datetime.fromisoformat(before).timestamp() if before else float("inf")
         now = time.time()
         shown = [
             request
             for request in self.delivered
             if request.accepted_at + self.log_delay <= now
-            and since <= request.accepted_at <= until
+            and request.accepted_at >= since
             and (recipient is None or recipient.lower() in (to.lower() for to in request.to))
         ]
         shown.sort(key=lambda request: request.accepted_at, reverse=True)

@@ -10,9 +10,6 @@ from mailer_service.ledger import Claim, ClaimState, Uncertainty
 from mailer_service.transport import Receipt
 from pipeline_shared.events import DataProcessed, Event, JobRequested
 
-UNCERTAIN_SINCE, UNCERTAIN_UNTIL = 1_000.0, 1_030.0
-"""The window of the uncertain sends ``FakeLedger`` reports (Unix times)."""
-
 
 class FakePublisher:
     """Records every event it is asked to publish, serialised as the broker would."""
@@ -49,7 +46,7 @@ class FakeTransport:
     reconciles = False
     settle_seconds = 0.0
 
-    async def find_sent(self, email: OutgoingEmail, since: float, until: float) -> Receipt | None:
+    async def find_sent(self, email: OutgoingEmail, since: float) -> Receipt | None:
         return None
 
     async def close(self) -> None:
@@ -103,9 +100,7 @@ class FakeLedger:
             return Claim(ClaimState.BUSY, token)
         if state == "uncertain":
             self.rows[job_id] = ("sending-uncertain", token)
-            uncertainty = Uncertainty(
-                since=UNCERTAIN_SINCE, until=UNCERTAIN_UNTIL, age=self.uncertain_age
-            )
+            uncertainty = Uncertainty(since=0.0, age=self.uncertain_age)
             return Claim(ClaimState.CLAIMED, token, uncertain=uncertainty)
         self.rows[job_id] = ("sending", token)
         return Claim(ClaimState.CLAIMED, token)

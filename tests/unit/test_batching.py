@@ -93,7 +93,7 @@ class Provider:
     async def send(self, email: OutgoingEmail) -> Receipt:
         raise AssertionError("sent alone")
 
-    async def find_sent(self, email: OutgoingEmail, since: float, until: float) -> Receipt | None:
+    async def find_sent(self, email: OutgoingEmail, since: float) -> Receipt | None:
         return None
 
     async def close(self) -> None:

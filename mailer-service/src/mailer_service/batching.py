@@ -99,8 +99,8 @@ class BatchingTransport:
     def settle_seconds(self) -> float:
         return self._sender.settle_seconds
 
-    async def find_sent(self, email: OutgoingEmail, since: float, until: float) -> Receipt | None:
-        return await self._sender.find_sent(email, since, until)
+    async def find_sent(self, email: OutgoingEmail, since: float) -> Receipt | None:
+        return await self._sender.find_sent(email, since)
 
     async def send(self, email: OutgoingEmail) -> Receipt:
         done: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()

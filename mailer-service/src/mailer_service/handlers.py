@@ -142,7 +142,7 @@ class SendEmail:
                 SpanKind.CLIENT,
                 attributes={"email.transport": self._transport.name},
             ) as span:
-                found = await self._transport.find_sent(email, uncertain.since, uncertain.until)
+                found = await self._transport.find_sent(email, uncertain.since)
                 span.set_attribute("email.found", found is not None)
                 return found
         except BaseException:

@@ -155,10 +155,6 @@ class Uncertainty:
 
     since: float
     """No send of the job is older than this (Unix time): where to start looking."""
-    until: float
-    """Where to stop looking (Unix time): the last uncertain attempt's end, or, for a
-    claim its mailer left to lapse, its last renewal and a lease. A request still on
-    its way then is the transport's to allow for (its timeout, the clocks' margin)."""
     age: float
     """Seconds since the last uncertain attempt."""
 
@@ -320,8 +316,7 @@ class SqlLedger:
             rows = connection.execute(self._read_sql, {"job_ids": sorted(set(job_ids))}).all()
         by_job = {row.job_id: row for row in rows}
         return [
-            _claim_of(by_job[job_id], token, self._lease)
-            for job_id, token in zip(job_ids, tokens, strict=True)
+            _claim_of(by_job[job_id], token) for job_id, token in zip(job_ids, tokens, strict=True)
         ]
 
     def _mark_sent_many(self, sends: Sequence[tuple[str, str, str | None]]) -> list[None]:
@@ -370,7 +365,7 @@ class SqlLedger:
             return connection.execute(_PURGE, {"before": before}).rowcount
 
 
-def _claim_of(row: Any, token: str, lease: float) -> Claim:
+def _claim_of(row: Any, token: str) -> Claim:
     if row.state == "sent":
         return Claim(ClaimState.ALREADY_SENT, token, row.transport, row.provider_message_id)
     if row.claim_token != token:
@@ -378,10 +373,7 @@ def _claim_of(row: Any, token: str, lease: float) -> Claim:
     uncertain = None
     if row.attempted_at is not None:
         # PostgreSQL's clock comes back as a Decimal.
-        attempted = float(row.attempted_at)
         uncertain = Uncertainty(
-            since=float(row.first_claimed_at),
-            until=attempted + lease,
-            age=float(row.now) - attempted,
+            since=float(row.first_claimed_at), age=float(row.now) - float(row.attempted_at)
         )
     return Claim(ClaimState.CLAIMED, token, uncertain=uncertain)

@@ -202,11 +202,6 @@ def batch_outcomes(response: BatchSendResponse, count: int) -> list[Receipt | Ha
     return outcomes
 
 
-def _iso(unix_seconds: int) -> str:
-    """A time as the Email Logs API's filters take it: ISO 8601 in UTC, to the second."""
-    return datetime.fromtimestamp(unix_seconds, UTC).isoformat().replace("+00:00", "Z")
-
-
 class MailtrapTransport:
     """Sends through Mailtrap's sending API and, given an account id, finds past sends
     in its Email Logs API (on the general API host)."""
@@ -225,7 +220,6 @@ class MailtrapTransport:
         general_api_host: str = GENERAL_HOST,
         settle_seconds: float = DEFAULT_SETTLE_SECONDS,
         budget: SendBudget | None = None,
-        clock_margin_seconds: float = CLOCK_MARGIN_SECONDS,
     ) -> None:
         self._client = mailtrap.MailtrapClient(
             token=token, api_host=api_host, sandbox=inbox_id is not None, inbox_id=inbox_id
@@ -236,7 +230,6 @@ class MailtrapTransport:
         self._account_id = account_id
         self._general_host = general_api_host
         self._settle = settle_seconds
-        self._clock_margin = clock_margin_seconds
         self._budget = budget
         self._pool = DaemonThreadPool(concurrency, name="mailtrap")
         self._local = threading.local()
@@ -283,15 +276,11 @@ class MailtrapTransport:
         response = self._sending_api().send(mail)
         return Receipt(message_id=response.message_ids[0] if response.message_ids else None)
 
-    def _find_blocking(self, email: OutgoingEmail, since: float, until: float) -> Receipt | None:
-        # The provider's clock may differ from ours: widen the window. Its end also
-        # waits for a request still on its way when the attempt ended: bounded, so
-        # the emails a busy recipient got since do not push the job's out of reach.
-        after = since - self._clock_margin
-        before = until + self._timeout + self._clock_margin
+    def _find_blocking(self, email: OutgoingEmail, since: float) -> Receipt | None:
+        # The provider's clock may differ from ours: widen the window.
+        after = datetime.fromtimestamp(since - CLOCK_MARGIN_SECONDS, UTC)
         filters = EmailLogsListFilters(
-            sent_after=_iso(math.floor(after)),
-            sent_before=_iso(math.ceil(before)),
+            sent_after=after.isoformat(timespec="seconds").replace("+00:00", "Z"),
             to=filter_ci_equal(email.to),
         )
         cursor: str | None = None
@@ -373,11 +362,11 @@ class MailtrapTransport:
         except HandlerFailure as failure:
             return failure
 
-    async def find_sent(self, email: OutgoingEmail, since: float, until: float) -> Receipt | None:
+    async def find_sent(self, email: OutgoingEmail, since: float) -> Receipt | None:
         if self._account_id is None:
             return None
         try:
-            return await self._pool.run(lambda: self._find_blocking(email, since, until))
+            return await self._pool.run(lambda: self._find_blocking(email, since))
         except (asyncio.CancelledError, TransientFailure):
             raise
         except Exception as exc:

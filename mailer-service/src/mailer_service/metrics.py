@@ -104,10 +104,10 @@ class MeasuredTransport:
                 time.perf_counter() - started
             )
 
-    async def find_sent(self, email: OutgoingEmail, since: float, until: float) -> Receipt | None:
+    async def find_sent(self, email: OutgoingEmail, since: float) -> Receipt | None:
         answer = "failed"
         try:
-            found = await self._inner.find_sent(email, since, until)
+            found = await self._inner.find_sent(email, since)
             answer = "not_found" if found is None else "found"
             return found
         finally:

@@ -48,7 +48,7 @@ class OutboxTransport:
     reconciles = True
     settle_seconds = 0.0
 
-    async def find_sent(self, email: OutgoingEmail, since: float, until: float) -> Receipt | None:
+    async def find_sent(self, email: OutgoingEmail, since: float) -> Receipt | None:
         exists = await asyncio.to_thread((self._folder / f"{email.job_id}.eml").exists)
         return Receipt(message_id=_message_id(email)) if exists else None
 

@@ -35,10 +35,9 @@ class EmailTransport(Protocol):
 
     async def send(self, email: OutgoingEmail) -> Receipt: ...
 
-    async def find_sent(self, email: OutgoingEmail, since: float, until: float) -> Receipt | None:
-        """The receipt of ``email`` if the provider took it between ``since`` and
-        ``until`` (Unix times: no send of the job is older or newer), else None.
-        Raises ``TransientFailure`` when it cannot tell now."""
+    async def find_sent(self, email: OutgoingEmail, since: float) -> Receipt | None:
+        """The receipt of ``email`` if the provider took it at or after ``since`` (a
+        Unix time), else None. Raises ``TransientFailure`` when it cannot tell now."""
         ...
 
     @property
