@@ -215,6 +215,9 @@ class JobStore:
         # SQLite has no FOR UPDATE: its writers hold the database's one write lock.
         locking = _LOCK_JOBS + (" FOR UPDATE" if engine.dialect.name == "postgresql" else "")
         self._lock_jobs = text(locking).bindparams(bindparam("job_ids", expanding=True))
+        self._known_jobs = text("SELECT job_id FROM api_jobs WHERE job_id IN :job_ids").bindparams(
+            bindparam("job_ids", expanding=True)
+        )
 
     @classmethod
     def open(cls, database_url: str) -> JobStore:
@@ -243,11 +246,14 @@ class JobStore:
     ) -> None:
         """Fold many events into their jobs' records in one transaction (blocking).
 
-        Read the batch's jobs, locked; insert a record for each job not yet known
-        (as the batch alone describes it); write back those the batch changed.
-        The fold is idempotent and order-free (``read_model``), so events may
-        repeat, and a job another replica inserted meanwhile (the insert does
-        nothing) is read, locked, and folded like the others. The read model is
+        Find which of the batch's jobs are known; insert a record for each of the
+        others (as the batch alone describes it); read the known ones, locked,
+        and write back those the batch changed. The fold is idempotent and
+        order-free (``read_model``), so events may repeat, and a job another
+        replica inserted meanwhile (the insert does nothing) is read, locked, and
+        folded like the known ones. Inserts, then locks, each in job id order: on
+        PostgreSQL an insert waits for another replica's uncommitted insert of the
+        same job, so locking first could deadlock two replicas. The read model is
         rebuilt from events the broker keeps until they are recorded: its
         commits do not wait for the disk (``durable=False``).
         """
@@ -259,14 +265,18 @@ class JobStore:
         job_ids = sorted(by_job)  # one lock order for every replica
         traces = traces or {}
         with self._relaxed.begin() as connection:
-            rows = list(connection.execute(self._lock_jobs, {"job_ids": job_ids}))
-            missing = sorted(set(job_ids) - {row.job_id for row in rows})
+            known = set(connection.execute(self._known_jobs, {"job_ids": job_ids}).scalars())
+            missing = [job for job in job_ids if job not in known]
+            to_fold = [job for job in job_ids if job in known]
             if missing:
                 fresh = [_row_values(_fold(None, by_job[job], traces.get(job))) for job in missing]
                 inserted = connection.execute(_INSERT_JOB, fresh).rowcount
                 if not (connection.dialect.supports_sane_multi_rowcount and inserted == len(fresh)):
                     # Some were inserted by another replica meanwhile: fold into those.
-                    rows += connection.execute(self._lock_jobs, {"job_ids": missing})
+                    to_fold = job_ids
+            rows = (
+                connection.execute(self._lock_jobs, {"job_ids": to_fold}).all() if to_fold else []
+            )
             changed = []
             for row in rows:
                 stored = _record_of(row)
