@@ -66,14 +66,20 @@ def _ephemeral_floor() -> int:
 # Ports for services to listen on come from below the kernel's ephemeral range:
 # a port the kernel hands out for bind(0) is free only until some process's
 # outgoing connection takes it, which is how a service once found its metrics
-# port in use. Each xdist worker (and each run, by pid) gets a slice of its own
-# and walks it in turn, so two tests never pick the same port either.
+# port in use. Each xdist worker gets a slice of its own and walks it in turn
+# (from a place set by the pid, for runs one after another), so two tests
+# never pick the same port either.
 _PORTS_FROM = 20000
-_PORTS_TO = max(_PORTS_FROM + 1000, _ephemeral_floor())
-_SLICES = 16
+_PORTS_TO = _ephemeral_floor()
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 _worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
-_slice = (int(_worker) if _worker.isdigit() else 0) % _SLICES
-_slice_size = (_PORTS_TO - _PORTS_FROM) // _SLICES
+_slice = int(_worker) if _worker.isdigit() else 0
+_slice_size = (_PORTS_TO - _PORTS_FROM) // max(_workers, _slice + 1)
+if _slice_size < 100:
+    raise RuntimeError(
+        f"ports {_PORTS_FROM}-{_PORTS_TO} (below the ephemeral range) are too few for "
+        f"{_workers} test workers"
+    )
 _next = os.getpid() % _slice_size
 
 
