@@ -256,12 +256,16 @@ def post_job(host: str, port: int, n: int) -> bytes:
     return open_loop.post_request(host, port, "/jobs", json.dumps(job_body(n)).encode())
 
 
+def host_and_port(api_url: str) -> tuple[str, int]:
+    url = urlsplit(api_url)
+    return url.hostname or "127.0.0.1", url.port or 80
+
+
 async def submit_all(api_url: str, count: int, concurrency: int) -> list[Submission]:
     """POST ``count`` jobs with at most ``concurrency`` in flight, on as many connections,
     with the lean client of ``open_loop`` (``httpx`` would take a third of this machine
     from the services under test)."""
-    url = urlsplit(api_url)
-    host, port = url.hostname or "127.0.0.1", url.port or 80
+    host, port = host_and_port(api_url)
     shots = await open_loop.closed_loop(
         host, port, lambda n: post_job(host, port, n), count, concurrency
     )

@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import pipeline_throughput as pt  # noqa: E402
 from benchkit import machine, stop_cleanly_on_signals  # noqa: E402
 from support.rabbit import Management, url_for_vhost  # noqa: E402
-from support.services import BIN, Api, Service  # noqa: E402
+from support.services import Api, Service  # noqa: E402
 
 PACKAGE_SOURCES = ("shared/src", "api-service/src", "processor-service/src", "mailer-service/src")
 HERTZ = os.sysconf("SC_CLK_TCK")
@@ -140,36 +140,25 @@ def _git(*args: str) -> str:
 # --- services, optionally wrapped -----------------------------------------------
 
 
-def _start(service: Service, prefix: Sequence[str]) -> None:
-    assert service.process is None or service.process.poll() is not None, "already running"
-    service.starts += 1
-    with service.log_path.open("ab") as log:
-        log.write(f"--- start #{service.starts}\n".encode())
-        log.flush()
-        nice = ("nice", "-n", str(service.niceness)) if service.niceness else ()
-        service.process = subprocess.Popen(
-            [*nice, *prefix, str(BIN / service.command)],
-            cwd=service.cwd,
-            env=service.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-
 @dataclass
 class WrappedService(Service):
     prefix: tuple[str, ...] = ()
 
-    def start(self) -> None:
-        _start(self, self.prefix)
+    def argv(self) -> list[str]:
+        return _wrapped(super().argv(), self.prefix)
 
 
 @dataclass
 class WrappedApi(Api):
     prefix: tuple[str, ...] = ()
 
-    def start(self) -> None:
-        _start(self, self.prefix)
+    def argv(self) -> list[str]:
+        return _wrapped(super().argv(), self.prefix)
+
+
+def _wrapped(argv: list[str], prefix: Sequence[str]) -> list[str]:
+    """``argv`` with ``prefix`` in front of the service's own command (after any ``nice``)."""
+    return [*argv[:-1], *prefix, argv[-1]]
 
 
 def wrap(pipeline: pt.Pipeline, prefix: tuple[str, ...]) -> pt.Pipeline:

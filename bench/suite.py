@@ -356,8 +356,7 @@ async def submit_batches(
 async def submit_at_rate(api_url: str, count: int, rate: int) -> list[pt.Submission]:
     """``count`` single POSTs due at ``rate`` per second whatever the answers (an open
     loop: a slow answer does not slow the arrivals); latency counts from each due time."""
-    url = urlsplit(api_url)
-    host, port = url.hostname or "127.0.0.1", url.port or 80
+    host, port = pt.host_and_port(api_url)
     shots = await open_loop.run(
         host, port, lambda i: pt.post_job(host, port, 1_000_000 + i), rate, count
     )

@@ -114,17 +114,19 @@ class Service:
     def log_path(self) -> Path:
         return self.cwd / f"{self.command}.log"
 
+    def argv(self) -> list[str]:
+        """The command line the service is started with."""
+        nice = ["nice", "-n", str(self.niceness)] if self.niceness else []
+        return [*nice, str(BIN / self.command)]
+
     def start(self) -> None:
         assert self.process is None or self.process.poll() is not None, "already running"
         self.starts += 1
         with self.log_path.open("ab") as log:
             log.write(f"--- start #{self.starts}\n".encode())
             log.flush()
-            command = [str(BIN / self.command)]
-            if self.niceness:
-                command = ["nice", "-n", str(self.niceness), *command]
             self.process = subprocess.Popen(
-                command,
+                self.argv(),
                 cwd=self.cwd,
                 env=self.env,
                 stdout=log,

@@ -69,12 +69,12 @@ class GroupCommit(Generic[T, R]):
             try:
                 results = await asyncio.to_thread(self._write, [item for item, _ in batch])
             except Exception as exc:
-                self._last_written = time.monotonic()
                 for _, done in batch:
                     if not done.done():
                         done.set_exception(exc)
                 continue
-            self._last_written = time.monotonic()
+            finally:
+                self._last_written = time.monotonic()
             for (_, done), result in zip(batch, results, strict=True):
                 if not done.done():
                     done.set_result(result)
