@@ -2,10 +2,11 @@
 
     python bench/read_model_cost.py [--jobs 3000] [--batch 32] [--database-url URL] [--profile]
 
-Per job the api writes four events through ``JobStore.record_batch``, each in
+Per job the api writes three events through ``JobStore.record_batch``, each in
 a batch of ``--batch`` jobs as its recorder groups them under load: the
-accepted job (``note``), the same ``JobRequested`` coming back through the
-status queue, ``DataProcessed`` and ``EmailSent``. This prints the process CPU
+accepted job (``note``), then ``DataProcessed`` and ``EmailSent`` from the
+status queue (until 2026-11-29 the same ``JobRequested`` came back through
+that queue too, a fourth write per job). This prints the process CPU
 (user and system) and wall time per job and per event, for the code of the
 checkout it runs from, on SQLite in a temporary folder or on ``--database-url``
 (a PostgreSQL database, whose tables it empties first). ``--profile`` adds the
@@ -34,7 +35,7 @@ JobEvent = JobRequested | DataProcessed | EmailSent
 
 def rounds(count: int, batch: int) -> list[list[JobEvent]]:
     """The batches the api writes for ``count`` jobs: for each group of ``batch`` jobs,
-    their notes, their echoes, their ``DataProcessed`` and their ``EmailSent``."""
+    their notes, their ``DataProcessed`` and their ``EmailSent``."""
     batches: list[list[JobEvent]] = []
     for first in range(0, count, batch):
         requested = [
@@ -57,7 +58,7 @@ def rounds(count: int, batch: int) -> list[list[JobEvent]]:
             EmailSent(job_id=r.job_id, email=r.email, transport="mailtrap", provider_message_id="m")
             for r in requested
         ]
-        batches += [list(requested), list(requested), processed, sent]
+        batches += [list(requested), processed, sent]
     return batches
 
 

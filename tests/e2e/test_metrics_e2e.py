@@ -99,8 +99,9 @@ def test_each_services_metrics_count_what_was_sent_retried_and_failed(
         {
             figure("http_requests_total", method="POST", route="/jobs", status="202"): jobs,
             published("JobRequested"): jobs,
-            # The read model saw every job event.
-            consumed("status", "JobRequested", "acked"): jobs,
+            # The read model saw every job event after the request, which it records
+            # itself: no JobRequested comes through its queue.
+            consumed("status", "JobRequested", "acked"): 0,
             consumed("status", "DataProcessed", "acked"): GOOD_JOBS,
             consumed("status", "EmailSent", "acked"): GOOD_JOBS,
             consumed("status", "JobFailed", "acked"): FAILING_JOBS,

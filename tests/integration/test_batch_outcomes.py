@@ -17,6 +17,7 @@ import pytest
 from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy.exc import OperationalError
 
 from api_service.app import create_app
 from api_service.batch import BatchIncomplete, BatchIntake, BatchNotAccepted
@@ -201,13 +202,23 @@ async def test_a_batch_the_broker_took_none_of_frees_its_key_for_a_fresh_attempt
 
 
 class Recorded:
-    def __init__(self) -> None:
+    """The batch's one-transaction write (failing with ``fail``), and the jobs handed on
+    to be written later when it fails."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
         self.batches: list[list[str]] = []
         self.traces: dict[str, str] = {}
+        self.later: list[str] = []
+        self.fail = fail
 
     async def __call__(self, events: Sequence[JobRequested], traces: Mapping[str, str]) -> None:
         self.batches.append([str(event.job_id) for event in events])
         self.traces.update(traces)
+        if self.fail is not None:
+            raise self.fail
+
+    def record_later(self, event: JobRequested) -> None:
+        self.later.append(str(event.job_id))
 
 
 async def first_answer(
@@ -236,7 +247,7 @@ async def submit_twice(answers: list[Answer]) -> None:
         store = JobStore.open(f"sqlite:///{folder}/jobs.sqlite3")
         try:
             recorded = Recorded()
-            intake = BatchIntake(broker, store, policy, recorded)
+            intake = BatchIntake(broker, store, policy, recorded, recorded.record_later)
 
             first_ids, states = await first_answer(intake.accept_once(jobs, "caller", "k"))
 
@@ -271,6 +282,27 @@ def test_each_jobs_state_is_what_the_broker_did_and_a_retry_completes_the_batch_
     answers: list[Answer],
 ) -> None:
     asyncio.run(submit_twice(answers))
+
+
+async def test_jobs_whose_batch_could_not_be_recorded_are_handed_on_to_be_written_later(
+    tmp_path: Path,
+) -> None:
+    # Nothing else records an accepted job (its JobRequested does not come back
+    # through the broker): the batch's failed write must not be the last word.
+    jobs = [JobRequest.model_validate(item(n)) for n in range(3)]
+    broker = ScriptedBroker()
+    policy = IntakePolicy(publish_budget=0.0, key_stale_after=60.0, key_wait=1.0)
+    store = JobStore.open(f"sqlite:///{tmp_path}/jobs.sqlite3")
+    try:
+        recorded = Recorded(fail=OperationalError("INSERT", {}, Exception("database is locked")))
+        intake = BatchIntake(broker, store, policy, recorded, recorded.record_later)
+
+        job_ids = await intake.accept(jobs, "caller")
+    finally:
+        await store.close()
+
+    assert sorted(broker.confirmed_ids()) == sorted(map(str, job_ids))
+    assert recorded.later == [str(job_id) for job_id in job_ids]
 
 
 async def post_batch(items: list[dict[str, Any]]) -> tuple[httpx.Response, ScriptedBroker]:

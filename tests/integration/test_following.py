@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 
 from api_service.following import JobFollower
-from pipeline_shared.events import JobRequested
+from pipeline_shared.events import Event
 from pipeline_shared.messaging import Broker
 from pipeline_shared.topology import STATUS
 from support.broker_users import ServiceUsers, committed_definitions
 from support.rabbit import Management
-from unit.fakes import job_requested
+from unit.fakes import data_processed
 
 API_USER = "api-service"
 
@@ -74,7 +74,7 @@ async def running_follower(
         await broker.close()
 
 
-async def publish(broker_url: str, event: JobRequested) -> None:
+async def publish(broker_url: str, event: Event) -> None:
     publisher = Broker(broker_url, app_id="test-publisher", retry_delays=(1,))
     await publisher.connect()
     await publisher.publish(event)
@@ -88,7 +88,7 @@ async def test_a_follower_refused_its_queue_names_the_refusal_and_recovers_when_
     async with running_follower(users, vhost) as (follower, seen):
         await until(lambda: "ACCESS_REFUSED" in (follower.problem or ""), "the refusal reported")
         assert STATUS.queue in (follower.problem or "")
-        event = job_requested()
+        event = data_processed()
         await publish(broker_url, event)  # waits in api.job.status meanwhile
 
         set_api_read(users, management, vhost, r"^api\.job\.status$")
@@ -111,7 +111,7 @@ async def test_a_follower_whose_consumer_is_cancelled_starts_consuming_again(
         await admin.connect()  # declares the queue again, as a service with rights would
 
         await until(lambda: follower.problem is None, "following again", timeout=20)
-        event = job_requested()
+        event = data_processed()
         await admin.publish(event)
         await until(lambda: [e.event_id for e in seen] == [event.event_id], "handled")
         await admin.close()

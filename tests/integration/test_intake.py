@@ -14,6 +14,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy.exc import OperationalError
 
+from api_service import recorder as recorder_module
 from api_service.app import create_app
 from api_service.recorder import JobRecorder
 from api_service.settings import ApiSettings
@@ -57,6 +58,17 @@ class FlakySettleStore(JobStore):
         await super().settle_key(caller, key, outcome)
 
 
+class FlakyRecordStore(FlakySettleStore):
+    """A job store whose job records cannot be written while ``records_fail``."""
+
+    records_fail = False
+
+    def record_batch(self, *args: Any, **kwargs: Any) -> None:
+        if self.records_fail:
+            raise OperationalError("INSERT", {}, Exception("database is locked"))
+        super().record_batch(*args, **kwargs)
+
+
 class Ready:
     problem: str | None = None
 
@@ -68,7 +80,7 @@ def broker() -> ScriptedBroker:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[FlakySettleStore]:
-    store = FlakySettleStore.open(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    store = FlakyRecordStore.open(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
     yield store  # type: ignore[misc]
     asyncio.run(store.close())
 
@@ -102,6 +114,51 @@ def refused() -> BrokerUnavailable:
 
 def job_ids(events: list[Event]) -> set[str]:
     return {str(event.job_id) for event in events}
+
+
+# --- the job's record -----------------------------------------------------------
+
+
+async def test_a_job_answered_202_is_already_in_the_store(
+    client: httpx.AsyncClient, broker: ScriptedBroker, store: FlakyRecordStore
+) -> None:
+    # Its JobRequested does not come back through the broker: the answer waits for
+    # the record, so a job answered 202 is on record even if the api stops at once.
+    response = await client.post("/jobs", json=JOB)
+
+    assert response.status_code == 202, response.text
+    [event] = broker.confirmed
+    assert event.submitted_by is not None
+    record = await store.get(response.json()["job_id"], event.submitted_by)
+    assert record is not None
+    assert record.status == "queued"
+
+
+async def test_a_record_that_cannot_be_written_does_not_hold_the_answer_and_is_written_later(
+    client: httpx.AsyncClient,
+    broker: ScriptedBroker,
+    store: FlakyRecordStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(recorder_module, "NOTE_FIRST_PAUSE", 0.05)
+    store.records_fail = True
+
+    response = await client.post("/jobs", json=JOB)
+
+    assert response.status_code == 202, response.text
+    job_id = response.json()["job_id"]
+    [event] = broker.confirmed
+    assert event.submitted_by is not None
+    assert await store.get(job_id, event.submitted_by) is None
+    shown = await client.get(f"/jobs/{job_id}")  # this replica still knows it
+    assert shown.status_code == 200
+    assert shown.json()["status"] == "queued"
+
+    store.records_fail = False
+    deadline = asyncio.get_running_loop().time() + 10
+    while await store.get(job_id, event.submitted_by) is None:
+        assert asyncio.get_running_loop().time() < deadline, "the record was never written"
+        await asyncio.sleep(0.02)
 
 
 # --- without an Idempotency-Key -----------------------------------------------

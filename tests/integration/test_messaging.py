@@ -89,11 +89,34 @@ async def test_every_stage_has_durable_quorum_queues_bound_to_its_routing_key(
     assert {(b["destination"], b["routing_key"]) for b in bindings} == {
         (PROCESSOR.queue, "job.requested"),
         (MAILER.queue, "data.processed"),
-        (STATUS.queue, "job.requested"),
         (STATUS.queue, "data.processed"),
         (STATUS.queue, "email.sent"),
         (STATUS.queue, "job.failed"),
     }
+
+
+def status_bindings(management: Management, vhost: str) -> set[str]:
+    bindings = management.client.get(f"/api/exchanges/{vhost}/{EXCHANGE}/bindings/source").json()
+    return {b["routing_key"] for b in bindings if b["destination"] == STATUS.queue}
+
+
+async def test_declaring_the_topology_removes_the_binding_earlier_versions_made(
+    broker: Broker, management: Management, vhost: str, broker_url: str
+) -> None:
+    # Earlier versions bound the read model's queue to job.requested too; a broker
+    # that still has that binding loses it when a service declares the topology.
+    connection = await aio_pika.connect(broker_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(STATUS.queue)
+        await queue.bind(EXCHANGE, "job.requested")
+    assert "job.requested" in status_bindings(management, vhost)
+
+    again = Broker(broker_url, app_id="upgraded-service", retry_delays=FAST_RETRIES)
+    await again.connect()
+    await again.close()
+
+    assert status_bindings(management, vhost) == {"data.processed", "email.sent", "job.failed"}
 
 
 async def test_a_second_service_declaring_the_topology_again_is_harmless(broker_url: str) -> None:

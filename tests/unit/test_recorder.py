@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 from opentelemetry.trace import SpanKind
 
+from api_service import recorder as recorder_module
 from api_service.read_model import JobEvent
 from api_service.recorder import JobRecorder
 from pipeline_shared import tracing
 from unit.fakes import job_requested
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
 
 
 class Writes:
@@ -95,16 +103,45 @@ async def test_an_accepted_job_reads_back_before_its_write_and_after(
     assert recorder.pending(job_id, None) is None  # written: the store answers now
 
 
-async def test_a_noted_job_whose_write_fails_is_logged_not_raised(
+async def test_a_noted_job_whose_write_fails_is_written_on_a_later_attempt(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing else writes an accepted job (its JobRequested does not come back
+    # through the broker): a failed write is tried again, and until then the job
+    # reads back from memory.
+    monkeypatch.setattr(recorder_module, "NOTE_FIRST_PAUSE", 0.01)
+    writes = Writes(fail=RuntimeError("database away"))
+    recorder = JobRecorder(writes)
+    event = job_requested()
+    job_id = str(event.job_id)
+
+    recorder.note(event)
+    await wait_until(lambda: len(writes.batches) >= 2)
+    meanwhile = recorder.pending(job_id, None)
+    writes.fail = None
+    await wait_until(lambda: recorder.pending(job_id, None) is None)
+    await recorder.close()
+
+    assert meanwhile is not None
+    assert meanwhile.status == "queued"
+    assert all(batch == [event] for batch in writes.batches)
+    assert f"job {job_id}: could not record it (RuntimeError); trying again" in caplog.text
+
+
+async def test_a_noted_job_still_unwritten_at_close_is_tried_once_more_then_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    recorder = JobRecorder(Writes(fail=RuntimeError("disk full")))
+    writes = Writes(fail=RuntimeError("disk full"))
+    recorder = JobRecorder(writes)  # the first pause (0.5 s) outlasts the test
+    event = job_requested()
 
-    recorder.note(job_requested())
-    await recorder.close()
-    await asyncio.sleep(0)
+    recorder.note(event)
+    await wait_until(lambda: len(writes.batches) == 1)
+    await asyncio.wait_for(recorder.close(), 5)
 
-    assert "not recorded yet (RuntimeError)" in caplog.text
+    assert writes.batches == [[event], [event]]
+    assert f"job {event.job_id}: not recorded before stopping (RuntimeError)" in caplog.text
+    assert recorder.pending(str(event.job_id), None) is None
 
 
 async def test_each_job_is_recorded_with_the_trace_it_was_handled_in() -> None:

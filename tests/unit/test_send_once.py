@@ -21,7 +21,7 @@ LEASE = 15.0
 async def test_a_redelivered_job_is_not_sent_twice_but_email_sent_is_published_again() -> None:
     transport, publisher, ledger = FakeTransport(), FakePublisher(), FakeLedger()
     handler = SendEmail(transport, publisher, ledger, SENDER, lease_seconds=LEASE)
-    event = data_processed()
+    event = data_processed(submitted_by="key-ada")
 
     await handler(event)
     await handler(event)
@@ -32,6 +32,7 @@ async def test_a_redelivered_job_is_not_sent_twice_but_email_sent_is_published_a
     assert isinstance(first, EmailSent)
     assert isinstance(second, EmailSent)
     assert second.provider_message_id == first.provider_message_id == "fake-message-1"
+    assert first.submitted_by == second.submitted_by == "key-ada"
 
 
 async def test_a_job_another_mailer_is_sending_is_deferred_without_sending() -> None:

@@ -226,7 +226,9 @@ async def test_a_job_is_processed_and_data_processed_is_published(
     executor: ThreadPoolExecutor,
 ) -> None:
     publisher = FakePublisher()
-    job = job_requested(data={"a": 1, "b": 3, "tags": ["x"]}, step="summarise")
+    job = job_requested(
+        data={"a": 1, "b": 3, "tags": ["x"]}, step="summarise", submitted_by="key-ada"
+    )
 
     await ProcessJob(publisher, executor, steps=TEST_STEPS)(job)
 
@@ -240,6 +242,8 @@ async def test_a_job_is_processed_and_data_processed_is_published(
     assert processed.data == {"a": 1, "b": 3, "tags": ["x"]}
     assert processed.result == summarise(job.data)
     assert processed.event_id != job.event_id
+    assert processed.requested_at == job.occurred_at
+    assert processed.submitted_by == "key-ada"  # the read model's owner, carried on
 
 
 async def test_the_step_runs_in_the_executor_not_on_the_event_loop(

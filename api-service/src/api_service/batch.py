@@ -112,12 +112,19 @@ def batch_fingerprint(jobs: Sequence[JobRequest]) -> str:
 
 class BatchIntake:
     def __init__(
-        self, broker: Publisher, keys: BatchKeys, policy: IntakePolicy, record: RecordJobs
+        self,
+        broker: Publisher,
+        keys: BatchKeys,
+        policy: IntakePolicy,
+        record: RecordJobs,
+        record_later: Callable[[JobRequested], None],
     ) -> None:
         self._broker = broker
         self._keys = keys
         self._policy = policy
         self._record = record
+        # Where jobs whose one-transaction write failed go to be written until it works.
+        self._record_later = record_later
 
     async def accept(self, jobs: Sequence[JobRequest], caller: str) -> list[UUID]:
         """Publish every job; their ids in the items' order once the broker has them all."""
@@ -239,9 +246,14 @@ class BatchIntake:
         try:
             await self._record(events, traces)
         except SQLAlchemyError as exc:
-            # The jobs are safe with the broker; the read model records them from
-            # their events, which come back through the status queue.
-            log.warning("%d accepted jobs not recorded yet (%s)", len(events), type(exc).__name__)
+            # The jobs are safe with the broker; their records are written later.
+            log.warning(
+                "%d accepted jobs not recorded yet (%s); trying again",
+                len(events),
+                type(exc).__name__,
+            )
+            for event in events:
+                self._record_later(event)
 
     async def _settle(
         self, caller: str, key: str, outcome: KeyState, confirmed: Collection[int]

@@ -41,7 +41,7 @@ async def get_batch_intake(request: Request) -> BatchIntake:
     async def record(events: Sequence[JobRequested], traces: Mapping[str, str]) -> None:
         await asyncio.to_thread(store.record_batch, events, traces)
 
-    return BatchIntake(state.broker, store, policy, record)
+    return BatchIntake(state.broker, store, policy, record, state.recorder.note)
 
 
 BatchIntakeDep = Annotated[BatchIntake, Depends(get_batch_intake)]

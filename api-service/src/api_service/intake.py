@@ -89,6 +89,8 @@ class IntakePolicy:
     """Seconds after which a reservation still pending is taken over by a retry."""
     key_wait: float
     """Seconds a request waits for another one holding the same key."""
+    record_wait: float = 1.0
+    """Seconds an answer waits at most for its accepted job's record to be written."""
 
 
 def requested_event(job: JobRequest, job_id: UUID, caller: str) -> JobRequested:
@@ -117,13 +119,20 @@ class JobIntake:
         self._recorder = recorder
 
     async def accept(self, job: JobRequest, caller: str, job_id: UUID | None = None) -> UUID:
-        """Publish the job and hand it to the read model, so that ``GET /jobs/{id}`` knows
-        it at once; the answer does not wait for the record's commit."""
+        """Publish the job and record it in the read model, so that ``GET /jobs/{id}``
+        knows it at once, on any replica.
+
+        The answer waits for the record's first write (up to ``record_wait``), so a
+        job answered 202 is on record even if this process dies a moment later
+        (nothing else records it: its ``JobRequested`` does not come back). A write
+        that fails or takes longer does not hold the answer: the broker has the job,
+        and the recorder keeps trying."""
         job_id = job_id or uuid4()
         event = requested_event(job, job_id, caller)
         await self._publish(event)
         log.info("job %s: JobRequested published (step %s)", event.job_id, event.step)
-        self._recorder.note(event)
+        # asyncio.wait does not cancel the write if the client goes away meanwhile.
+        await asyncio.wait({self._recorder.note(event)}, timeout=self._policy.record_wait)
         return job_id
 
     async def accept_once(self, job: JobRequest, caller: str, key: str) -> tuple[UUID, bool]:

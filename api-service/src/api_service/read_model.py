@@ -21,7 +21,11 @@ record still ends in the same state:
   ``JobFailed`` (0 without either); ``provider_message_id`` is the kept (the
   first) ``EmailSent``'s;
 * ``trace_id`` is the job's trace, from the first event that came with one
-  (every event of a job travels in the trace its request started).
+  (every event of a job travels in the trace its request started);
+* ``caller`` is the first ``submitted_by`` recorded: every event of a job
+  carries its caller, so a job whose ``JobRequested`` was never recorded
+  (the api recorded it itself, and stopped before its write) is still its
+  caller's from its next event on.
 """
 
 from __future__ import annotations
@@ -140,7 +144,9 @@ def entry_of(event: JobEvent) -> Entry:
 def apply(record: JobRecord | None, event: JobEvent, trace_id: str | None = None) -> JobRecord:
     """The record after ``event`` (which travelled in trace ``trace_id``); the same
     record (``is``) if it adds no fact."""
-    caller = event.submitted_by if isinstance(event, JobRequested) else None
+    # Every event of a job names its caller (older producers put it on
+    # JobRequested only): whichever is recorded first makes the job its caller's.
+    caller = event.submitted_by
     if record is None:
         return JobRecord(
             job_id=str(event.job_id),

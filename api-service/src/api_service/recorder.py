@@ -6,11 +6,17 @@ and go into the next one together, so under load one commit (and one thread
 hop) serves a whole batch of deliveries, and a lone event is written at once.
 A delivery's handler awaits its event's commit, so its message is acked only
 once its fact is in the store.
+
+An accepted job's ``JobRequested`` does not come back through the broker: the
+recorder is the only writer of it, and keeps trying until the write succeeds
+(a database that is away for a while). Should the api stop first, the job's
+next event records it, with its caller (every event carries it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
@@ -22,6 +28,10 @@ log = logging.getLogger("api.recorder")
 
 MAX_BATCH = 500
 """Events in one transaction at most (bounded by the follower's prefetch anyway)."""
+
+NOTE_FIRST_PAUSE = 0.5
+NOTE_LONGEST_PAUSE = 30.0
+"""Seconds between attempts to write an accepted job whose write failed: doubling."""
 
 WriteBatch = Callable[[Sequence[JobEvent], Mapping[str, str]], None]
 """Writes events, and each job's trace id by job id, in one transaction."""
@@ -46,21 +56,27 @@ class JobRecorder:
         self._batches = GroupCommit(write, max_batch=max_batch, linger=0.005)
         self._unwritten: dict[str, list[JobEvent]] = {}
         self._traces: dict[str, str] = {}
-        self._noted: set[asyncio.Future[None]] = set()
+        self._noted: set[asyncio.Task[None]] = set()
+        self._closing = asyncio.Event()
 
     async def record(self, event: JobEvent) -> None:
         """Return once ``event`` is committed; raise what the write raised."""
         self._track(event)
-        await self._submit(event)
+        try:
+            await self._submit(event)
+        finally:
+            self._untrack(event)
 
-    def note(self, event: JobEvent) -> None:
-        """Record ``event`` without waiting for the commit (an accepted job: the
-        broker holds it, and its event comes back through the status queue)."""
+    def note(self, event: JobEvent) -> asyncio.Future[bool]:
+        """Record ``event`` (an accepted job: the broker holds it), trying again after a
+        failed write until it is written or ``close``. The returned future says how
+        the first attempt went (True: committed); nothing needs to await it."""
         self._track(event)
-        noted = asyncio.ensure_future(self._submit(event))
+        first: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        noted = asyncio.create_task(self._write_noted(event, first))
         self._noted.add(noted)
         noted.add_done_callback(self._noted.discard)
-        noted.add_done_callback(_log_failure)
+        return first
 
     def pending(self, job_id: str, stored: JobRecord | None) -> JobRecord | None:
         """``stored`` with this replica's events for the job that are not written yet,
@@ -71,7 +87,8 @@ class JobRecorder:
         return record
 
     async def close(self) -> None:
-        """Write what is waiting."""
+        """Write what is waiting; stop trying again for what failed to be written."""
+        self._closing.set()  # each failed write is tried once more, now
         await asyncio.gather(*self._noted, return_exceptions=True)
         await self._batches.close()
 
@@ -82,23 +99,53 @@ class JobRecorder:
         if trace_id is not None:
             self._traces.setdefault(job_id, trace_id)
 
+    def _untrack(self, event: JobEvent) -> None:
+        job_id = str(event.job_id)
+        unwritten = self._unwritten[job_id]
+        unwritten.remove(event)
+        if not unwritten:
+            del self._unwritten[job_id]
+            self._traces.pop(job_id, None)
+
     async def _submit(self, event: JobEvent) -> None:
+        await self._batches.submit((event, self._traces.get(str(event.job_id))))
+
+    async def _write_noted(self, event: JobEvent, first: asyncio.Future[bool]) -> None:
+        pause = NOTE_FIRST_PAUSE
         try:
-            await self._batches.submit((event, self._traces.get(str(event.job_id))))
+            while True:
+                try:
+                    await self._submit(event)
+                    _settle(first, True)
+                    return
+                except Exception as exc:
+                    _settle(first, False)
+                    if self._closing.is_set():
+                        log.warning(
+                            "job %s: not recorded before stopping (%s); its next event records it",
+                            event.job_id,
+                            type(exc).__name__,
+                        )
+                        return
+                    # Until written, GET /jobs/{id} on this replica still shows the
+                    # job (``pending``); the broker holds the job itself.
+                    log.warning(
+                        "job %s: could not record it (%s); trying again in %g s",
+                        event.job_id,
+                        type(exc).__name__,
+                        pause,
+                    )
+                await self._pause(pause)
+                pause = min(2 * pause, NOTE_LONGEST_PAUSE)
         finally:
-            job_id = str(event.job_id)
-            unwritten = self._unwritten[job_id]
-            unwritten.remove(event)
-            if not unwritten:
-                del self._unwritten[job_id]
-                self._traces.pop(job_id, None)
+            _settle(first, False)
+            self._untrack(event)
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), seconds)
 
 
-def _log_failure(done: asyncio.Future[None]) -> None:
-    if done.cancelled():
-        return
-    exc = done.exception()
-    if exc is not None:
-        # The job is safe with the broker; its event, coming back through the
-        # status queue, records it.
-        log.warning("an accepted job is not recorded yet (%s)", type(exc).__name__)
+def _settle(first: asyncio.Future[bool], written: bool) -> None:
+    if not first.done():
+        first.set_result(written)

@@ -204,6 +204,7 @@ class SendEmail:
                     "transport": transport or self._transport.name,
                     "provider_message_id": message_id,
                     "attempts": delivery_attempt.get(),
+                    "submitted_by": event.submitted_by,
                 },
                 context=TRUSTED,
             )

@@ -106,6 +106,7 @@ class ProcessJob:
                     "data": event.data,
                     "result": result,
                     "requested_at": event.occurred_at,
+                    "submitted_by": event.submitted_by,
                 },
                 context=TRUSTED,
             )

@@ -2,7 +2,7 @@
 
 A message body is one event's JSON object at the top level. Every event shares
 one envelope (``event_id``, ``event_type``, ``schema_version``, ``job_id``,
-``occurred_at``) and adds its own fields.
+``occurred_at``, ``submitted_by``) and adds its own fields.
 
 Versioning rules, which let a producer be deployed before its consumers:
 
@@ -66,6 +66,13 @@ class Event(BaseModel):
         default_factory=utc_now,
         description="When the event happened, in UTC.",
     )
+    submitted_by: str | None = Field(
+        default=None,
+        max_length=64,
+        description="Opaque id of the API caller that submitted the job; scopes who may see it. "
+        "Every event of a job carries it on, so the api's read model knows whose job it is from "
+        "whichever of its events it records first.",
+    )
 
     @field_validator("schema_version")
     @classmethod
@@ -92,11 +99,6 @@ class JobRequested(Event):
     subject: Subject | None = Field(default=None, description="Subject of the email.")
     step: StepName = Field(default="summarise", description="Processing step to run.")
     data: JobData = Field(description="The job's input data, a JSON object.")
-    submitted_by: str | None = Field(
-        default=None,
-        max_length=64,
-        description="Opaque id of the API caller that submitted the job; scopes who may see it.",
-    )
 
 
 class DataProcessed(Event):

@@ -71,10 +71,17 @@ MAILER = Stage(name="mailer", queue="mailer.data.processed", routing_keys=("data
 STATUS = Stage(
     name="status",
     queue="api.job.status",
-    routing_keys=("job.requested", "data.processed", "email.sent", "job.failed"),
+    routing_keys=("data.processed", "email.sent", "job.failed"),
     reports_failures=False,
 )
-"""The api's read model of every job, fed by all job events."""
+"""The api's read model of every job, fed by the events of the stages after it. Not
+``job.requested``: the api records each job it accepts itself, and a copy of every
+JobRequested would cost a delivery, a decode and a quorum enqueue per job for a fact
+the api already has (the later events name the job's caller too)."""
+
+RETIRED_BINDINGS: tuple[tuple[str, str], ...] = ((STATUS.queue, "job.requested"),)
+"""(queue, routing key) bindings to ``EXCHANGE`` that earlier versions declared:
+``declare_topology`` removes them from a broker that still has them."""
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (PROCESSOR, MAILER, STATUS)}
 """Every consuming stage, by name (``processor``, ``mailer``, ``status``)."""

@@ -325,6 +325,7 @@ class Consumer(Generic[E]):
                     reason=failure.reason,
                     error_type=failure.error_type,
                     attempts=attempts,
+                    submitted_by=event.submitted_by if event is not None else None,
                 )
             )
         await self._settlements.ack(message)

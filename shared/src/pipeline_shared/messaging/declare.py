@@ -16,11 +16,18 @@ from aiormq.exceptions import ChannelPreconditionFailed
 
 from pipeline_shared.errors import BrokerRefused, TopologyMissing
 from pipeline_shared.messaging.refusals import reply_text
-from pipeline_shared.topology import EXCHANGE, QUEUE_EXCHANGE, STAGES, stage_queues
+from pipeline_shared.topology import (
+    EXCHANGE,
+    QUEUE_EXCHANGE,
+    RETIRED_BINDINGS,
+    STAGES,
+    stage_queues,
+)
 
 
 async def declare_topology(channel: AbstractChannel, retry_delays: Sequence[float]) -> None:
-    """Declare both exchanges and every stage's queues and bindings (idempotent).
+    """Declare both exchanges and every stage's queues and bindings, and remove the
+    bindings earlier versions declared and this one does not (idempotent).
 
     Needs a broker user that may configure them all; ``rabbitmq/definitions.json``
     holds the same topology for brokers that load it instead. Raises
@@ -44,6 +51,10 @@ async def declare_topology(channel: AbstractChannel, retry_delays: Sequence[floa
                 for routing_key in stage.routing_keys:
                     await queue.bind(exchange, routing_key)
             await queue.bind(queues, spec.name)
+    for name, routing_key in RETIRED_BINDINGS:
+        # Unbinding what is not bound is no error: this is a no-op once done.
+        queue = await channel.get_queue(name, ensure=False)
+        await queue.unbind(exchange, routing_key)
 
 
 @contextmanager
