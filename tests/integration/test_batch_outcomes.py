@@ -209,6 +209,7 @@ class Recorded:
         self.batches: list[list[str]] = []
         self.traces: dict[str, str] = {}
         self.later: list[str] = []
+        self.later_traces: dict[str, str | None] = {}
         self.fail = fail
 
     async def __call__(self, events: Sequence[JobRequested], traces: Mapping[str, str]) -> None:
@@ -217,8 +218,9 @@ class Recorded:
         if self.fail is not None:
             raise self.fail
 
-    def record_later(self, event: JobRequested) -> None:
+    def record_later(self, event: JobRequested, trace_id: str | None) -> None:
         self.later.append(str(event.job_id))
+        self.later_traces[str(event.job_id)] = trace_id
 
 
 async def first_answer(
@@ -303,6 +305,9 @@ async def test_jobs_whose_batch_could_not_be_recorded_are_handed_on_to_be_writte
 
     assert sorted(broker.confirmed_ids()) == sorted(map(str, job_ids))
     assert recorded.later == [str(job_id) for job_id in job_ids]
+    # Each job keeps its own trace, as its write in the batch's transaction would have.
+    assert recorded.later_traces == recorded.traces
+    assert len(set(recorded.later_traces.values())) == len(job_ids)
 
 
 async def post_batch(items: list[dict[str, Any]]) -> tuple[httpx.Response, ScriptedBroker]:

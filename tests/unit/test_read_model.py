@@ -378,10 +378,13 @@ def test_a_job_whose_request_was_never_recorded_is_its_callers_from_its_next_eve
     assert record.caller == "key-bbbb"
 
 
-def test_the_first_caller_recorded_is_kept() -> None:
-    record = fold([requested(0, submitted_by="key-aaaa"), processed(1, submitted_by="key-zzzz")])
+@pytest.mark.parametrize("other", ["key-0000", "key-zzzz"])
+def test_a_later_event_naming_another_caller_never_takes_the_job_over(other: str) -> None:
+    request = requested(0, submitted_by="key-mmmm")
+    other_event = processed(1, submitted_by=other)
 
-    assert record.caller == "key-aaaa"
+    assert fold([request, other_event]).caller == "key-mmmm"
+    assert fold([other_event, request]).caller == "key-mmmm"
 
 
 def test_the_trace_id_is_the_first_one_an_event_came_with() -> None:
@@ -446,9 +449,12 @@ def job_histories(draw: st.DrawFn) -> tuple[list[JobEvent], list[JobEvent]]:
             extra["reason"] = f"failure {index}"
         if kind == "sent":
             extra["provider_message_id"] = f"msg-{index}"
-        # Every event may name the job's caller (older producers: the request only).
-        if kind == "requested" or draw(st.booleans()):
+        # Every event may name the job's caller (older producers: the request only),
+        # and a later stage might name another, which must never win over the request.
+        if kind == "requested":
             extra["submitted_by"] = "key-caller"
+        else:
+            extra["submitted_by"] = draw(st.sampled_from([None, "key-caller", "key-another"]))
         events.append(_KINDS[kind](second, **extra))
     originals = draw(st.lists(st.sampled_from(events), max_size=4))
     for original in originals:
@@ -480,7 +486,8 @@ def test_any_order_repetition_and_re_publication_of_the_same_events_gives_the_sa
     assert set(kinds) == {e.event_type for e in events}
     kept = expected_facts(events)
     assert {entry.event_id for entry in record.timeline} == {str(e.event_id) for e in kept.values()}
-    # The timeline is its facts; the caller may come from an event that left none.
+    # The timeline is its facts; without a request, the caller may come from an
+    # event that left none.
     assert record.timeline == fold(kept.values()).timeline
 
 
@@ -515,8 +522,8 @@ def test_the_status_follows_the_rules_whatever_the_order(
     assert record.attempts == max(counts)
     assert [e.at for e in record.timeline] == sorted(e.at for e in record.timeline)
     requests = [e for e in events if isinstance(e, JobRequested)]
-    named = requests or any(e.submitted_by for e in events)
-    assert record.caller == ("key-caller" if named else None)
+    others = {e.submitted_by for e in events if e.submitted_by is not None}
+    assert record.caller == ("key-caller" if requests else min(others, default=None))
     if requests:
         assert record.created_at == min(e.occurred_at for e in requests)
     assert record.updated_at == max(e.occurred_at for e in kept.values())

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 from opentelemetry.trace import SpanKind
+from sqlalchemy.exc import OperationalError
 
 from api_service import recorder as recorder_module
 from api_service.read_model import JobEvent
@@ -103,35 +105,42 @@ async def test_an_accepted_job_reads_back_before_its_write_and_after(
     assert recorder.pending(job_id, None) is None  # written: the store answers now
 
 
+def database_away() -> OperationalError:
+    return OperationalError("INSERT", {}, Exception("database is locked"))
+
+
 async def test_a_noted_job_whose_write_fails_is_written_on_a_later_attempt(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Nothing else writes an accepted job (its JobRequested does not come back
     # through the broker): a failed write is tried again, and until then the job
     # reads back from memory.
+    caplog.set_level(logging.INFO, "api.recorder")
     monkeypatch.setattr(recorder_module, "NOTE_FIRST_PAUSE", 0.01)
-    writes = Writes(fail=RuntimeError("database away"))
+    writes = Writes(fail=database_away())
     recorder = JobRecorder(writes)
-    event = job_requested()
-    job_id = str(event.job_id)
+    events = [job_requested(), job_requested()]
 
-    recorder.note(event)
-    await wait_until(lambda: len(writes.batches) >= 2)
-    meanwhile = recorder.pending(job_id, None)
+    for event in events:
+        recorder.note(event)
+    await wait_until(lambda: len(writes.batches) >= 3)
+    meanwhile = [recorder.pending(str(e.job_id), None) for e in events]
     writes.fail = None
-    await wait_until(lambda: recorder.pending(job_id, None) is None)
+    await wait_until(lambda: all(recorder.pending(str(e.job_id), None) is None for e in events))
     await recorder.close()
 
-    assert meanwhile is not None
-    assert meanwhile.status == "queued"
-    assert all(batch == [event] for batch in writes.batches)
-    assert f"job {job_id}: could not record it (RuntimeError); trying again" in caplog.text
+    assert [record.status if record else None for record in meanwhile] == ["queued", "queued"]
+    written = {e.event_id for batch in writes.batches for e in batch}
+    assert written == {e.event_id for e in events}
+    # One line for the outage and one when it is over, not one per job or attempt.
+    assert caplog.text.count("could not record an accepted job (OperationalError)") == 1
+    assert "accepted jobs held back: 2 recorded, 0 left to their next events" in caplog.text
 
 
 async def test_a_noted_job_still_unwritten_at_close_is_tried_once_more_then_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    writes = Writes(fail=RuntimeError("disk full"))
+    writes = Writes(fail=database_away())
     recorder = JobRecorder(writes)  # the first pause (0.5 s) outlasts the test
     event = job_requested()
 
@@ -140,8 +149,41 @@ async def test_a_noted_job_still_unwritten_at_close_is_tried_once_more_then_logg
     await asyncio.wait_for(recorder.close(), 5)
 
     assert writes.batches == [[event], [event]]
-    assert f"job {event.job_id}: not recorded before stopping (RuntimeError)" in caplog.text
+    assert f"job {event.job_id}: not recorded before stopping (OperationalError)" in caplog.text
     assert recorder.pending(str(event.job_id), None) is None
+
+
+async def test_a_write_that_fails_for_another_reason_is_not_tried_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    writes = Writes(fail=ValueError("a bug"))
+    recorder = JobRecorder(writes)
+    event = job_requested()
+
+    first = recorder.note(event)
+
+    assert await first is False
+    await recorder.close()
+    assert writes.batches == [[event]]
+    assert f"job {event.job_id}: could not record it (ValueError('a bug'))" in caplog.text
+
+
+async def test_no_more_than_max_held_back_jobs_wait_in_memory_for_the_database(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recorder_module, "MAX_HELD_BACK", 1)
+    writes = Writes(fail=database_away())
+    recorder = JobRecorder(writes)
+    held, dropped = job_requested(), job_requested()
+
+    recorder.note(held)
+    await wait_until(lambda: len(writes.batches) == 1)
+    recorder.note(dropped)
+    await wait_until(lambda: recorder.pending(str(dropped.job_id), None) is None)
+
+    assert recorder.pending(str(held.job_id), None) is not None  # still held
+    assert f"job {dropped.job_id}: not recorded (OperationalError) and 1 jobs" in caplog.text
+    await recorder.close()
 
 
 async def test_each_job_is_recorded_with_the_trace_it_was_handled_in() -> None:
@@ -163,3 +205,16 @@ async def test_each_job_is_recorded_with_the_trace_it_was_handled_in() -> None:
     assert in_trace.trace_id == trace_id
     written = {job: trace for batch in writes.traces for job, trace in batch.items()}
     assert written == {str(traced.job_id): trace_id}
+
+
+async def test_a_job_noted_with_its_own_trace_keeps_it_inside_another_one() -> None:
+    # A batch hands its jobs on with their own traces, from within the request's.
+    writes = Writes()
+    recorder = JobRecorder(writes)
+    event = job_requested()
+
+    with tracing.span("request", SpanKind.SERVER, parent=tracing.new_root()):
+        recorder.note(event, "ab" * 16)
+    await recorder.close()
+
+    assert writes.traces == [{str(event.job_id): "ab" * 16}]

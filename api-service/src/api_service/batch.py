@@ -117,7 +117,7 @@ class BatchIntake:
         keys: BatchKeys,
         policy: IntakePolicy,
         record: RecordJobs,
-        record_later: Callable[[JobRequested], None],
+        record_later: Callable[[JobRequested, str | None], object],
     ) -> None:
         self._broker = broker
         self._keys = keys
@@ -253,7 +253,7 @@ class BatchIntake:
                 type(exc).__name__,
             )
             for event in events:
-                self._record_later(event)
+                self._record_later(event, traces.get(str(event.job_id)))
 
     async def _settle(
         self, caller: str, key: str, outcome: KeyState, confirmed: Collection[int]

@@ -127,12 +127,8 @@ class JobIntake:
         (nothing else records it: its ``JobRequested`` does not come back). A write
         that fails or takes longer does not hold the answer: the broker has the job,
         and the recorder keeps trying."""
-        job_id = job_id or uuid4()
-        event = requested_event(job, job_id, caller)
-        await self._publish(event)
-        log.info("job %s: JobRequested published (step %s)", event.job_id, event.step)
-        # asyncio.wait does not cancel the write if the client goes away meanwhile.
-        await asyncio.wait({self._recorder.note(event)}, timeout=self._policy.record_wait)
+        job_id, recorded = await self._publish_and_note(job, caller, job_id or uuid4())
+        await self._until_recorded(recorded)
         return job_id
 
     async def accept_once(self, job: JobRequest, caller: str, key: str) -> tuple[UUID, bool]:
@@ -148,7 +144,7 @@ class JobIntake:
             return job_id, True
         resumed = reservation.outcome is KeyOutcome.RESUME
         try:
-            await self.accept(job, caller, job_id)
+            _, recorded = await self._publish_and_note(job, caller, job_id)
         except OutcomeUnknown:
             await self._settle(caller, key, "unknown")
             raise
@@ -159,8 +155,23 @@ class JobIntake:
         except BaseException:
             await self._settle(caller, key, "unknown")
             raise
+        # The key first: a request cancelled while its record is written has
+        # its job with the broker, and its key must say so.
         await self._settle(caller, key, "done")
+        await self._until_recorded(recorded)
         return job_id, False
+
+    async def _publish_and_note(
+        self, job: JobRequest, caller: str, job_id: UUID
+    ) -> tuple[UUID, asyncio.Future[bool]]:
+        event = requested_event(job, job_id, caller)
+        await self._publish(event)
+        log.info("job %s: JobRequested published (step %s)", event.job_id, event.step)
+        return job_id, self._recorder.note(event)
+
+    async def _until_recorded(self, recorded: asyncio.Future[bool]) -> None:
+        # asyncio.wait does not cancel the write if the client goes away meanwhile.
+        await asyncio.wait({recorded}, timeout=self._policy.record_wait)
 
     async def _publish(self, event: JobRequested) -> None:
         await publish_settled(self._broker, event, self._policy.publish_budget)

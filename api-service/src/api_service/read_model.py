@@ -22,10 +22,11 @@ record still ends in the same state:
   first) ``EmailSent``'s;
 * ``trace_id`` is the job's trace, from the first event that came with one
   (every event of a job travels in the trace its request started);
-* ``caller`` is the first ``submitted_by`` recorded: every event of a job
-  carries its caller, so a job whose ``JobRequested`` was never recorded
-  (the api recorded it itself, and stopped before its write) is still its
-  caller's from its next event on.
+* ``caller`` is the ``JobRequested``'s ``submitted_by``. Every event of a
+  job carries its caller on, so a job whose ``JobRequested`` was never
+  recorded (the api records it itself, and stopped before its write) is
+  still its caller's from its next event; but a later event never takes a
+  job from the caller its request named (see ``_caller``).
 """
 
 from __future__ import annotations
@@ -130,6 +131,25 @@ def facts(entries: Iterable[Entry]) -> tuple[Entry, ...]:
     return tuple(sorted(kept.values(), key=_order))
 
 
+def _caller(record: JobRecord, event: JobEvent) -> str | None:
+    """Whose job it is once ``event`` is folded into ``record``.
+
+    The request's caller, always: only the api may publish ``JobRequested``.
+    Until the request is recorded, the caller the job's other events carry on
+    (the least of them, should two ever disagree, so that arrival order does not
+    matter); a later stage can name the caller of a job nobody claimed, never
+    take one over.
+    """
+    named = event.submitted_by
+    if named is None:
+        return record.caller
+    if isinstance(event, JobRequested) or record.caller is None:
+        return named
+    if any(entry.event == "JobRequested" for entry in record.timeline):
+        return record.caller
+    return min(record.caller, named)
+
+
 def entry_of(event: JobEvent) -> Entry:
     entry = Entry(event_id=str(event.event_id), event=event.event_type, at=event.occurred_at)
     if isinstance(event, JobFailed):
@@ -144,18 +164,15 @@ def entry_of(event: JobEvent) -> Entry:
 def apply(record: JobRecord | None, event: JobEvent, trace_id: str | None = None) -> JobRecord:
     """The record after ``event`` (which travelled in trace ``trace_id``); the same
     record (``is``) if it adds no fact."""
-    # Every event of a job names its caller (older producers put it on
-    # JobRequested only): whichever is recorded first makes the job its caller's.
-    caller = event.submitted_by
     if record is None:
         return JobRecord(
             job_id=str(event.job_id),
-            caller=caller,
+            caller=event.submitted_by,
             timeline=(entry_of(event),),
             trace_id=trace_id,
         )
     timeline = facts((*record.timeline, entry_of(event)))
-    caller = record.caller or caller
+    caller = _caller(record, event)
     trace_id = record.trace_id or trace_id
     if timeline == record.timeline and caller == record.caller and trace_id == record.trace_id:
         return record

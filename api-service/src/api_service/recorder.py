@@ -8,9 +8,11 @@ A delivery's handler awaits its event's commit, so its message is acked only
 once its fact is in the store.
 
 An accepted job's ``JobRequested`` does not come back through the broker: the
-recorder is the only writer of it, and keeps trying until the write succeeds
-(a database that is away for a while). Should the api stop first, the job's
-next event records it, with its caller (every event carries it).
+recorder is the only writer of it, and while the database is away it keeps
+trying, with back-off, up to ``MAX_HELD_BACK`` jobs at once (each holds its
+event in memory). A job it gives up on (past that bound, a write that fails
+for another reason, or the api stopping first) is recorded by its next
+event, with its caller: every event carries it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
+
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from api_service.read_model import JobEvent, JobRecord, apply
 from pipeline_shared import tracing
@@ -32,6 +37,12 @@ MAX_BATCH = 500
 NOTE_FIRST_PAUSE = 0.5
 NOTE_LONGEST_PAUSE = 30.0
 """Seconds between attempts to write an accepted job whose write failed: doubling."""
+
+MAX_HELD_BACK = 10_000
+"""Accepted jobs whose write failed that are kept to be tried again, at most."""
+
+DATABASE_AWAY = (OperationalError, InterfaceError, PoolTimeout)
+"""Failures that pass when the database is back; any other is not tried again."""
 
 WriteBatch = Callable[[Sequence[JobEvent], Mapping[str, str]], None]
 """Writes events, and each job's trace id by job id, in one transaction."""
@@ -58,6 +69,8 @@ class JobRecorder:
         self._traces: dict[str, str] = {}
         self._noted: set[asyncio.Task[None]] = set()
         self._closing = asyncio.Event()
+        self._held_back = 0  # noted jobs waiting to be tried again, now
+        self._outage = [0, 0]  # since the first failure: jobs written later, given up
 
     async def record(self, event: JobEvent) -> None:
         """Return once ``event`` is committed; raise what the write raised."""
@@ -67,11 +80,12 @@ class JobRecorder:
         finally:
             self._untrack(event)
 
-    def note(self, event: JobEvent) -> asyncio.Future[bool]:
-        """Record ``event`` (an accepted job: the broker holds it), trying again after a
-        failed write until it is written or ``close``. The returned future says how
-        the first attempt went (True: committed); nothing needs to await it."""
-        self._track(event)
+    def note(self, event: JobEvent, trace_id: str | None = None) -> asyncio.Future[bool]:
+        """Record ``event`` (an accepted job: the broker holds it), in trace ``trace_id``
+        (default: the current one), trying again while the database is away (see the
+        module's docstring). The returned future says how the first attempt went
+        (True: committed); nothing needs to await it."""
+        self._track(event, trace_id)
         first: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         noted = asyncio.create_task(self._write_noted(event, first))
         self._noted.add(noted)
@@ -92,10 +106,10 @@ class JobRecorder:
         await asyncio.gather(*self._noted, return_exceptions=True)
         await self._batches.close()
 
-    def _track(self, event: JobEvent) -> None:
+    def _track(self, event: JobEvent, trace_id: str | None = None) -> None:
         job_id = str(event.job_id)
         self._unwritten.setdefault(job_id, []).append(event)
-        trace_id = tracing.current_trace_id()
+        trace_id = trace_id or tracing.current_trace_id()
         if trace_id is not None:
             self._traces.setdefault(job_id, trace_id)
 
@@ -111,14 +125,16 @@ class JobRecorder:
         await self._batches.submit((event, self._traces.get(str(event.job_id))))
 
     async def _write_noted(self, event: JobEvent, first: asyncio.Future[bool]) -> None:
-        pause = NOTE_FIRST_PAUSE
+        held = written = False
         try:
+            pause = NOTE_FIRST_PAUSE
             while True:
                 try:
                     await self._submit(event)
                     _settle(first, True)
+                    written = True
                     return
-                except Exception as exc:
+                except DATABASE_AWAY as exc:
                     _settle(first, False)
                     if self._closing.is_set():
                         log.warning(
@@ -127,19 +143,58 @@ class JobRecorder:
                             type(exc).__name__,
                         )
                         return
+                    if not held:
+                        if self._held_back >= MAX_HELD_BACK:
+                            log.warning(
+                                "job %s: not recorded (%s) and %d jobs are already held "
+                                "back; its next event records it",
+                                event.job_id,
+                                type(exc).__name__,
+                                self._held_back,
+                            )
+                            return
+                        held = True
+                        self._hold(exc)
                     # Until written, GET /jobs/{id} on this replica still shows the
                     # job (``pending``); the broker holds the job itself.
-                    log.warning(
-                        "job %s: could not record it (%s); trying again in %g s",
+                    log.debug("job %s: not recorded yet; again in %g s", event.job_id, pause)
+                except Exception as exc:
+                    _settle(first, False)
+                    log.error(
+                        "job %s: could not record it (%r); its next event records it",
                         event.job_id,
-                        type(exc).__name__,
-                        pause,
+                        exc,
                     )
+                    return
                 await self._pause(pause)
                 pause = min(2 * pause, NOTE_LONGEST_PAUSE)
         finally:
             _settle(first, False)
             self._untrack(event)
+            if held:
+                self._release(written)
+
+    def _hold(self, exc: BaseException) -> None:
+        # One line when an outage starts and one when it is over, not one per job.
+        if self._held_back == 0:
+            log.warning(
+                "could not record an accepted job (%s); trying again with back-off "
+                "(the broker has the jobs)",
+                type(exc).__name__,
+            )
+        self._held_back += 1
+
+    def _release(self, written: bool) -> None:
+        self._held_back -= 1
+        self._outage[0 if written else 1] += 1
+        if self._held_back == 0:
+            later, given_up = self._outage
+            log.info(
+                "accepted jobs held back: %d recorded, %d left to their next events",
+                later,
+                given_up,
+            )
+            self._outage = [0, 0]
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -105,6 +105,8 @@ def example_events() -> tuple[Event, ...]:
                 "numeric_summary": {"min": 4, "max": 4, "mean": 4.0},
                 "list_lengths": {"visits": 3},
             },
+            requested_at=at,
+            submitted_by="key-7d3a",
         ),
         EmailSent(
             event_id=UUID("0b6f0d6e-1a2b-4c3d-9e4f-5a6b7c8d9e03"),
@@ -114,6 +116,7 @@ def example_events() -> tuple[Event, ...]:
             transport="mailtrap",
             provider_message_id="c0ffee00-0000-4000-8000-000000000001",
             attempts=1,
+            submitted_by="key-7d3a",
         ),
         JobFailed(
             event_id=UUID("0b6f0d6e-1a2b-4c3d-9e4f-5a6b7c8d9e04"),
@@ -123,6 +126,7 @@ def example_events() -> tuple[Event, ...]:
             reason="step 'word_count' failed: the data has no field 'text'",
             error_type="PermanentFailure",
             attempts=1,
+            submitted_by="key-7d3a",
         ),
     )
 
