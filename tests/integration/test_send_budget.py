@@ -205,3 +205,28 @@ async def test_without_a_shared_budget_the_limit_is_hit_and_a_429_defers_without
     assert all(0 < d.wait_seconds <= SDK_WINDOW for d in deferred)
     # What was deferred was not taken: sent later, it is sent once.
     assert len(stub.delivered) == len(emails) - len(deferred)
+
+
+async def test_a_send_its_handler_gave_up_on_while_the_budget_held_it_never_goes_out(
+    stub: MailtrapStub, tmp_path: Path
+) -> None:
+    # A 429 can hold every request for minutes. A handler that times out meanwhile
+    # has its message retried; if the held request then went out, the retry's
+    # search of the Email Logs could miss it and the email would go twice.
+    budget = SendBudget.open(
+        f"sqlite:///{tmp_path / 'shared.sqlite3'}", max_requests=LIMIT, window_seconds=SDK_WINDOW
+    )
+    transport = mailer(stub, budget)
+    held, later = (compose_email(data_processed(), SENDER) for _ in range(2))
+    try:
+        await budget.block_for(1.0)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(transport.send(held), 0.2)
+        # The held request is dropped once the block ends; the next one goes.
+        receipt = await asyncio.wait_for(transport.send(later), 10)
+        await asyncio.sleep(0.3)  # time enough for a send behind it to reach the stand-in
+    finally:
+        await transport.close()
+
+    assert isinstance(receipt, Receipt)
+    assert list(stub.deliveries_by_job()) == [later.job_id]

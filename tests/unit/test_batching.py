@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 from hypothesis import given
@@ -66,6 +66,8 @@ class Provider:
         delay: float = 0.001,
     ):
         self.batches: list[list[str]] = []
+        self.wanted: list[list[Callable[[], bool]]] = []
+        self.in_flight = 0.001
         self.delay = delay
         self.slots = 0
         self.slot_failure: Exception | None = None
@@ -78,9 +80,12 @@ class Provider:
             raise self.slot_failure
         await asyncio.sleep(self.delay)  # the provider's budget makes it wait
 
-    async def send_batch(self, emails: Sequence[OutgoingEmail]) -> list[Receipt | HandlerFailure]:
+    async def send_batch(
+        self, emails: Sequence[OutgoingEmail], wanted: Sequence[Callable[[], bool]] | None = None
+    ) -> list[Receipt | HandlerFailure]:
         self.batches.append([email.to for email in emails])
-        await asyncio.sleep(0.001)
+        self.wanted.append(list(wanted or []))
+        await asyncio.sleep(self.in_flight)
         if self.whole is not None:
             return [self.whole] * len(emails)
         return [
@@ -109,6 +114,27 @@ async def test_emails_handed_in_together_share_one_request_and_get_their_own_rec
 
     assert provider.batches == [addresses]
     assert [r.message_id for r in receipts] == [f"id-{a}" for a in addresses]
+
+
+async def test_the_sender_can_tell_which_emails_are_still_waited_for() -> None:
+    # A batch refused as a whole is sent again one by one, each email waiting for
+    # its own budget slot: one whose handler gave up meanwhile must be dropped.
+    provider = Provider()
+    provider.in_flight = 0.2
+    transport = BatchingTransport(provider, BatchLimits(wait_seconds=0.01), concurrency=2)
+    kept = asyncio.create_task(transport.send(email_to("kept@example.com")))
+    given_up = asyncio.create_task(transport.send(email_to("gone@example.com")))
+    while not provider.wanted:
+        await asyncio.sleep(0.005)
+    [wanted] = provider.wanted
+    before = [still() for still in wanted]
+
+    given_up.cancel()
+    await asyncio.sleep(0)
+
+    assert before == [True, True]
+    assert [still() for still in wanted] == [True, False]
+    await kept
 
 
 async def test_a_full_batch_goes_at_once_and_the_rest_after_the_wait() -> None:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from mailer_service.blocking_pool import DaemonThreadPool, PoolClosed
+from mailer_service.blocking_pool import DaemonThreadPool, PoolClosed, still_wanted
 
 pytestmark = pytest.mark.unit
 
@@ -131,3 +131,32 @@ def test_a_process_exits_at_once_while_a_call_still_hangs() -> None:
 
     assert done.returncode == 0
     assert time.monotonic() - started < 10
+
+
+async def test_a_call_sees_whether_its_caller_still_waits_for_it() -> None:
+    # A send that waited (for the provider's budget) checks this before it sends:
+    # a handler that timed out meanwhile must not have its email sent behind it.
+    pool = DaemonThreadPool(1, name="test")
+    started, release = threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def wait_then_look() -> None:
+        seen.append(still_wanted())
+        started.set()
+        release.wait(5)
+        seen.append(still_wanted())
+
+    try:
+        waiting = asyncio.create_task(pool.run(wait_then_look))
+        await asyncio.to_thread(started.wait, 5)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        release.set()
+        # The next call runs once the first is done, and is wanted.
+        assert await pool.run(still_wanted) is True
+    finally:
+        pool.close()
+
+    assert seen == [True, False]
+    assert still_wanted() is True  # outside the pool's threads

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,9 +42,13 @@ class BatchSender(EmailTransport, Protocol):
         """Wait for the provider's request budget to allow one more request."""
         ...
 
-    async def send_batch(self, emails: Sequence[OutgoingEmail]) -> list[Receipt | HandlerFailure]:
+    async def send_batch(
+        self, emails: Sequence[OutgoingEmail], wanted: Sequence[Callable[[], bool]] | None = None
+    ) -> list[Receipt | HandlerFailure]:
         """One request (its budget slot already taken); one outcome per email, in
-        order; never raises for the provider's answers."""
+        order; never raises for the provider's answers. ``wanted`` says, from any
+        thread, whether each email's handler still waits for it: an email sent on
+        its own later (after a refused batch) is dropped once it does not."""
         ...
 
 
@@ -175,7 +179,9 @@ class BatchingTransport:
 
     async def _send(self, batch: list[tuple[OutgoingEmail, asyncio.Future[Receipt]]]) -> None:
         try:
-            outcomes = await self._sender.send_batch([email for email, _ in batch])
+            outcomes = await self._sender.send_batch(
+                [email for email, _ in batch], [_waited_for(done) for _, done in batch]
+            )
         except Exception as exc:  # a bug; the request may have gone out
             log.exception("sending a batch of %d email(s) failed", len(batch))
             unknown = SendOutcomeUnknown(f"sending the batch failed: {type(exc).__name__}")
@@ -189,3 +195,8 @@ class BatchingTransport:
                 done.set_exception(outcome)
             else:
                 done.set_result(outcome)
+
+
+def _waited_for(done: asyncio.Future[Receipt]) -> Callable[[], bool]:
+    # Read from a sending thread: only the done flag, which the loop sets.
+    return lambda: not done.done()

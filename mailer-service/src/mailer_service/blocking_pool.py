@@ -24,6 +24,18 @@ T = TypeVar("T")
 
 _Work = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[[], Any]]
 
+_running = threading.local()  # the future of the call a pool thread is running
+
+
+def still_wanted() -> bool:
+    """Within a pool call: whether its caller still awaits the result. False once the
+    awaiting coroutine was cancelled (a handler that timed out gave up on it): a call
+    that waited (for a provider's budget, say) checks before doing what cannot be
+    undone. True outside a pool thread."""
+    future: asyncio.Future[Any] | None = getattr(_running, "future", None)
+    # Only the done flag is read here; the loop's thread is the one that sets it.
+    return future is None or not future.cancelled()
+
 
 class PoolClosed(RuntimeError):
     """Work was submitted to a pool that was closed."""
@@ -62,12 +74,15 @@ class DaemonThreadPool:
             loop, future, function = item
             if future.cancelled():
                 continue  # given up on before it started: never run it
+            _running.future = future
             try:
                 result = function()
             except BaseException as exc:  # handed to the awaiting coroutine
                 _settle(loop, future, None, exc)
             else:
                 _settle(loop, future, result, None)
+            finally:
+                _running.future = None
 
 
 def _settle(

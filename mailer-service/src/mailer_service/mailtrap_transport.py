@@ -12,7 +12,7 @@ import asyncio
 import logging
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from ssl import SSLCertVerificationError
@@ -35,7 +35,7 @@ from mailtrap.models.mail.batch_mail import (
 from requests import Response
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
-from mailer_service.blocking_pool import DaemonThreadPool
+from mailer_service.blocking_pool import DaemonThreadPool, still_wanted
 from mailer_service.compose import OutgoingEmail
 from mailer_service.send_budget import SendBudget
 from mailer_service.transport import Receipt, SendOutcomeUnknown
@@ -81,6 +81,18 @@ def _never_left(exc: BaseException) -> bool:
         pending.extend([*current.args, current.__cause__, current.__context__])
         pending.append(getattr(current, "reason", None))  # urllib3's MaxRetryError
     return False
+
+
+Wanted = Callable[[], bool]
+"""Whether the handler of an email still waits for it to be sent (callable from any thread)."""
+
+
+def _always() -> bool:
+    return True
+
+
+class SendAbandoned(Exception):
+    """A send dropped before its request: the handler that wanted it had given up."""
 
 
 class RateLimited(Exception):
@@ -270,9 +282,18 @@ class MailtrapTransport:
         if self._budget is not None:
             self._budget.acquire_blocking()
 
-    def _send_blocking(self, mail: mailtrap.Mail, *, slot_taken: bool) -> Receipt:
+    def _send_blocking(
+        self, mail: mailtrap.Mail, *, slot_taken: bool, wanted: Wanted = _always
+    ) -> Receipt:
         if not slot_taken:
             self._take_slot()
+            if not (still_wanted() and wanted()):
+                # The budget can hold a request for minutes (a 429's Retry-After).
+                # Its handler gave up meanwhile and its message went back to the
+                # queue: sending now would race the next attempt's search of the
+                # Email Logs, and could send the email twice.
+                log.info("dropped a send its handler gave up on while it waited its turn")
+                raise SendAbandoned("the handler gave up before the email was sent")
         response = self._sending_api().send(mail)
         return Receipt(message_id=response.message_ids[0] if response.message_ids else None)
 
@@ -299,16 +320,22 @@ class MailtrapTransport:
     async def send(self, email: OutgoingEmail) -> Receipt:
         return await self._send_one(email, slot_taken=False)
 
-    async def _send_one(self, email: OutgoingEmail, *, slot_taken: bool) -> Receipt:
+    async def _send_one(
+        self, email: OutgoingEmail, *, slot_taken: bool, wanted: Wanted = _always
+    ) -> Receipt:
         try:
             mail = to_mail(email)
         except Exception as exc:
             # The same email fails the same way every time: retrying cannot help.
             raise PermanentFailure(f"could not build the email: {exc}") from exc
         try:
-            return await self._pool.run(lambda: self._send_blocking(mail, slot_taken=slot_taken))
+            return await self._pool.run(
+                lambda: self._send_blocking(mail, slot_taken=slot_taken, wanted=wanted)
+            )
         except asyncio.CancelledError:
             raise
+        except SendAbandoned as exc:
+            raise TransientFailure(str(exc)) from exc  # nobody waits for this answer
         except Exception as exc:
             await self._honour_rate_limit(exc)
             raise classify(exc) from exc
@@ -322,13 +349,17 @@ class MailtrapTransport:
         if self._budget is not None:
             await self._budget.acquire()
 
-    async def send_batch(self, emails: Sequence[OutgoingEmail]) -> list[Receipt | HandlerFailure]:
+    async def send_batch(
+        self, emails: Sequence[OutgoingEmail], wanted: Sequence[Wanted] | None = None
+    ) -> list[Receipt | HandlerFailure]:
         """Send ``emails`` in one batch request, its budget slot taken by the caller;
         one outcome per email, in order.
 
         A request refused as a whole for its content (400, 422) may be refused for
         one email's sake: each is then sent alone (each taking its own slot), to
-        get its own answer."""
+        get its own answer, unless ``wanted`` (one per email) says its handler gave
+        up while it waited for that slot."""
+        wanted = wanted or [_always] * len(emails)
         if len(emails) == 1:
             # Alone, it gets the plain answer of the sending endpoint.
             return [await self._outcome_of_one(emails[0], slot_taken=True)]
@@ -336,7 +367,10 @@ class MailtrapTransport:
             params = to_batch(emails)
         except Exception:
             # One email the SDK cannot take: find it by building each alone.
-            return [await self._outcome_of_one(email) for email in emails]
+            return [
+                await self._outcome_of_one(email, wanted=w)
+                for email, w in zip(emails, wanted, strict=True)
+            ]
         try:
             response = await self._pool.run(lambda: self._sending_api().batch_send(params))
         except asyncio.CancelledError:
@@ -349,16 +383,21 @@ class MailtrapTransport:
                     "Mailtrap refused a batch of %d (%s); sending each alone", len(emails), failure
                 )
                 return list(
-                    await asyncio.gather(*(self._outcome_of_one(email) for email in emails))
+                    await asyncio.gather(
+                        *(
+                            self._outcome_of_one(email, wanted=w)
+                            for email, w in zip(emails, wanted, strict=True)
+                        )
+                    )
                 )
             return [failure] * len(emails)
         return batch_outcomes(response, len(emails))
 
     async def _outcome_of_one(
-        self, email: OutgoingEmail, *, slot_taken: bool = False
+        self, email: OutgoingEmail, *, slot_taken: bool = False, wanted: Wanted = _always
     ) -> Receipt | HandlerFailure:
         try:
-            return await self._send_one(email, slot_taken=slot_taken)
+            return await self._send_one(email, slot_taken=slot_taken, wanted=wanted)
         except HandlerFailure as failure:
             return failure
 
