@@ -4,6 +4,8 @@ repeated parameters. In-process, with a recording broker and a real SQLite job s
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,10 +14,12 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from api_service import strict_route
 from api_service.app import create_app
 from api_service.recorder import JobRecorder
 from api_service.settings import ApiSettings
 from api_service.store import JobStore
+from api_service.strict_json import parse_json_body
 from support.asgi import http_scope
 from unit.fakes import FakePublisher
 
@@ -128,6 +132,43 @@ async def test_two_idempotency_keys_are_refused_rather_than_one_picked(
 
     assert response.status_code == 422
     assert locations(response) == [["header", "idempotency-key"]]
+    assert broker.published == []
+
+
+async def test_two_authorization_headers_name_no_caller_whichever_comes_first(
+    keyed_client: httpx.AsyncClient, broker: FakeBroker
+) -> None:
+    for first, second in ((KEY, "someone-elses-key"), ("someone-elses-key", KEY), (KEY, KEY)):
+        response = await keyed_client.post(
+            "/jobs",
+            content=JOB,
+            headers=[
+                ("content-type", "application/json"),
+                ("authorization", f"Bearer {first}"),
+                ("authorization", f"Bearer {second}"),
+            ],
+        )
+
+        assert response.status_code == 401, response.text
+        assert "one Authorization header" in response.json()["detail"]
+    assert broker.published == []
+
+
+async def test_two_content_encodings_are_refused_rather_than_the_first_believed(
+    client: httpx.AsyncClient, broker: FakeBroker
+) -> None:
+    response = await client.post(
+        "/jobs",
+        content=JOB,
+        headers=[
+            ("content-type", "application/json"),
+            ("content-encoding", "identity"),
+            ("content-encoding", "gzip"),
+        ],
+    )
+
+    assert response.status_code == 415
+    assert "one Content-Encoding" in response.json()["detail"]
     assert broker.published == []
 
 
@@ -293,3 +334,33 @@ async def test_a_client_gone_mid_body_is_a_400_not_an_error_of_the_api(
     assert sent[0]["status"] == 400
     assert b"ended before it was complete" in sent[1]["body"]
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+async def test_a_large_body_is_parsed_off_the_event_loop_and_a_small_one_on_it(
+    client: httpx.AsyncClient, broker: FakeBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Megabytes of batch take a good part of a second to parse: not on the loop.
+    parsed_in: list[str] = []
+
+    def recording(body: bytes) -> Any:
+        parsed_in.append(threading.current_thread().name)
+        return parse_json_body(body)
+
+    monkeypatch.setattr(strict_route, "parse_json_body", recording)
+    item = {"email": "ada@example.com", "data": {"visits": [3, 5]}}
+    large = json.dumps({"jobs": [item] * 2000}).encode()
+    assert len(large) > strict_route.OFF_LOOP_BYTES
+
+    small_answer = await client.post("/jobs", content=JOB, headers=JSON)
+    large_answer = await client.post("/jobs/batch", content=large, headers=JSON)
+    duplicate = large[:-1] + b', "jobs": []}'
+    refused = await client.post("/jobs/batch", content=duplicate, headers=JSON)
+
+    assert small_answer.status_code == 202, small_answer.text
+    assert large_answer.status_code == 422  # over MAX_BATCH_JOBS, found after parsing
+    assert refused.status_code == 422
+    assert locations(refused)[0] == ["body", "jobs"]  # the duplicate key, from the thread
+    loop_thread = threading.current_thread().name
+    assert parsed_in[0] == loop_thread
+    assert parsed_in[1] != loop_thread
+    assert parsed_in[2] != loop_thread

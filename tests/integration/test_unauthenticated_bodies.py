@@ -23,7 +23,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from api_service.app import create_app
-from api_service.http_protocol import protocol_with_header_deadline
+from api_service.http_protocol import MAX_HEAD_BYTES, protocol_with_header_deadline
 from api_service.recorder import JobRecorder
 from api_service.settings import ApiSettings
 from api_service.store import JobStore
@@ -328,6 +328,44 @@ async def test_a_connection_whose_body_was_read_is_kept_alive_for_the_next_reque
 
     assert first.status == 422, first
     assert "connection" not in first.headers
+    assert second.status == 200, second
+
+
+async def test_endless_header_lines_without_a_key_are_answered_431_and_not_kept(
+    connect: Callable[[], Any],
+) -> None:
+    # The parser keeps an unfinished header in memory: 64 MB of one header line
+    # from a few connections would hold hundreds of megabytes.
+    connection: Connection = await connect()
+    await connection.send(b"GET /healthz HTTP/1.1\r\nHost: api.test\r\nX-Big: ")
+    sent = 0
+    while sent < 4 * MAX_HEAD_BYTES and await connection.send(b"a" * 4096):
+        sent += 4096
+
+    answer = await connection.answer(QUICK)
+
+    assert answer.status == 431, answer
+    assert answer.headers["connection"] == "close"
+    assert str(MAX_HEAD_BYTES) in answer.json()["detail"]
+    assert await connection.closed_by_server(QUICK)
+
+
+async def test_a_body_arriving_with_its_head_counts_only_against_the_body_limit(
+    connect: Callable[[], Any],
+) -> None:
+    # A large request body sent in one write with its head, then a second request
+    # on the same connection with a head near the limit: each head is counted alone.
+    connection: Connection = await connect()
+    body = b'{"jobs": [' + b" " * (2 * MAX_HEAD_BYTES) + b"]}"
+    request = head("/jobs/batch", VALID_KEY, **{"Content-Length": str(len(body))})
+    near_limit = b"X-Pad: " + b"p" * (MAX_HEAD_BYTES - 200) + b"\r\n"
+
+    await connection.send(request + body)
+    first = await connection.answer(QUICK)
+    await connection.send(b"GET /healthz HTTP/1.1\r\nHost: api.test\r\n" + near_limit + b"\r\n")
+    second = await connection.answer(QUICK)
+
+    assert first.status == 422, first  # an empty batch: read, then refused for what it says
     assert second.status == 200, second
 
 

@@ -194,3 +194,22 @@ def test_a_422_lists_a_bounded_number_of_problems_and_counts_the_rest() -> None:
 
     assert len(shown) == MAX_REPORTED_PROBLEMS + 1
     assert shown[-1]["msg"] == f"and {100 - MAX_REPORTED_PROBLEMS} more problems"
+
+
+def test_a_body_of_many_problems_is_described_by_the_first_few_and_a_count() -> None:
+    # A million duplicate keys took two seconds of the event loop to describe
+    # one by one; only the first few are shown, the rest counted.
+    body = b'{"data": {' + b",".join([b'"a": 1'] * 100_000) + b"}}"
+
+    with pytest.raises(InvalidJsonBody) as caught:
+        parse_json_body(body)
+
+    assert len(caught.value.problems) == MAX_REPORTED_PROBLEMS
+    assert caught.value.total == 99_999
+    detail = caught.value.detail
+    assert detail[0]["loc"] == ["body", "data", "a"]
+    assert detail[-1] == {
+        "type": "too_many_errors",
+        "loc": [],
+        "msg": f"and {99_999 - MAX_REPORTED_PROBLEMS} more problems",
+    }

@@ -55,7 +55,15 @@ async def get_follower(request: Request) -> Following:
 def caller_of(request: Request) -> str:
     """The caller's id from the request's ``Authorization`` header, or 401."""
     keys: ApiKeys = request.app.state.api_keys
-    caller = keys.caller_of(request.headers.get("authorization"))
+    given = request.headers.getlist("authorization")
+    if len(given) > 1 and keys.required:
+        # Two keys name no one caller: never the first, or the last, of them.
+        raise HTTPException(
+            401,
+            "send one Authorization header, not several",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    caller = keys.caller_of(given[0] if given else None)
     if caller is None:
         raise HTTPException(
             401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"}

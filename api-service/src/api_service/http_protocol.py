@@ -6,6 +6,11 @@ byte at a time: enough of them exhaust the process's file descriptors. Each
 request's line and headers must arrive within ``REQUEST_TIMEOUT_SECONDS`` of
 its first byte (of the connection, for the first request), or the connection
 is closed. The body then has the same time again (``BodySizeLimit``).
+
+Nor does anything bound their size: the parser keeps a header it has not
+seen the end of in memory, so a few connections sending endless header lines
+would hold gigabytes, without an API key. A request whose line and headers
+pass ``MAX_HEAD_BYTES`` is answered ``431`` and its connection closed.
 """
 
 from __future__ import annotations
@@ -14,10 +19,41 @@ import asyncio
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+MAX_HEAD_BYTES = 32 * 1024
+"""Most bytes a request's line and headers may take (nginx allows 32 KiB by default)."""
+
+_TOO_LARGE = b"request line and headers larger than %d bytes" % MAX_HEAD_BYTES
+
 
 class _HeaderDeadlineProtocol(HttpToolsProtocol):
     header_timeout_seconds: float = 15.0
     _deadline: asyncio.TimerHandle | None = None
+    _in_head = True  # the bytes arriving belong to a request's line and headers
+    _head_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            # Only up to the blank line that ends the head: a body in the same read
+            # is the body limit's to count.
+            end = data.find(b"\r\n\r\n")
+            self._head_bytes += len(data) if end < 0 else end
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse_head()
+                return
+        super().data_received(data)
+
+    def _refuse_head(self) -> None:
+        self._in_head = False
+        self._disarm()
+        if self.transport.is_closing():
+            return
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"content-type: application/json\r\n"
+            b'content-length: %d\r\nconnection: close\r\n\r\n{"detail": "%s"}'
+            % (len(_TOO_LARGE) + 14, _TOO_LARGE)
+        )
+        self.transport.close()
 
     def _arm(self) -> None:
         if self._deadline is None:
@@ -46,8 +82,14 @@ class _HeaderDeadlineProtocol(HttpToolsProtocol):
         self._arm()
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         self._disarm()
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        # What follows on this connection is the next request's head.
+        self._in_head, self._head_bytes = True, 0
 
 
 def protocol_with_header_deadline(timeout_seconds: float) -> type[HttpToolsProtocol]:

@@ -17,9 +17,11 @@ def _printable(text: str, limit: int | None = None) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def validation_problems(errors: Sequence[Any]) -> list[dict[str, Any]]:
+def validation_problems(errors: Sequence[Any], total: int | None = None) -> list[dict[str, Any]]:
     """At most ``MAX_REPORTED_PROBLEMS`` of ``errors`` as ``{type, loc, msg}``, plus a count of
-    the rest. The client's input is not echoed: it may be huge, deep or unencodable."""
+    the rest (of ``total``, when ``errors`` holds only the first few). The client's input is
+    not echoed: it may be huge, deep or unencodable."""
+    total = len(errors) if total is None else total
     shown: list[dict[str, Any]] = [
         {
             "type": str(error["type"]),
@@ -31,12 +33,12 @@ def validation_problems(errors: Sequence[Any]) -> list[dict[str, Any]]:
         }
         for error in errors[:MAX_REPORTED_PROBLEMS]
     ]
-    if len(errors) > MAX_REPORTED_PROBLEMS:
+    if total > MAX_REPORTED_PROBLEMS:
         shown.append(
             {
                 "type": "too_many_errors",
                 "loc": [],
-                "msg": f"and {len(errors) - MAX_REPORTED_PROBLEMS} more problems",
+                "msg": f"and {total - MAX_REPORTED_PROBLEMS} more problems",
             }
         )
     return shown

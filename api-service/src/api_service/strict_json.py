@@ -11,9 +11,11 @@ The rest of the contract (sizes, depth, characters) is the models' to check.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -21,7 +23,12 @@ from typing import Any
 from fastapi import HTTPException
 
 from api_service.problems import validation_problems
-from pipeline_shared.contract import MAX_DATA_DEPTH, has_lone_surrogate, walk_json
+from pipeline_shared.contract import (
+    MAX_DATA_DEPTH,
+    MAX_REPORTED_PROBLEMS,
+    has_lone_surrogate,
+    walk_json,
+)
 
 Location = tuple[str | int, ...]
 
@@ -37,12 +44,16 @@ class InvalidJsonBody(HTTPException):
     """The body is not JSON the api can take as the client meant it: a 422 like any invalid
     field (an ``HTTPException``, which FastAPI lets through its body parsing unchanged)."""
 
-    def __init__(self, problems: list[BodyProblem]) -> None:
+    def __init__(self, problems: list[BodyProblem], total: int | None = None) -> None:
+        """``problems``: all of them, or the first few of ``total``."""
         super().__init__(
             422,
-            validation_problems([{"type": p.type, "loc": p.loc, "msg": p.msg} for p in problems]),
+            validation_problems(
+                [{"type": p.type, "loc": p.loc, "msg": p.msg} for p in problems], total
+            ),
         )
         self.problems = problems
+        self.total = len(problems) if total is None else total
 
 
 class _Refused:
@@ -119,27 +130,40 @@ def _rounded(literal: str, value: float) -> bool:
 _LONE = "contains a lone surrogate (half of a UTF-16 pair), which is not text"
 
 
-def _problems_in(value: Any) -> list[BodyProblem]:
-    # All of them, to count them; the answer shows the first few.
+def _problems_in(value: Any) -> tuple[list[BodyProblem], int]:
+    """The first ``MAX_REPORTED_PROBLEMS`` problems, and how many there are: a body of a
+    million duplicate keys must not take seconds to describe."""
     problems: list[BodyProblem] = []
+    total = 0
+
+    def note(found: Iterable[BodyProblem], count: int) -> None:
+        nonlocal total
+        room = MAX_REPORTED_PROBLEMS - len(problems)
+        if room > 0:
+            problems.extend(itertools.islice(found, room))
+        total += count
+
     for item, where in walk_json(value, ("body",)):
         if isinstance(item, _Refused):
-            problems.append(BodyProblem(where, item.problem))
+            note([BodyProblem(where, item.problem)], 1)
         elif isinstance(item, str):
             if has_lone_surrogate(item):
-                problems.append(BodyProblem(where, _LONE, "lone_surrogate"))
+                note([BodyProblem(where, _LONE, "lone_surrogate")], 1)
         elif isinstance(item, dict):
             if isinstance(item, _WithDuplicates):
-                problems.extend(
-                    BodyProblem((*where, key), f"duplicate key {key!r}", "duplicate_key")
-                    for key in item.duplicates
+                note(
+                    (
+                        BodyProblem((*where, key), f"duplicate key {key!r}", "duplicate_key")
+                        for key in item.duplicates
+                    ),
+                    len(item.duplicates),
                 )
-            problems.extend(
-                BodyProblem((*where, k), f"a key {_LONE}", "lone_surrogate")
-                for k in item
-                if has_lone_surrogate(k)
+            lone = [k for k in item if has_lone_surrogate(k)]
+            note(
+                (BodyProblem((*where, k), f"a key {_LONE}", "lone_surrogate") for k in lone),
+                len(lone),
             )
-    return problems
+    return problems, total
 
 
 def parse_json_body(body: bytes) -> Any:
@@ -177,6 +201,8 @@ def parse_json_body(body: bytes) -> Any:
             [BodyProblem(("body",), "a number has too many digits (beyond ±1.8e308)")]
         ) from None
     suspect = parser.suspect or _SURROGATE_ESCAPE.search(text) is not None
-    if suspect and (problems := _problems_in(value)):
-        raise InvalidJsonBody(problems)
+    if suspect:
+        problems, total = _problems_in(value)
+        if total:
+            raise InvalidJsonBody(problems, total)
     return value

@@ -69,6 +69,14 @@ def build_engine(database_url: str, *, durable: bool = True) -> Engine:
         mode = connection.get_execution_options().get(_SQLITE_BEGIN, "DEFERRED")
         connection.exec_driver_sql(f"BEGIN {mode}")
 
+    @event.listens_for(engine, "handle_error")
+    def _reopen_if_read_only(context: Any) -> None:
+        # SQLite opens a file it may not write read-only, and the connection stays
+        # so after the file's permissions are mended: treat it as gone, so that the
+        # pool opens a fresh one and the next write works without a restart.
+        if "readonly database" in str(context.original_exception):
+            context.is_disconnect = True
+
     return engine
 
 
