@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -170,6 +171,12 @@ class InvalidCursor(ValueError):
 def decode_cursor(cursor: str) -> tuple[float, str]:
     try:
         created_at, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        # Only what encode_cursor writes: a time as a finite number (json reads
+        # NaN and 1e999 as floats too).
+        if isinstance(created_at, bool) or not isinstance(created_at, int | float):
+            raise TypeError("the time is not a number")
+        if not math.isfinite(created_at):
+            raise ValueError("the time is not finite")
         return float(created_at), str(UUID(job_id))
     except (ValueError, TypeError, AttributeError) as exc:
         raise InvalidCursor("cursor is not one this api handed out") from exc
