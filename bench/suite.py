@@ -722,7 +722,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         print(
             "  settings : services' defaults (processor prefetch 32; MAILER_CONCURRENCY 8, "
-            "prefetch 100 when batching; Mailtrap batches <= 500, BATCH_WAIT_MS 20)"
+            "prefetch 250 when batching; Mailtrap batches <= 500, BATCH_WAIT_MS 20)"
         )
         with pt.throwaway_vhost(management) as vhost:
             ceiling = amqp_cost.three_hops(management, vhost, options.ceiling_messages)

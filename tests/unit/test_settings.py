@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from api_service.settings import ApiSettings
-from mailer_service.settings import MailerSettings
+from mailer_service.settings import BATCHING_PREFETCH, MailerSettings
 from pipeline_shared.settings import (
     PipelineSettings,
     describe_settings_error,
@@ -430,6 +430,18 @@ def test_the_mailer_prefetch_defaults_to_twice_the_concurrency(
 
     assert settings.mailer_prefetch is None
     assert settings.prefetch == 10
+
+
+def test_a_batching_mailer_holds_enough_messages_for_provider_latency_to_cost_no_throughput(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MAILTRAP_API_TOKEN", "a-token")
+    monkeypatch.setenv("MAILER_CONCURRENCY", "5")
+
+    settings = MailerSettings()
+
+    assert settings.batching
+    assert settings.prefetch == BATCHING_PREFETCH == 250
 
 
 def test_an_explicit_mailer_prefetch_wins_over_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
