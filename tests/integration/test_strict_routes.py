@@ -117,18 +117,21 @@ async def test_a_list_filter_given_twice_is_refused(client: httpx.AsyncClient) -
     assert locations(response) == [["query", "status"]]
 
 
+async def post_job_with_twice(
+    client: httpx.AsyncClient, header: str, first: str, second: str
+) -> httpx.Response:
+    """``POST /jobs`` with ``header`` given twice, ``first`` then ``second``."""
+    return await client.post(
+        "/jobs",
+        content=JOB,
+        headers=[("content-type", "application/json"), (header, first), (header, second)],
+    )
+
+
 async def test_two_idempotency_keys_are_refused_rather_than_one_picked(
     client: httpx.AsyncClient, broker: FakeBroker
 ) -> None:
-    response = await client.post(
-        "/jobs",
-        content=JOB,
-        headers=[
-            ("content-type", "application/json"),
-            ("idempotency-key", "first"),
-            ("idempotency-key", "second"),
-        ],
-    )
+    response = await post_job_with_twice(client, "idempotency-key", "first", "second")
 
     assert response.status_code == 422
     assert locations(response) == [["header", "idempotency-key"]]
@@ -139,14 +142,8 @@ async def test_two_authorization_headers_name_no_caller_whichever_comes_first(
     keyed_client: httpx.AsyncClient, broker: FakeBroker
 ) -> None:
     for first, second in ((KEY, "someone-elses-key"), ("someone-elses-key", KEY), (KEY, KEY)):
-        response = await keyed_client.post(
-            "/jobs",
-            content=JOB,
-            headers=[
-                ("content-type", "application/json"),
-                ("authorization", f"Bearer {first}"),
-                ("authorization", f"Bearer {second}"),
-            ],
+        response = await post_job_with_twice(
+            keyed_client, "authorization", f"Bearer {first}", f"Bearer {second}"
         )
 
         assert response.status_code == 401, response.text
@@ -157,15 +154,7 @@ async def test_two_authorization_headers_name_no_caller_whichever_comes_first(
 async def test_two_content_encodings_are_refused_rather_than_the_first_believed(
     client: httpx.AsyncClient, broker: FakeBroker
 ) -> None:
-    response = await client.post(
-        "/jobs",
-        content=JOB,
-        headers=[
-            ("content-type", "application/json"),
-            ("content-encoding", "identity"),
-            ("content-encoding", "gzip"),
-        ],
-    )
+    response = await post_job_with_twice(client, "content-encoding", "identity", "gzip")
 
     assert response.status_code == 415
     assert "one Content-Encoding" in response.json()["detail"]
