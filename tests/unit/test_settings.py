@@ -435,7 +435,7 @@ def test_the_mailer_prefetch_defaults_to_twice_the_concurrency(
 def test_a_batching_mailer_holds_enough_messages_for_provider_latency_to_cost_no_throughput(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("MAILTRAP_API_TOKEN", "a-token")
+    monkeypatch.setenv("MAILTRAP_TOKEN", "a-token")
     monkeypatch.setenv("MAILER_CONCURRENCY", "5")
 
     settings = MailerSettings()
