@@ -13,6 +13,7 @@ import pytest
 from mailer_service.batching import BatchingTransport, BatchLimits
 from mailer_service.compose import OutgoingEmail, Sender, compose_email
 from mailer_service.mailtrap_transport import MailtrapTransport
+from mailer_service.send_budget import SendBudget
 from mailer_service.transport import Receipt, SendOutcomeUnknown
 from pipeline_shared.errors import PermanentFailure, TransientFailure
 from support.mailtrap_stub import MailtrapStub
@@ -133,3 +134,35 @@ async def test_a_batch_not_taken_is_a_plain_transient_failure_for_every_email(
         assert isinstance(outcome, TransientFailure)
         assert not isinstance(outcome, SendOutcomeUnknown)
     assert stub.delivered == []
+
+
+async def test_a_refused_batchs_emails_sent_alone_leave_out_one_whose_handler_gave_up(
+    stub: MailtrapStub, tmp_path: Path
+) -> None:
+    # Sent one by one after a 400, each email waits for its own budget slot, which
+    # a 429 can make minutes; one whose handler gave up meanwhile must not go.
+    budget = SendBudget.open(
+        f"sqlite:///{tmp_path / 'budget.sqlite3'}", max_requests=150, window_seconds=10
+    )
+    mailtrap = MailtrapTransport(
+        token=stub.token, api_host=stub.host, inbox_id=None, concurrency=4, budget=budget
+    )
+    batch = emails(3)
+    stub.refused_recipients = {batch[0].to}
+    stub.refuse_whole_batch = True
+    still = [True, True, True]
+    try:
+        await budget.block_for(0.5)  # the one-by-one sends wait for their slots
+        sending = asyncio.create_task(
+            mailtrap.send_batch(batch, [lambda n=n: still[n] for n in range(3)])
+        )
+        await asyncio.sleep(0.2)
+        still[2] = False  # its handler timed out while the budget held it
+        outcomes = await asyncio.wait_for(sending, 10)
+    finally:
+        await mailtrap.close()
+
+    assert isinstance(outcomes[0], PermanentFailure)
+    assert isinstance(outcomes[1], Receipt)
+    assert not isinstance(outcomes[2], Receipt)
+    assert stub.deliveries_by_job() == {batch[1].job_id: 1}

@@ -376,6 +376,9 @@ async def test_a_job_is_listed_by_its_request_time_even_when_the_request_arrived
         base64.urlsafe_b64encode(b'[NaN, "3f2b8c1e-0d4a-4f6b-9a57-2c1e8d9b7a60"]').decode(),
         base64.urlsafe_b64encode(b'[1e999, "3f2b8c1e-0d4a-4f6b-9a57-2c1e8d9b7a60"]').decode(),
         base64.urlsafe_b64encode(b'[true, "3f2b8c1e-0d4a-4f6b-9a57-2c1e8d9b7a60"]').decode(),
+        base64.urlsafe_b64encode(
+            b"[1" + b"0" * 400 + b', "3f2b8c1e-0d4a-4f6b-9a57-2c1e8d9b7a60"]'
+        ).decode(),
         base64.urlsafe_b64encode(b"\xff\xfe").decode(),
     ],
 )

@@ -27,6 +27,7 @@ from api_service.http_protocol import MAX_HEAD_BYTES, protocol_with_header_deadl
 from api_service.recorder import JobRecorder
 from api_service.settings import ApiSettings
 from api_service.store import JobStore
+from pipeline_shared.events import Event
 from support.services import free_port
 from unit.fakes import FakePublisher
 
@@ -46,6 +47,16 @@ VALID_KEY_LINE = f"Authorization: Bearer {KEY}\r\n".encode()
 
 class FakeBroker(FakePublisher):
     is_ready = True
+
+
+class SlowBroker(FakeBroker):
+    """Takes a while to confirm: the answer to a request is still to come."""
+
+    DELAY = 0.5
+
+    async def publish(self, event: Event) -> None:
+        await asyncio.sleep(self.DELAY)
+        await super().publish(event)
 
 
 @dataclass
@@ -348,6 +359,100 @@ async def test_endless_header_lines_without_a_key_are_answered_431_and_not_kept(
     assert answer.headers["connection"] == "close"
     assert str(MAX_HEAD_BYTES) in answer.json()["detail"]
     assert await connection.closed_by_server(QUICK)
+
+
+async def test_a_head_whose_blank_line_is_split_between_reads_is_not_taken_for_a_large_one(
+    connect: Callable[[], Any], api: Api
+) -> None:
+    body = json.dumps({"email": "ada@example.com", "data": {"pad": "p" * 40_000}}).encode()
+    request = head("/jobs", VALID_KEY, **{"Content-Length": str(len(body))}) + body
+    end = request.index(b"\r\n\r\n")
+    for split in (end + 1, end + 2, end + 3):  # inside the blank line, three ways
+        connection: Connection = await connect()
+        await connection.send(request[:split])
+        await asyncio.sleep(0.05)  # two reads, not one
+        await connection.send(request[split:])
+
+        answer = await connection.answer(QUICK)
+
+        assert answer.status == 202, (split - end, answer)
+
+
+async def test_blank_lines_before_the_request_line_count_toward_the_head(
+    connect: Callable[[], Any],
+) -> None:
+    connection: Connection = await connect()
+    await connection.send(b"\r\n\r\nGET /healthz HTTP/1.1\r\nHost: api.test\r\nX-Big: ")
+    sent = 0
+    while sent < 4 * MAX_HEAD_BYTES and await connection.send(b"a" * 4096):
+        sent += 4096
+
+    answer = await connection.answer(QUICK)
+
+    assert answer.status == 431, answer
+
+
+async def test_the_head_limit_holds_for_every_request_of_a_kept_alive_connection(
+    connect: Callable[[], Any],
+) -> None:
+    connection: Connection = await connect()
+    await connection.send(b"GET /healthz HTTP/1.1\r\nHost: api.test\r\n\r\n")
+    first = await connection.answer(QUICK)
+    await connection.send(b"GET /healthz HTTP/1.1\r\nHost: api.test\r\nX-Big: ")
+    sent = 0
+    while sent < 4 * MAX_HEAD_BYTES and await connection.send(b"a" * 4096):
+        sent += 4096
+
+    second = await connection.answer(QUICK)
+
+    assert first.status == 200, first
+    assert second.status == 431, second
+
+
+async def test_trailers_after_a_chunked_body_are_not_read(
+    connect: Callable[[], Any], api: Api
+) -> None:
+    # Trailers come after the head was checked, and uvicorn adds them to the
+    # request's headers: a way around the head limit, so none are taken.
+    connection: Connection = await connect()
+    body = json.dumps({"email": "ada@example.com", "data": {}}).encode()
+    await connection.send(head("/jobs", VALID_KEY, **{"Transfer-Encoding": "chunked"}))
+    await connection.send(chunk(body) + b"0\r\nX-Trailer: " + b"t" * 1000 + b"\r\n\r\n")
+
+    assert await connection.closed_by_server(QUICK)
+    assert api.broker.published == []
+
+
+async def test_a_head_refused_on_a_busy_connection_waits_for_the_answer_before_it(
+    tmp_path: Path,
+) -> None:
+    # Pipelined: a request still being answered, then a head over the limit. Its
+    # 431 must come after the first answer, not instead of it.
+    broker = SlowBroker()
+    app, store = build_app(tmp_path, broker)
+    try:
+        async with serving(app, protocol_with_header_deadline(REQUEST_TIMEOUT)) as port:
+            connection = await Connection.open(port)
+            try:
+                body = json.dumps({"email": "ada@example.com", "data": {}}).encode()
+                await connection.send(
+                    head("/jobs", VALID_KEY, **{"Content-Length": str(len(body))}) + body
+                )
+                await asyncio.sleep(0.1)  # a read of its own, while the first is answered
+                await connection.send(
+                    b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * (2 * MAX_HEAD_BYTES)
+                )
+
+                first = await connection.answer(QUICK + SlowBroker.DELAY)
+                second = await connection.answer(QUICK)
+            finally:
+                connection.close()
+    finally:
+        await store.close()
+
+    assert first.status == 202, first
+    assert second.status == 431, second
+    assert len(broker.published) == 1
 
 
 async def test_a_body_arriving_with_its_head_counts_only_against_the_body_limit(

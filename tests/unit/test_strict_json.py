@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from typing import Any
 
@@ -11,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from api_service.problems import validation_problems
-from api_service.strict_json import InvalidJsonBody, parse_json_body
+from api_service.strict_json import MAX_BODY_DEPTH, InvalidJsonBody, parse_json_body
 from pipeline_shared.contract import MAX_REPORTED_PROBLEMS
 
 pytestmark = pytest.mark.unit
@@ -213,3 +214,29 @@ def test_a_body_of_many_problems_is_described_by_the_first_few_and_a_count() -> 
         "loc": [],
         "msg": f"and {99_999 - MAX_REPORTED_PROBLEMS} more problems",
     }
+
+
+@pytest.mark.parametrize("depth", [MAX_BODY_DEPTH + 1, 975, 5_000])
+def test_a_body_nested_past_the_bound_is_refused_in_any_thread(depth: int) -> None:
+    # How deep json.loads gets depends on the stack it starts from: a worker
+    # thread's is shallower, and a body it read at 975 levels made later code
+    # fail with a 500. The bound does not depend on the thread.
+    body = b'{"jobs": [' + b"[" * depth + b"]" * depth + b"]}"
+
+    def parse() -> BaseException | None:
+        try:
+            parse_json_body(body)
+        except InvalidJsonBody as exc:
+            return exc
+        return None
+
+    for caught in (parse(), ThreadPoolExecutor(1).submit(parse).result()):
+        assert isinstance(caught, InvalidJsonBody)
+        assert "nested too deeply" in caught.detail[0]["msg"]
+
+
+def test_a_body_at_the_depth_bound_is_read() -> None:
+    inner = MAX_BODY_DEPTH - 2
+    body = b'{"jobs": [' + b"[" * inner + b"]" * inner + b"]}"
+
+    assert parse_json_body(body)["jobs"]

@@ -27,24 +27,56 @@ _TOO_LARGE = b"request line and headers larger than %d bytes" % MAX_HEAD_BYTES
 
 class _HeaderDeadlineProtocol(HttpToolsProtocol):
     header_timeout_seconds: float = 15.0
+    max_after_head_bytes: int | None = None
     _deadline: asyncio.TimerHandle | None = None
     _in_head = True  # the bytes arriving belong to a request's line and headers
     _head_bytes = 0
+    _after_head_bytes = 0  # body, chunk framing and trailers of the current request
+    _refusing = False
 
     def data_received(self, data: bytes) -> None:
+        if self._refusing:
+            return
+        # Every byte of a read that leaves the head unfinished is head: a read that
+        # finishes it is never refused (its body is the body limit's to count), and
+        # what a refused head holds in memory is bounded by one read past the limit.
         if self._in_head:
-            # Only up to the blank line that ends the head: a body in the same read
-            # is the body limit's to count.
-            end = data.find(b"\r\n\r\n")
-            self._head_bytes += len(data) if end < 0 else end
-            if self._head_bytes > MAX_HEAD_BYTES:
-                self._refuse_head()
+            self._head_bytes += len(data)
+        else:
+            self._after_head_bytes += len(data)
+            cap = self.max_after_head_bytes
+            if cap is not None and self._after_head_bytes > cap:
+                # Past any body limit with room for chunk framing: what is left
+                # (trailers, say) is not read. The app sees a disconnect.
+                self.transport.close()
                 return
         super().data_received(data)
+        if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
+            self._refuse_head()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            # A trailer after a chunked body: nothing here reads them, and uvicorn
+            # would add them to the request's headers after they were checked.
+            self._refusing = True
+            self.transport.close()
+            return
+        super().on_header(name, value)
 
     def _refuse_head(self) -> None:
-        self._in_head = False
+        self._refusing = True
         self._disarm()
+        self.flow.pause_reading()
+        if self._answering():
+            return  # after the responses before it (on_response_complete)
+        self._send_refusal()
+
+    def _answering(self) -> bool:
+        """Whether an earlier request on this connection is still being answered."""
+        cycle = getattr(self, "cycle", None)
+        return bool(self.pipeline) or (cycle is not None and not cycle.response_complete)
+
+    def _send_refusal(self) -> None:
         if self.transport.is_closing():
             return
         self.transport.write(
@@ -54,6 +86,11 @@ class _HeaderDeadlineProtocol(HttpToolsProtocol):
             % (len(_TOO_LARGE) + 14, _TOO_LARGE)
         )
         self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._refusing and not self._answering():
+            self._send_refusal()
 
     def _arm(self) -> None:
         if self._deadline is None:
@@ -87,15 +124,22 @@ class _HeaderDeadlineProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
+        if self._refusing:
+            return  # the app never sees a request refused mid-way as complete
         super().on_message_complete()
         # What follows on this connection is the next request's head.
-        self._in_head, self._head_bytes = True, 0
+        self._in_head, self._head_bytes, self._after_head_bytes = True, 0, 0
 
 
-def protocol_with_header_deadline(timeout_seconds: float) -> type[HttpToolsProtocol]:
-    """An HTTP protocol class for ``uvicorn.run(http=...)`` that enforces the deadline."""
+def protocol_with_header_deadline(
+    timeout_seconds: float, max_body_bytes: int | None = None
+) -> type[HttpToolsProtocol]:
+    """An HTTP protocol class for ``uvicorn.run(http=...)`` that enforces the deadline and
+    the head's size, and reads no more than twice ``max_body_bytes`` (chunk framing
+    included) after a request's head."""
+    cap = None if max_body_bytes is None else 2 * max_body_bytes + MAX_HEAD_BYTES
     return type(
         "HeaderDeadlineProtocol",
         (_HeaderDeadlineProtocol,),
-        {"header_timeout_seconds": timeout_seconds},
+        {"header_timeout_seconds": timeout_seconds, "max_after_head_bytes": cap},
     )

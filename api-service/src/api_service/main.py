@@ -36,5 +36,8 @@ def main() -> None:
             port=settings.api_port,
             log_config=None,
             timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds),
-            http=protocol_with_header_deadline(settings.request_timeout_seconds),
+            http=protocol_with_header_deadline(
+                settings.request_timeout_seconds,
+                max(settings.max_request_bytes, settings.max_batch_request_bytes),
+            ),
         )

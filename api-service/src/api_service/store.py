@@ -178,7 +178,7 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         if not math.isfinite(created_at):
             raise ValueError("the time is not finite")
         return float(created_at), str(UUID(job_id))
-    except (ValueError, TypeError, AttributeError) as exc:
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:
         raise InvalidCursor("cursor is not one this api handed out") from exc
 
 

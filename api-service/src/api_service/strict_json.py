@@ -166,6 +166,29 @@ def _problems_in(value: Any) -> tuple[list[BodyProblem], int]:
     return problems, total
 
 
+MAX_BODY_DEPTH = 600
+"""Deepest nesting a body may have, whatever thread reads it. How deep ``json.loads``
+gets before its RecursionError depends on the stack it starts from (a worker
+thread's is shallower than a request's on the event loop), and a body it read at
+980 levels made later code (``json.dumps``, validation) fail with a 500 near the
+interpreter's recursion limit of 1,000. Below this bound, the contract names the
+field that nests too deeply (job data may nest ``MAX_DATA_DEPTH`` levels)."""
+
+_TOO_DEEP = f"nested too deeply to read (a job's data may nest {MAX_DATA_DEPTH} levels)"
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests more than ``limit`` levels (without recursion)."""
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth > limit:
+            return True
+        pending.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
 def parse_json_body(body: bytes) -> Any:
     """The body's JSON value, or ``InvalidJsonBody`` listing what is wrong and where."""
     try:
@@ -187,19 +210,14 @@ def parse_json_body(body: bytes) -> Any:
             [BodyProblem(("body", exc.pos), f"not valid JSON: {exc.msg}")]
         ) from None
     except RecursionError:
-        raise InvalidJsonBody(
-            [
-                BodyProblem(
-                    ("body",),
-                    f"nested too deeply to read (a job's data may nest {MAX_DATA_DEPTH} levels)",
-                )
-            ]
-        ) from None
+        raise InvalidJsonBody([BodyProblem(("body",), _TOO_DEEP)]) from None
     except ValueError:
         # int() refuses a literal of more than sys.get_int_max_str_digits() digits.
         raise InvalidJsonBody(
             [BodyProblem(("body",), "a number has too many digits (beyond ±1.8e308)")]
         ) from None
+    if isinstance(value, dict | list) and _deeper_than(value, MAX_BODY_DEPTH):
+        raise InvalidJsonBody([BodyProblem(("body",), _TOO_DEEP)])
     suspect = parser.suspect or _SURROGATE_ESCAPE.search(text) is not None
     if suspect:
         problems, total = _problems_in(value)

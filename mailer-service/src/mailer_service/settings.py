@@ -75,8 +75,8 @@ class MailerSettings(WorkerSettings):
         default=None,
         ge=1,
         le=10_000,
-        description="Unacknowledged messages a mailer may hold; "
-        "by default twice MAILER_CONCURRENCY.",
+        description="Unacknowledged messages a mailer may hold; by default 250 when "
+        "batching, else twice MAILER_CONCURRENCY.",
     )
 
     database_url: DatabaseUrl = Field(
