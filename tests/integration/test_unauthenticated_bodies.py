@@ -342,16 +342,22 @@ async def test_a_connection_whose_body_was_read_is_kept_alive_for_the_next_reque
     assert second.status == 200, second
 
 
+async def send_endless_header(connection: Connection, before: bytes = b"") -> None:
+    """A request whose one header goes on past four times the head limit, unless the
+    server hangs up first."""
+    await connection.send(before + b"GET /healthz HTTP/1.1\r\nHost: api.test\r\nX-Big: ")
+    sent = 0
+    while sent < 4 * MAX_HEAD_BYTES and await connection.send(b"a" * 4096):
+        sent += 4096
+
+
 async def test_endless_header_lines_without_a_key_are_answered_431_and_not_kept(
     connect: Callable[[], Any],
 ) -> None:
     # The parser keeps an unfinished header in memory: 64 MB of one header line
     # from a few connections would hold hundreds of megabytes.
     connection: Connection = await connect()
-    await connection.send(b"GET /healthz HTTP/1.1\r\nHost: api.test\r\nX-Big: ")
-    sent = 0
-    while sent < 4 * MAX_HEAD_BYTES and await connection.send(b"a" * 4096):
-        sent += 4096
+    await send_endless_header(connection)
 
     answer = await connection.answer(QUICK)
 
@@ -382,10 +388,7 @@ async def test_blank_lines_before_the_request_line_count_toward_the_head(
     connect: Callable[[], Any],
 ) -> None:
     connection: Connection = await connect()
-    await connection.send(b"\r\n\r\nGET /healthz HTTP/1.1\r\nHost: api.test\r\nX-Big: ")
-    sent = 0
-    while sent < 4 * MAX_HEAD_BYTES and await connection.send(b"a" * 4096):
-        sent += 4096
+    await send_endless_header(connection, before=b"\r\n\r\n")
 
     answer = await connection.answer(QUICK)
 
@@ -398,10 +401,7 @@ async def test_the_head_limit_holds_for_every_request_of_a_kept_alive_connection
     connection: Connection = await connect()
     await connection.send(b"GET /healthz HTTP/1.1\r\nHost: api.test\r\n\r\n")
     first = await connection.answer(QUICK)
-    await connection.send(b"GET /healthz HTTP/1.1\r\nHost: api.test\r\nX-Big: ")
-    sent = 0
-    while sent < 4 * MAX_HEAD_BYTES and await connection.send(b"a" * 4096):
-        sent += 4096
+    await send_endless_header(connection)
 
     second = await connection.answer(QUICK)
 
