@@ -221,7 +221,12 @@ STEPS: tuple[tuple[str, str, str, str], ...] = (
         "",
     ),
     ("mailer: ledger calls, async side (to_thread)", "mailer_service/ledger.py", "", ""),
-    ("processor: run the step in a thread", "processor_service/steps.py", "", ""),
+    (
+        "processor: the step itself (steps.py; inline for small jobs)",
+        "processor_service/steps.py",
+        "",
+        "",
+    ),
     (
         "processor: deepcopy of the data",
         "processor_service/handlers.py",
@@ -235,13 +240,21 @@ STEPS: tuple[tuple[str, str, str, str], ...] = (
         "BaseModel.__init__",
     ),
     (
+        "processor: build DataProcessed (validation)",
+        "processor_service/handlers.py",
+        "ProcessJob.__call__",
+        "BaseModel.model_validate",
+    ),
+    (
         "processor: dump DataProcessed for the size check",
         "processor_service/handlers.py",
         "ProcessJob.__call__",
         "BaseModel.model_dump_json",
     ),
     (
-        "processor: hand the step to a thread",
+        # The step runs inline for small jobs (steps.py, INLINE_MAX_BYTES); for larger
+        # ones this is handing it to a thread and back.
+        "processor: the step and its handling, other",
         "processor_service/handlers.py",
         "ProcessJob.__call__",
         "",
