@@ -127,8 +127,8 @@ class JobIntake:
         (nothing else records it: its ``JobRequested`` does not come back). A write
         that fails or takes longer does not hold the answer: the broker has the job,
         and the recorder keeps trying."""
-        job_id, recorded = await self._publish_and_note(job, caller, job_id or uuid4())
-        await self._until_recorded(recorded)
+        job_id = job_id or uuid4()
+        await self._until_recorded(await self._publish_and_note(job, caller, job_id))
         return job_id
 
     async def accept_once(self, job: JobRequest, caller: str, key: str) -> tuple[UUID, bool]:
@@ -144,7 +144,7 @@ class JobIntake:
             return job_id, True
         resumed = reservation.outcome is KeyOutcome.RESUME
         try:
-            _, recorded = await self._publish_and_note(job, caller, job_id)
+            recorded = await self._publish_and_note(job, caller, job_id)
         except OutcomeUnknown:
             await self._settle(caller, key, "unknown")
             raise
@@ -163,11 +163,12 @@ class JobIntake:
 
     async def _publish_and_note(
         self, job: JobRequest, caller: str, job_id: UUID
-    ) -> tuple[UUID, asyncio.Future[bool]]:
+    ) -> asyncio.Future[bool]:
+        """Publish the job; its record's first write (see ``JobRecorder.note``)."""
         event = requested_event(job, job_id, caller)
         await self._publish(event)
         log.info("job %s: JobRequested published (step %s)", event.job_id, event.step)
-        return job_id, self._recorder.note(event)
+        return self._recorder.note(event)
 
     async def _until_recorded(self, recorded: asyncio.Future[bool]) -> None:
         # asyncio.wait does not cancel the write if the client goes away meanwhile.
