@@ -10,7 +10,8 @@ from pipeline_shared.contract import MAX_REPORTED_PROBLEMS
 _LONGEST_PART = 64
 
 
-def _printable(text: str, limit: int | None = None) -> str:
+def printable(text: str, limit: int | None = None) -> str:
+    """``text`` safe to send back: at most ``limit`` characters, and encodable."""
     # A lone surrogate cannot be encoded into the answer's UTF-8; show it escaped.
     if limit is not None and len(text) > limit:
         text = text[:limit] + "…"
@@ -26,10 +27,10 @@ def validation_problems(errors: Sequence[Any], total: int | None = None) -> list
         {
             "type": str(error["type"]),
             "loc": [
-                part if isinstance(part, int) else _printable(str(part), _LONGEST_PART)
+                part if isinstance(part, int) else printable(str(part), _LONGEST_PART)
                 for part in error["loc"]
             ],
-            "msg": _printable(str(error["msg"])),
+            "msg": printable(str(error["msg"])),
         }
         for error in errors[:MAX_REPORTED_PROBLEMS]
     ]

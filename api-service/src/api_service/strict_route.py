@@ -32,13 +32,17 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import compile_path
 
 from api_service.dependencies import authenticate, caller_of
-from api_service.problems import validation_problems
+from api_service.problems import printable, validation_problems
 from api_service.strict_json import parse_json_body
 
 OFF_LOOP_BYTES = 64 * 1024
 """Bodies larger than this are parsed in a worker thread: a batch of megabytes takes
 a good part of a second to read, which the event loop (every other request) must not
 wait for. The parse still holds the GIL, but the loop gets its turn every few ms."""
+
+
+_LONGEST_ECHO = 100
+"""Characters of a refused Content-Type named back in the answer, at most."""
 
 
 class StrictJsonRequest(Request):
@@ -71,7 +75,7 @@ def _unsupported_media(request: Request) -> str | None:
         subtype == "json" or subtype.endswith("+json")
     ):
         # Named back, but not at any length: the header is the client's to make huge.
-        shown = content_type[0] if len(content_type[0]) <= 100 else content_type[0][:100] + "..."
+        shown = printable(content_type[0], _LONGEST_ECHO)
         return f"the body must be JSON (Content-Type: application/json), not {shown!r}"
     charset = parsed.get_param("charset")
     if charset is not None and str(charset).lower() not in {"utf-8", "utf8"}:
