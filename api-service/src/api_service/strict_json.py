@@ -216,7 +216,12 @@ def parse_json_body(body: bytes) -> Any:
         raise InvalidJsonBody(
             [BodyProblem(("body",), "a number has too many digits (beyond ±1.8e308)")]
         ) from None
-    if isinstance(value, dict | list) and _deeper_than(value, MAX_BODY_DEPTH):
+    # Each level takes two characters at least: only a longer text can nest too deeply.
+    if (
+        len(text) > 2 * MAX_BODY_DEPTH
+        and isinstance(value, dict | list)
+        and _deeper_than(value, MAX_BODY_DEPTH)
+    ):
         raise InvalidJsonBody([BodyProblem(("body",), _TOO_DEEP)])
     suspect = parser.suspect or _SURROGATE_ESCAPE.search(text) is not None
     if suspect:
