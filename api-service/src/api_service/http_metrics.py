@@ -51,6 +51,11 @@ DURATION = Histogram(
 def route_template(routes: list[BaseRoute], scope: Scope) -> str:
     """The path template of the route that serves ``scope`` (or that would, with another
     method), else ``unmatched``."""
+    # The router names the route it chose (FULL match, else the first PARTIAL one)
+    # in the scope; only an answer given before routing needs the search below.
+    chosen = scope.get("route")
+    if chosen is not None:
+        return str(getattr(chosen, "path", UNMATCHED))
     other_method: str | None = None
     for route in routes:
         match, _ = route.matches(scope)
