@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mailer_service.compose import (
     DEFAULT_SUBJECT,
@@ -242,3 +244,31 @@ async def test_the_mailer_handler_through_the_outbox_publishes_the_files_message
     assert sent.provider_message_id == written["Message-ID"]
     assert written["Subject"] == "Weekly visits"
     assert written["To"].addresses[0].addr_spec == event.email
+
+
+# Text as job data may hold it: no control characters, no lone surrogates.
+text = st.text(st.characters(exclude_categories=["Cs", "Cc"]), max_size=10)
+json_data = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**40), 10**40)  # beyond 64 bits too: job data holds any up to 1.8e308
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(st.dictionaries(text, json_data, max_size=4))
+def test_the_data_shown_reads_back_as_the_data_sent(data: dict[str, Any]) -> None:
+    text = render_text(data_processed(data=data, result={"echo": data}))
+
+    shown = text.split("Your data:\n")[1].split("\n\n-- \n")[0]
+    assert json.loads(shown) == data
+
+
+def test_numbers_beyond_64_bits_are_shown_whole() -> None:
+    text = render_text(data_processed(data={"big": 2**64 + 1, "small": -(2**70)}))
+
+    assert '"big": 18446744073709551617' in text
+    assert '"small": -1180591620717411303424' in text

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from pipeline_shared.events import DataProcessed
 
 DEFAULT_SUBJECT = "Your data has been processed"
@@ -37,9 +39,19 @@ indenting encoder is pure Python, so slow."""
 
 
 def _pretty(value: Any) -> str:
-    compact = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    if len(compact) > PRETTY_LIMIT:
-        return compact
+    # orjson writes the same JSON ten times faster (the stdlib's indenting encoder was
+    # a tenth of the mailer's CPU). It takes integers of 64 bits only, and job data
+    # may hold any up to ±1.8e308: those are written by the stdlib.
+    try:
+        compact = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        if len(compact) > PRETTY_LIMIT:
+            return compact.decode()
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2).decode()
+    except orjson.JSONEncodeError:
+        pass
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    if len(text) > PRETTY_LIMIT:
+        return text
     return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)
 
 
