@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -11,14 +12,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, event
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Connection, event, text
 
-from api_service.read_model import Entry, JobEvent, JobRecord
+from api_service.read_model import Entry, JobEvent, JobRecord, apply
 from api_service.store import (
     InvalidCursor,
     JobStore,
     KeyOutcome,
-    _row_values,
     encode_cursor,
     jobs,
 )
@@ -240,6 +242,53 @@ async def test_an_email_sent_re_published_with_a_new_event_id_is_recorded_once(
     assert record.updated_at == at(2)
 
 
+LEGACY_TABLE = (
+    "CREATE TABLE IF NOT EXISTS api_jobs (job_id VARCHAR(36) PRIMARY KEY, caller VARCHAR(64), "
+    "status VARCHAR(16) NOT NULL, created_at FLOAT NOT NULL, updated_at FLOAT NOT NULL, "
+    "timeline TEXT NOT NULL, trace_id VARCHAR(32))"
+)
+
+
+def write_legacy_row(database_url: str, job: str, caller: str, timeline: tuple[Entry, ...]) -> None:
+    """A row as versions before the facts had columns wrote it: a JSON timeline."""
+    record = JobRecord(job, caller, timeline)
+    row = {
+        "job_id": job,
+        "caller": caller,
+        "status": record.status,
+        "created_at": record.created_at.timestamp(),
+        "updated_at": record.updated_at.timestamp(),
+        "timeline": json.dumps(
+            [
+                {
+                    "event_id": e.event_id,
+                    "event": e.event,
+                    "at": e.at.isoformat(),
+                    "attempts": e.attempts,
+                    "reason": e.reason,
+                    "provider_message_id": e.provider_message_id,
+                }
+                for e in timeline
+            ]
+        ),
+        "trace_id": None,
+    }
+    engine = build_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(LEGACY_TABLE))  # a database no newer version opened
+            connection.execute(
+                text(
+                    "INSERT INTO api_jobs (job_id, caller, status, created_at, updated_at, "
+                    "timeline, trace_id) VALUES (:job_id, :caller, :status, :created_at, "
+                    ":updated_at, :timeline, :trace_id)"
+                ),
+                row,
+            )
+    finally:
+        engine.dispose()
+
+
 async def test_a_row_written_with_a_re_published_event_twice_reads_with_it_once(
     store: JobStore, database_url: str, caller: str
 ) -> None:
@@ -251,17 +300,59 @@ async def test_a_row_written_with_a_re_published_event_twice_reads_with_it_once(
         Entry(str(uuid.uuid4()), "EmailSent", at(2), attempts=1, provider_message_id="msg-7"),
         Entry(str(uuid.uuid4()), "EmailSent", at(9), attempts=2, provider_message_id="msg-7"),
     )
-    engine = build_engine(database_url)
-    try:
-        with engine.begin() as connection:
-            connection.execute(jobs.insert().values(_row_values(JobRecord(job, caller, timeline))))
-    finally:
-        engine.dispose()
+    write_legacy_row(database_url, job, caller, timeline)
 
     record = await store.get(job, caller)
 
     assert record is not None
     assert record.timeline == timeline[:3]
+
+
+async def test_a_legacy_row_is_upgraded_at_start_and_folds_later_events_with_its_facts(
+    database_url: str, caller: str
+) -> None:
+    job = new_job()
+    timeline = (
+        Entry(str(uuid.uuid4()), "JobRequested", at(0)),
+        Entry(str(uuid.uuid4()), "JobFailed", at(3), attempts=2, reason="provider said no"),
+    )
+    write_legacy_row(database_url, job, caller, timeline)
+
+    upgraded = JobStore.open(database_url)
+    try:
+        await upgraded.record(processed(job, at(1)))  # before the failure: still failed
+        failed_record = await upgraded.get(job, caller)
+        await upgraded.record(sent(job, at(5), attempts=3))
+        sent_record = await upgraded.get(job, caller)
+        failed_list, _ = await upgraded.list_jobs(caller, "failed", 10, None)
+        sent_list, _ = await upgraded.list_jobs(caller, "sent", 10, None)
+    finally:
+        await upgraded.close()
+    engine = build_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            stored = connection.execute(jobs.select().where(jobs.c.job_id == job)).one()
+    finally:
+        engine.dispose()
+
+    assert failed_record is not None
+    assert (failed_record.status, failed_record.error) == ("failed", "provider said no")
+    assert sent_record is not None
+    assert sent_record.status == "sent"
+    assert sent_record.created_at == at(0)
+    assert sent_record.attempts == 3
+    assert [e.event for e in sent_record.timeline] == [
+        "JobRequested",
+        "DataProcessed",
+        "JobFailed",
+        "EmailSent",
+    ]
+    assert failed_list == []
+    assert [r.job_id for r in sent_list] == [job]
+    assert stored.timeline == "[]"
+    assert stored.requested_id == timeline[0].event_id
+    assert stored.failed_reason == "provider said no"
+    assert stored.created_at == at(0).timestamp()
 
 
 async def test_a_record_survives_reopening_the_database(database_url: str, caller: str) -> None:
@@ -726,3 +817,83 @@ async def test_overlapping_batches_from_many_replicas_at_once_lose_no_fact(
 
 async def test_an_empty_batch_writes_nothing(store: JobStore) -> None:
     await asyncio.to_thread(store.record_batch, [])
+
+
+# --- the SQL fold is the Python fold -----------------------------------------------------
+
+_opened: dict[str, JobStore] = {}
+
+
+def store_at(database_url: str) -> JobStore:
+    """One store per database for all of a property test's examples."""
+    if database_url not in _opened:
+        _opened[database_url] = JobStore.open(database_url)
+    return _opened[database_url]
+
+
+def any_event(job: str, kind: str, when: int, named: str | None, attempts: int) -> JobEvent:
+    moment = at(when)  # a few instants only: ties are common
+    if kind == "requested":
+        return requested(job, moment, named)
+    if kind == "processed":
+        return processed(job, moment, submitted_by=named)
+    if kind == "sent":
+        return sent(job, moment, submitted_by=named, attempts=attempts)
+    return failed(job, moment, submitted_by=named, attempts=attempts, reason=f"no. {attempts}")
+
+
+events_of = st.lists(
+    st.tuples(
+        st.sampled_from(["requested", "processed", "sent", "failed"]),
+        st.integers(0, 3),
+        st.sampled_from([None, "ann", "bob", "Cy"]),  # "Cy" < "ann" in code points
+        st.integers(1, 3),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    plans=st.lists(events_of, min_size=1, max_size=3),
+    cuts=st.lists(st.integers(1, 5), min_size=1, max_size=6),
+    traced=st.lists(st.booleans(), min_size=6, max_size=6),
+)
+def test_records_written_in_sql_are_what_the_read_model_folds(
+    database_url: str, plans: list[list[Any]], cuts: list[int], traced: list[bool]
+) -> None:
+    store = store_at(database_url)
+    jobs_events = {new_job(): plan for plan in plans}
+    arrivals = [any_event(job, *step) for job, plan in jobs_events.items() for step in plan]
+    # Interleave the jobs' events, then cut them into batches of the given sizes.
+    arrivals = arrivals[::2] + arrivals[1::2]
+    batches, start = [], 0
+    for size in cuts * len(arrivals):
+        if start >= len(arrivals):
+            break
+        batches.append(arrivals[start : start + size])
+        start += size
+
+    expected: dict[str, JobRecord | None] = dict.fromkeys(jobs_events)
+    for number, batch in enumerate(batches):
+        traces = {str(e.job_id): f"{number:032x}" for e in batch if traced[number % len(traced)]}
+        store.record_batch(batch, traces)
+        for event_ in batch:
+            job = str(event_.job_id)
+            expected[job] = apply(expected[job], event_, traces.get(job))
+
+    for job, record in expected.items():
+        assert record is not None
+        with store._engine.connect() as connection:
+            assert JobStore._read(connection, job) == record
+            row = connection.execute(jobs.select().where(jobs.c.job_id == job)).one()
+        assert (row.status, row.created_at, row.updated_at) == (
+            record.status,
+            record.created_at.timestamp(),
+            record.updated_at.timestamp(),
+        )

@@ -27,13 +27,13 @@ from sqlalchemy import (
     Engine,
     Float,
     Index,
+    Integer,
     MetaData,
     PrimaryKeyConstraint,
     String,
     Table,
     Text,
     and_,
-    bindparam,
     delete,
     or_,
     select,
@@ -41,7 +41,8 @@ from sqlalchemy import (
     update,
 )
 
-from api_service.read_model import Entry, JobEvent, JobRecord, Status, apply, facts
+from api_service import fact_rows
+from api_service.read_model import JobEvent, JobRecord, Status, facts
 from pipeline_shared.database import (
     add_missing_columns,
     build_engine,
@@ -59,8 +60,24 @@ jobs = Table(
     Column("status", String(16), nullable=False),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    # Rows written before the facts had columns of their own hold them here as
+    # JSON (upgraded at start, see ``_upgrade_timelines``); '[]' in every other.
     Column("timeline", Text, nullable=False),
     Column("trace_id", String(32), nullable=True),
+    # The facts (``read_model``): per event type, the kept event's time (epoch
+    # seconds), id and what the record derives from it; NULL until there is one.
+    Column("requested_at", Float, nullable=True),
+    Column("requested_id", String(36), nullable=True),
+    Column("processed_at", Float, nullable=True),
+    Column("processed_id", String(36), nullable=True),
+    Column("sent_at", Float, nullable=True),
+    Column("sent_id", String(36), nullable=True),
+    Column("sent_attempts", Integer, nullable=True),
+    Column("provider_message_id", Text, nullable=True),
+    Column("failed_at", Float, nullable=True),
+    Column("failed_id", String(36), nullable=True),
+    Column("failed_attempts", Integer, nullable=True),
+    Column("failed_reason", Text, nullable=True),
     Index("api_jobs_caller_created", "caller", "created_at"),
     Index("api_jobs_status_created", "status", "created_at"),
 )
@@ -82,82 +99,29 @@ idempotency_keys = Table(
     PrimaryKeyConstraint("caller", "key"),
 )
 
-_INSERT_JOB = text(
-    "INSERT INTO api_jobs (job_id, caller, status, created_at, updated_at, timeline, trace_id) "
-    "VALUES (:job_id, :caller, :status, :created_at, :updated_at, :timeline, :trace_id) "
-    "ON CONFLICT (job_id) DO NOTHING"
+_RECORD = (
+    jobs.c.job_id,
+    jobs.c.caller,
+    jobs.c.timeline,
+    jobs.c.trace_id,
+    *(
+        jobs.c[f"{fact.prefix}_{part}"]
+        for fact in fact_rows.FACTS.values()
+        for part in ("at", "id")
+    ),
+    jobs.c.sent_attempts,
+    jobs.c.provider_message_id,
+    jobs.c.failed_attempts,
+    jobs.c.failed_reason,
 )
-_LOCK_JOBS = (
-    "SELECT job_id, caller, timeline, trace_id FROM api_jobs "
-    "WHERE job_id IN :job_ids ORDER BY job_id"
-)
-_UPDATE_JOB = text(
-    "UPDATE api_jobs SET caller = :caller, status = :status, created_at = :created_at, "
-    "updated_at = :updated_at, timeline = :timeline, trace_id = :trace_id "
-    "WHERE job_id = :job_id"
-)
+"""The columns a ``JobRecord`` is read from (``fact_rows.record_of``)."""
+
 _RESERVE_KEY = text(
     "INSERT INTO api_idempotency_keys "
     "(caller, key, request_hash, job_id, job_ids, state, created_at) "
     "VALUES (:caller, :key, :request_hash, :job_id, :job_ids, 'pending', :now) "
     "ON CONFLICT (caller, key) DO NOTHING"
 )
-
-
-def _fold(record: JobRecord | None, events: Sequence[JobEvent], trace_id: str | None) -> JobRecord:
-    """``record`` after ``events`` of its trace: the very same object when they add nothing."""
-    folded = record
-    for event in events:
-        folded = apply(folded, event, trace_id)
-    assert folded is not None
-    return folded
-
-
-def _timeline_json(timeline: Sequence[Entry]) -> str:
-    # Field by field: ``dataclasses.asdict`` deep-copies every value, and was half
-    # of the read model's CPU.
-    return json.dumps(
-        [
-            {
-                "event_id": e.event_id,
-                "event": e.event,
-                "at": e.at.isoformat(),
-                "attempts": e.attempts,
-                "reason": e.reason,
-                "provider_message_id": e.provider_message_id,
-            }
-            for e in timeline
-        ]
-    )
-
-
-def _timeline_of(raw: str) -> tuple[Entry, ...]:
-    # Rows written before the timeline held one entry per event type may hold
-    # re-published events twice: read them as the read model keeps them now.
-    return facts(
-        Entry(**{**item, "at": datetime.fromisoformat(item["at"])}) for item in json.loads(raw)
-    )
-
-
-def _record_of(row: Any) -> JobRecord:
-    return JobRecord(
-        job_id=row.job_id,
-        caller=row.caller,
-        timeline=_timeline_of(row.timeline),
-        trace_id=row.trace_id,
-    )
-
-
-def _row_values(record: JobRecord) -> dict[str, Any]:
-    return {
-        "job_id": record.job_id,
-        "caller": record.caller,
-        "status": record.status,
-        "created_at": record.created_at.timestamp(),
-        "updated_at": record.updated_at.timestamp(),
-        "timeline": _timeline_json(record.timeline),
-        "trace_id": record.trace_id,
-    }
 
 
 def encode_cursor(created_at: float, job_id: str) -> str:
@@ -219,12 +183,8 @@ class JobStore:
         # The read model's writes: the same database, commits that need not
         # wait for the disk (the idempotency keys keep ``engine``'s).
         self._relaxed = for_writing(relaxed or engine)
-        # SQLite has no FOR UPDATE: its writers hold the database's one write lock.
-        locking = _LOCK_JOBS + (" FOR UPDATE" if engine.dialect.name == "postgresql" else "")
-        self._lock_jobs = text(locking).bindparams(bindparam("job_ids", expanding=True))
-        self._known_jobs = text("SELECT job_id FROM api_jobs WHERE job_id IN :job_ids").bindparams(
-            bindparam("job_ids", expanding=True)
-        )
+        self._upsert = fact_rows.upsert(engine.dialect.name)
+        self._derive = fact_rows.derive(engine.dialect.name)
 
     @classmethod
     def open(cls, database_url: str) -> JobStore:
@@ -236,6 +196,32 @@ class JobStore:
         create_tables(self._engine, metadata)
         add_missing_columns(self._engine, jobs)
         add_missing_columns(self._engine, idempotency_keys)
+        self._upgrade_timelines()
+
+    def _upgrade_timelines(self, chunk: int = 500) -> None:
+        """Give the facts of rows an earlier version wrote (as a JSON timeline) their
+        columns. Idempotent: replicas starting together may both do it."""
+        legacy = (
+            select(jobs.c.job_id, jobs.c.timeline)
+            .where(jobs.c.timeline != "[]")
+            .order_by(jobs.c.job_id)
+            .limit(chunk)
+        )
+        while True:
+            with self._writer.begin() as connection:
+                rows = connection.execute(legacy).all()
+                for row in rows:
+                    entries = facts(fact_rows.legacy_timeline(row.timeline))
+                    record = JobRecord(row.job_id, None, entries)
+                    connection.execute(
+                        update(jobs)
+                        .where(jobs.c.job_id == row.job_id, jobs.c.timeline == row.timeline)
+                        .values(timeline="[]", **fact_rows.columns_of(record))
+                    )
+                if rows:
+                    connection.execute(self._derive, {"job_ids": [row.job_id for row in rows]})
+            if len(rows) < chunk:
+                return
 
     async def close(self) -> None:
         await asyncio.to_thread(self._engine.dispose)
@@ -253,53 +239,28 @@ class JobStore:
     ) -> None:
         """Fold many events into their jobs' records in one transaction (blocking).
 
-        Find which of the batch's jobs are known; insert a record for each of the
-        others (as the batch alone describes it); read the known ones, locked,
-        and write back those the batch changed. The fold is idempotent and
-        order-free (``read_model``), so events may repeat, and a job another
-        replica inserted meanwhile (the insert does nothing) is read, locked, and
-        folded like the known ones. Inserts, then locks, each in job id order: on
-        PostgreSQL an insert waits for another replica's uncommitted insert of the
-        same job, so locking first could deadlock two replicas. The read model is
-        rebuilt from events the broker keeps until they are recorded: its
-        commits do not wait for the disk (``durable=False``).
+        Each event is one blind upsert (``fact_rows``): the fold's rules are in its
+        SQL, so events may repeat, come in any order, and come from several
+        replicas at once, and no row is read first. Then one statement derives the
+        batch's jobs' status and times (whose rows the upserts locked already). The
+        read model is rebuilt from events the broker keeps until they are
+        recorded: its commits do not wait for the disk (``durable=False``).
         """
         if not events:
             return
-        by_job: dict[str, list[JobEvent]] = {}
-        for event in events:
-            by_job.setdefault(str(event.job_id), []).append(event)
-        job_ids = sorted(by_job)  # one lock order for every replica
         traces = traces or {}
+        # In job id order: every replica's transaction locks rows in that order.
+        ordered = sorted(events, key=lambda e: str(e.job_id))
+        rows = [fact_rows.params(event, traces.get(str(event.job_id))) for event in ordered]
+        job_ids = sorted({row["job_id"] for row in rows})
         with self._relaxed.begin() as connection:
-            known = set(connection.execute(self._known_jobs, {"job_ids": job_ids}).scalars())
-            missing = [job for job in job_ids if job not in known]
-            to_fold = [job for job in job_ids if job in known]
-            if missing:
-                fresh = [_row_values(_fold(None, by_job[job], traces.get(job))) for job in missing]
-                inserted = connection.execute(_INSERT_JOB, fresh).rowcount
-                if not (connection.dialect.supports_sane_multi_rowcount and inserted == len(fresh)):
-                    # Some were inserted by another replica meanwhile: fold into those.
-                    to_fold = job_ids
-            rows = (
-                connection.execute(self._lock_jobs, {"job_ids": to_fold}).all() if to_fold else []
-            )
-            changed = []
-            for row in rows:
-                stored = _record_of(row)
-                updated = _fold(stored, by_job[row.job_id], traces.get(row.job_id))
-                if updated is not stored:
-                    changed.append(_row_values(updated))
-            if changed:
-                connection.execute(_UPDATE_JOB, changed)
+            connection.execute(self._upsert, rows)
+            connection.execute(self._derive, {"job_ids": job_ids})
 
     @staticmethod
-    def _read(connection: Connection, job_id: str, *, lock: bool = False) -> JobRecord | None:
-        query = select(jobs.c.job_id, jobs.c.caller, jobs.c.timeline, jobs.c.trace_id).where(
-            jobs.c.job_id == job_id
-        )
-        row = connection.execute(query.with_for_update() if lock else query).one_or_none()
-        return _record_of(row) if row is not None else None
+    def _read(connection: Connection, job_id: str) -> JobRecord | None:
+        row = connection.execute(select(*_RECORD).where(jobs.c.job_id == job_id)).one_or_none()
+        return fact_rows.record_of(row) if row is not None else None
 
     async def get(self, job_id: str, caller: str) -> JobRecord | None:
         return await asyncio.to_thread(self._get, job_id, caller)
@@ -318,9 +279,7 @@ class JobStore:
     def _list_jobs(
         self, caller: str, status: Status | None, limit: int, cursor: str | None
     ) -> tuple[list[JobRecord], str | None]:
-        query = select(
-            jobs.c.job_id, jobs.c.caller, jobs.c.timeline, jobs.c.trace_id, jobs.c.created_at
-        ).where(jobs.c.caller == caller)
+        query = select(*_RECORD, jobs.c.created_at).where(jobs.c.caller == caller)
         if status is not None:
             query = query.where(jobs.c.status == status)
         if cursor is not None:
@@ -335,7 +294,7 @@ class JobStore:
         with self._engine.connect() as connection:
             rows = connection.execute(query).all()
         page = rows[:limit]
-        records = [_record_of(row) for row in page]
+        records = [fact_rows.record_of(row) for row in page]
         more = len(rows) > limit
         return records, encode_cursor(page[-1].created_at, page[-1].job_id) if more else None
 
