@@ -11,7 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline_shared.logs import (
+    _ADDRESS_OR_CREDENTIALS,
     PrivateDataFormatter,
+    _mask,
     configure_logging,
     is_reconnection_noise,
     mask_addresses,
@@ -180,6 +182,16 @@ def test_mask_addresses_keeps_the_first_letter_and_the_domain(text: str, masked:
 )
 def test_mask_addresses_leaves_text_without_an_address_alone(text: str) -> None:
     assert mask_addresses(text) == text
+
+
+@given(
+    st.text(st.sampled_from("ab.-_+%40@:/ Z9"), max_size=40)
+    | st.text(max_size=40)
+    | st.builds("{}@{}.{}".format, st.text(max_size=8), st.text(max_size=8), st.text(max_size=4))
+)
+def test_mask_addresses_is_the_pattern_applied_to_any_text(text: str) -> None:
+    # Its shortcut for lines without "@" or "%40" must change nothing.
+    assert mask_addresses(text) == _ADDRESS_OR_CREDENTIALS.sub(_mask, text)
 
 
 # --- addresses and the credentials of URLs ------------------------------------------
