@@ -353,3 +353,19 @@ async def test_a_large_body_is_parsed_off_the_event_loop_and_a_small_one_on_it(
     assert parsed_in[0] == loop_thread
     assert parsed_in[1] != loop_thread
     assert parsed_in[2] != loop_thread
+
+
+async def test_a_body_the_parser_fails_on_unforeseen_is_a_400_not_a_500(
+    client: httpx.AsyncClient, broker: FakeBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What FastAPI's own handler answered, before the routes parsed bodies themselves.
+    def failing(body: bytes) -> Any:
+        raise ArithmeticError("a case the parser did not foresee")
+
+    monkeypatch.setattr(strict_route, "parse_json_body", failing)
+
+    answer = await client.post("/jobs", content=JOB, headers=JSON)
+
+    assert answer.status_code == 400
+    assert answer.json() == {"detail": "There was an error parsing the body"}
+    assert broker.published == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -107,6 +108,19 @@ def test_a_number_accepted_is_carried_as_the_number_written(number: Decimal) -> 
     except InvalidJsonBody:
         return
     assert Decimal(repr(parsed["x"])) == Decimal(literal)
+
+
+@pytest.mark.parametrize(
+    ("literal", "value"), [("0e99999999999999999999", 0.0), ("-0.000E-99999999999999999", -0.0)]
+)
+def test_zero_with_an_exponent_beyond_decimals_reach_is_zero(literal: str, value: float) -> None:
+    assert parse_json_body(f'{{"x": {literal}}}'.encode()) == {"x": value}
+
+
+@given(st.from_regex(r"\A-?(0|[1-9][0-9]{0,30})(\.[0-9]{1,30})?([eE][+-]?[0-9]{1,25})?\Z"))
+def test_any_json_number_is_read_or_refused_with_a_422_never_an_error(literal: str) -> None:
+    with contextlib.suppress(InvalidJsonBody):
+        parse_json_body(f'{{"x": {literal}}}'.encode())
 
 
 def test_an_integer_with_more_digits_than_python_reads_is_refused() -> None:

@@ -121,10 +121,15 @@ class _Parser:
 def _rounded(literal: str, value: float) -> bool:
     """Whether the double ``value`` stands for another number than ``literal`` says: the
     pipeline writes a number as the shortest text that reads back as its double."""
+    if value == 0:
+        return False  # a zero written any way (the caller refused nonzero digits read as 0)
     mantissa = literal.partition("e")[0].partition("E")[0]
     if len(mantissa) <= 15 and abs(value) >= sys.float_info.min:
         return False  # 15 significant digits of a normal double always come back as written
-    return Decimal(literal) != Decimal(repr(value))
+    try:
+        return Decimal(literal) != Decimal(repr(value))
+    except ArithmeticError:  # an exponent beyond what Decimal takes (InvalidOperation)
+        return True
 
 
 _LONE = "contains a lone surrogate (half of a UTF-16 pair), which is not text"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Callable, Coroutine, Iterator
 from email.message import Message
 from typing import Any
@@ -38,6 +39,8 @@ from api_service.dependencies import authenticate, caller_of
 from api_service.direct_handler import NO_BODY, direct_handler, overridden
 from api_service.problems import printable, validation_problems
 from api_service.strict_json import parse_json_body
+
+log = logging.getLogger("api.requests")
 
 OFF_LOOP_BYTES = 64 * 1024
 """Bodies larger than this are parsed in a worker thread: a batch of megabytes takes
@@ -117,6 +120,18 @@ async def _body(request: Request) -> bytes:
         raise HTTPException(400, "the request body ended before it was complete") from None
 
 
+async def _json(request: StrictJsonRequest) -> Any:
+    """The body's JSON value; a body the parser fails on in a way it did not foresee is
+    the client's 400 (as FastAPI answers), logged, not a 500."""
+    try:
+        return await request.json()
+    except HTTPException:
+        raise
+    except Exception as exc:
+        log.warning("could not parse a request body: %r", exc)
+        raise HTTPException(400, "There was an error parsing the body") from exc
+
+
 class StrictRoute(APIRoute):
     """An ``APIRoute`` with the checks in this module's docstring."""
 
@@ -150,7 +165,7 @@ class StrictRoute(APIRoute):
             if takes_body and (await _body(strict)):
                 if why := _unsupported_media(strict):
                     raise HTTPException(415, why)
-                body = await strict.json()
+                body = await _json(strict)
             if direct is None or overridden(self):
                 return await handler(strict)
             return await direct(strict, caller, body)
