@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.routing import APIRoute
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from starlette.requests import HTTPConnection
 
 from api_service.app import create_app
 from api_service.dependencies import get_follower
@@ -112,9 +113,28 @@ async def test_routes_needing_more_than_it_does_keep_fastapis_handler() -> None:
     async def listed(tag: list[str] = Query(default=[])) -> dict[str, list[str]]:  # noqa: B008
         return {"tag": tag}
 
+    @app.get("/sequence")
+    async def sequence(tag: Sequence[str] = Query(default=())) -> dict[str, list[str]]:
+        return {"tag": list(tag)}
+
+    @app.get("/connection")
+    async def connection(c: HTTPConnection) -> dict[str, str]:
+        return {"path": c.url.path}
+
+    async def counted(request: Request) -> int:
+        request.state.calls = getattr(request.state, "calls", 0) + 1
+        return int(request.state.calls)
+
+    @app.get("/twice")
+    async def twice(
+        first: int = Depends(counted),
+        second: int = Depends(counted),
+    ) -> dict[str, int]:
+        return {"first": first, "second": second}
+
     routes = {r.path: r for r in app.routes if isinstance(r, APIRoute)}
     assert direct_handler(routes["/cookie"]) is not None  # a query parameter: served
-    for path in ("/sync", "/dependency", "/list"):
+    for path in ("/sync", "/dependency", "/list", "/sequence", "/connection", "/twice"):
         assert direct_handler(routes[path]) is None, path
 
     transport = httpx.ASGITransport(app=app)
@@ -124,6 +144,10 @@ async def test_routes_needing_more_than_it_does_keep_fastapis_handler() -> None:
             "flavour": "salt"
         }
         assert (await c.get("/list", params={"tag": "a"})).json() == {"tag": ["a"]}
+        assert (await c.get("/sequence", params={"tag": "a"})).json() == {"tag": ["a"]}
+        assert (await c.get("/connection")).json() == {"path": "/connection"}
+        # A dependency is called once a request, however often it is listed.
+        assert (await c.get("/twice")).json() == {"first": 1, "second": 1}
 
 
 async def test_dependency_overrides_still_apply(tmp_path: Path) -> None:

@@ -21,8 +21,10 @@ import copy
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from enum import Enum
 from types import UnionType
-from typing import Any, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from uuid import UUID
 
 from fastapi import Request, Response
 from fastapi.datastructures import DefaultPlaceholder
@@ -40,17 +42,22 @@ caller (None on a route without one), and the body's JSON value (``NO_BODY`` if 
 NO_BODY: Any = object()
 """The value of an empty body: a missing one, for a required body parameter."""
 
-_SEQUENCES = (list, set, frozenset, tuple)
 _NO_CONTENT = frozenset({204, 205, 304})
+_SCALARS = (str, int, float, bool, UUID)
 
 
-def _is_sequence(annotation: Any) -> bool:
+def _is_scalar(annotation: Any) -> bool:
+    """Whether a parameter of this type is one value as FastAPI reads it (a string,
+    number, UUID, literal or enum, or an optional one): lists, models and anything
+    else FastAPI reads in its own ways keep its handler."""
     origin = get_origin(annotation)
-    if origin in _SEQUENCES or annotation in _SEQUENCES:
-        return True
+    if origin is Annotated:
+        return _is_scalar(get_args(annotation)[0])
     if origin is Union or origin is UnionType:
-        return any(_is_sequence(arg) for arg in get_args(annotation))
-    return False
+        return all(arg is type(None) or _is_scalar(arg) for arg in get_args(annotation))
+    if origin is Literal:
+        return True
+    return annotation in _SCALARS or (isinstance(annotation, type) and issubclass(annotation, Enum))
 
 
 def _missing(loc: tuple[str | int, ...]) -> dict[str, Any]:
@@ -86,8 +93,8 @@ def _params(dependant: Dependant) -> list[_Param] | None:
         *(_Param(f, "query", f.alias) for f in dependant.query_params),
         *(_Param(f, "header", f.alias) for f in dependant.header_params),
     ]
-    if any(_is_sequence(p.field.field_info.annotation) for p in params):
-        return None  # repeated values: FastAPI's getlist
+    if not all(_is_scalar(p.field.field_info.annotation) for p in params):
+        return None
     return params
 
 
@@ -104,6 +111,8 @@ def _state_reader(sub: Dependant) -> Callable[[Request], Awaitable[Any]] | None:
         or sub.background_tasks_param_name
         or sub.security_scopes_param_name
         or sub.websocket_param_name
+        or sub.http_connection_param_name
+        or getattr(sub, "concurrency", None) is not None
     )
     if takes_more or not sub.request_param_name or not inspect.iscoroutinefunction(sub.call):
         return None
@@ -126,6 +135,10 @@ def direct_handler(route: APIRoute) -> DirectHandler | None:
         or dependant.background_tasks_param_name
         or dependant.security_scopes_param_name
         or dependant.websocket_param_name
+        or dependant.http_connection_param_name
+        or getattr(dependant, "concurrency", None) is not None
+        # FastAPI calls a dependency listed twice once a request: keep it simple.
+        or len({sub.call for sub in dependant.dependencies}) < len(dependant.dependencies)
         or not inspect.iscoroutinefunction(endpoint)
         or route.response_field is None
         or not isinstance(route.response_class, DefaultPlaceholder)
