@@ -249,6 +249,18 @@ LEGACY_TABLE = (
 )
 
 
+def legacy_item(e: Entry) -> dict[str, Any]:
+    """A timeline entry as versions before the facts had columns wrote it."""
+    return {
+        "event_id": e.event_id,
+        "event": e.event,
+        "at": e.at.isoformat(),
+        "attempts": e.attempts,
+        "reason": e.reason,
+        "provider_message_id": e.provider_message_id,
+    }
+
+
 def write_legacy_row(database_url: str, job: str, caller: str, timeline: tuple[Entry, ...]) -> None:
     """A row as versions before the facts had columns wrote it: a JSON timeline."""
     record = JobRecord(job, caller, timeline)
@@ -258,19 +270,7 @@ def write_legacy_row(database_url: str, job: str, caller: str, timeline: tuple[E
         "status": record.status,
         "created_at": record.created_at.timestamp(),
         "updated_at": record.updated_at.timestamp(),
-        "timeline": json.dumps(
-            [
-                {
-                    "event_id": e.event_id,
-                    "event": e.event,
-                    "at": e.at.isoformat(),
-                    "attempts": e.attempts,
-                    "reason": e.reason,
-                    "provider_message_id": e.provider_message_id,
-                }
-                for e in timeline
-            ]
-        ),
+        "timeline": json.dumps([legacy_item(e) for e in timeline]),
         "trace_id": None,
     }
     engine = build_engine(database_url)
@@ -353,6 +353,58 @@ async def test_a_legacy_row_is_upgraded_at_start_and_folds_later_events_with_its
     assert stored.requested_id == timeline[0].event_id
     assert stored.failed_reason == "provider said no"
     assert stored.created_at == at(0).timestamp()
+
+
+async def test_an_upgrade_folds_a_timeline_an_older_replica_wrote_with_the_rows_columns(
+    database_url: str, caller: str
+) -> None:
+    # A rolling upgrade gone wrong: this version recorded the request and a late
+    # failure; an older replica then wrote a redelivered earlier failure into the
+    # row's timeline. The next start must keep the latest failure, not the JSON's.
+    job = new_job()
+    first = JobStore.open(database_url)
+    try:
+        await first.record(requested(job, at(0), caller))
+        await first.record(failed(job, at(3), reason="late"))
+    finally:
+        await first.close()
+    early = Entry(str(uuid.uuid4()), "JobFailed", at(2), attempts=1, reason="early")
+    engine = build_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                jobs.update()
+                .where(jobs.c.job_id == job)
+                .values(timeline=json.dumps([legacy_item(early)]), created_at=at(2).timestamp())
+            )
+    finally:
+        engine.dispose()
+
+    again = JobStore.open(database_url)
+    try:
+        record = await again.get(job, caller)
+        listed, _ = await again.list_jobs(caller, "failed", 10, None)
+    finally:
+        await again.close()
+
+    assert record is not None
+    assert (record.error, record.created_at) == ("late", at(0))
+    assert [r.job_id for r in listed] == [job]
+    assert listed[0].created_at == at(0)
+
+
+async def test_times_far_from_now_are_kept_to_the_microsecond(store: JobStore, caller: str) -> None:
+    job = new_job()
+    far = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    await store.record(requested(job, datetime(2500, 1, 1, 0, 0, 0, 1, tzinfo=UTC), caller))
+    await store.record(processed(job, datetime(2500, 1, 1, 0, 0, 0, 2, tzinfo=UTC)))
+    await store.record(failed(job, far))
+
+    record = await store.get(job, caller)
+
+    assert record is not None
+    assert [e.at.microsecond for e in record.timeline] == [1, 2, 999999]
+    assert (record.status, record.updated_at) == ("failed", far)
 
 
 async def test_a_record_survives_reopening_the_database(database_url: str, caller: str) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import TextClause, bindparam, text
@@ -117,14 +117,14 @@ def upsert(dialect: str) -> TextClause:
 def params(event: JobEvent, trace_id: str | None) -> dict[str, Any]:
     """The values ``upsert`` takes for ``event``."""
     fact = FACTS[event.event_type]
-    at = event.occurred_at.timestamp()
+    at = micros(event.occurred_at)
     values: dict[str, Any] = {
         **_NO_FACTS,
         "job_id": str(event.job_id),
         "caller": event.submitted_by,
         # What a new row says until the batch's ``derive``: this event alone.
         "status": _STATUS[fact.prefix],
-        "at": at,
+        "at": at / 1e6,
         "trace_id": trace_id,
         f"{fact.prefix}_at": at,
         f"{fact.prefix}_id": str(event.event_id),
@@ -140,7 +140,18 @@ def params(event: JobEvent, trace_id: str | None) -> dict[str, Any]:
 
 
 _STATUS = {"requested": "queued", "processed": "processed", "sent": "sent", "failed": "failed"}
-_NEVER, _ALWAYS = "1e308", "-1e308"
+_NEVER, _ALWAYS = str(2**63 - 1), str(-(2**63) + 1)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def micros(moment: datetime) -> int:
+    """``moment`` as whole microseconds since the epoch: exact, unlike a float."""
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+def _time(value: int) -> datetime:
+    return _EPOCH + value * _MICROSECOND
 
 
 def derive(dialect: str) -> TextClause:
@@ -162,8 +173,8 @@ def derive(dialect: str) -> TextClause:
     return text(
         "UPDATE api_jobs SET status = CASE WHEN sent_id IS NOT NULL THEN 'sent' "  # noqa: S608
         f"WHEN {failed_last} THEN 'failed' WHEN {processed_last} THEN 'processed' "
-        f"ELSE 'queued' END, created_at = COALESCE(requested_at, {earliest}), "
-        f"updated_at = {latest} WHERE job_id IN :job_ids"
+        f"ELSE 'queued' END, created_at = COALESCE(requested_at, {earliest}) / 1000000.0, "
+        f"updated_at = {latest} / 1000000.0 WHERE job_id IN :job_ids"
     ).bindparams(bindparam("job_ids", expanding=True))
 
 
@@ -201,12 +212,6 @@ def record_of(row: Any) -> JobRecord:
     )
 
 
-def _time(seconds: float) -> datetime:
-    # A double holds an epoch time to a quarter of a microsecond: the datetime
-    # written comes back exactly.
-    return datetime.fromtimestamp(seconds, UTC)
-
-
 def legacy_timeline(raw: str) -> list[Entry]:
     """The entries of a timeline as rows held it before the facts had columns."""
     return [Entry(**{**item, "at": datetime.fromisoformat(item["at"])}) for item in json.loads(raw)]
@@ -217,7 +222,7 @@ def columns_of(record: JobRecord) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for entry in record.timeline:
         fact = FACTS[entry.event]
-        values[f"{fact.prefix}_at"] = entry.at.timestamp()
+        values[f"{fact.prefix}_at"] = micros(entry.at)
         values[f"{fact.prefix}_id"] = entry.event_id
         if entry.event == "EmailSent":
             values |= {

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from uuid import UUID
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     Connection,
     Engine,
@@ -42,7 +43,7 @@ from sqlalchemy import (
 )
 
 from api_service import fact_rows
-from api_service.read_model import JobEvent, JobRecord, Status, facts
+from api_service.read_model import JobEvent, JobRecord, Status
 from pipeline_shared.database import (
     add_missing_columns,
     build_engine,
@@ -65,16 +66,17 @@ jobs = Table(
     Column("timeline", Text, nullable=False),
     Column("trace_id", String(32), nullable=True),
     # The facts (``read_model``): per event type, the kept event's time (epoch
-    # seconds), id and what the record derives from it; NULL until there is one.
-    Column("requested_at", Float, nullable=True),
+    # microseconds: exact for any datetime), id and what the record derives from
+    # it; NULL until there is one.
+    Column("requested_at", BigInteger, nullable=True),
     Column("requested_id", String(36), nullable=True),
-    Column("processed_at", Float, nullable=True),
+    Column("processed_at", BigInteger, nullable=True),
     Column("processed_id", String(36), nullable=True),
-    Column("sent_at", Float, nullable=True),
+    Column("sent_at", BigInteger, nullable=True),
     Column("sent_id", String(36), nullable=True),
     Column("sent_attempts", Integer, nullable=True),
     Column("provider_message_id", Text, nullable=True),
-    Column("failed_at", Float, nullable=True),
+    Column("failed_at", BigInteger, nullable=True),
     Column("failed_id", String(36), nullable=True),
     Column("failed_attempts", Integer, nullable=True),
     Column("failed_reason", Text, nullable=True),
@@ -200,28 +202,32 @@ class JobStore:
 
     def _upgrade_timelines(self, chunk: int = 500) -> None:
         """Give the facts of rows an earlier version wrote (as a JSON timeline) their
-        columns. Idempotent: replicas starting together may both do it."""
-        legacy = (
-            select(jobs.c.job_id, jobs.c.timeline)
-            .where(jobs.c.timeline != "[]")
-            .order_by(jobs.c.job_id)
-            .limit(chunk)
-        )
+        columns, folded with any the row has already (an older replica may have
+        written the timeline of a row this version wrote). Idempotent: replicas
+        starting together may both do it."""
+        after = ""
         while True:
             with self._writer.begin() as connection:
+                legacy = (
+                    select(*_RECORD)
+                    .where(jobs.c.timeline != "[]", jobs.c.job_id > after)
+                    .order_by(jobs.c.job_id)
+                    .limit(chunk)
+                )
+                if self._engine.dialect.name == "postgresql":
+                    legacy = legacy.with_for_update()  # SQLite's writer holds the database
                 rows = connection.execute(legacy).all()
                 for row in rows:
-                    entries = facts(fact_rows.legacy_timeline(row.timeline))
-                    record = JobRecord(row.job_id, None, entries)
                     connection.execute(
                         update(jobs)
-                        .where(jobs.c.job_id == row.job_id, jobs.c.timeline == row.timeline)
-                        .values(timeline="[]", **fact_rows.columns_of(record))
+                        .where(jobs.c.job_id == row.job_id)
+                        .values(timeline="[]", **fact_rows.columns_of(fact_rows.record_of(row)))
                     )
                 if rows:
                     connection.execute(self._derive, {"job_ids": [row.job_id for row in rows]})
             if len(rows) < chunk:
                 return
+            after = rows[-1].job_id
 
     async def close(self) -> None:
         await asyncio.to_thread(self._engine.dispose)
