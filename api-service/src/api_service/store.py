@@ -126,6 +126,20 @@ _RESERVE_KEY = text(
 )
 
 
+def _rounds(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """``rows`` (in job id order) as lists holding each job at most once: each job's
+    first row, then each one's second, and so on, in arrival order per job."""
+    rounds: list[list[dict[str, Any]]] = []
+    seen: dict[str, int] = {}
+    for row in rows:
+        turn = seen.get(row["job_id"], 0)
+        seen[row["job_id"]] = turn + 1
+        if turn == len(rounds):
+            rounds.append([])
+        rounds[turn].append(row)
+    return rounds
+
+
 def encode_cursor(created_at: float, job_id: str) -> str:
     return base64.urlsafe_b64encode(json.dumps([created_at, job_id]).encode()).decode()
 
@@ -186,6 +200,7 @@ class JobStore:
         # wait for the disk (the idempotency keys keep ``engine``'s).
         self._relaxed = for_writing(relaxed or engine)
         self._upsert = fact_rows.upsert(engine.dialect.name)
+        self._upsert_rows = fact_rows.upsert_rows() if engine.dialect.name == "postgresql" else None
         self._derive = fact_rows.derive(engine.dialect.name)
 
     @classmethod
@@ -260,7 +275,11 @@ class JobStore:
         rows = [fact_rows.params(event, traces.get(str(event.job_id))) for event in ordered]
         job_ids = sorted({row["job_id"] for row in rows})
         with self._relaxed.begin() as connection:
-            connection.execute(self._upsert, rows)
+            if self._upsert_rows is None:
+                connection.execute(self._upsert, rows)
+            else:
+                for distinct in _rounds(rows):
+                    connection.execute(self._upsert_rows, {"rows": fact_rows.rows_json(distinct)})
             connection.execute(self._derive, {"job_ids": job_ids})
 
     @staticmethod
