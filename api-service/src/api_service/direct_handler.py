@@ -131,7 +131,7 @@ def direct_handler(route: APIRoute) -> DirectHandler | None:
         params is None
         or dependant.cookie_params
         or len(dependant.body_params) > 1
-        or route._embed_body_fields
+        or getattr(route, "_embed_body_fields", True)  # unknown to this FastAPI: its handler
         or dependant.background_tasks_param_name
         or dependant.security_scopes_param_name
         or dependant.websocket_param_name
