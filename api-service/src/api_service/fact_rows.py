@@ -31,7 +31,6 @@ from typing import Any
 from sqlalchemy import TextClause, bindparam, text
 
 from api_service.read_model import Entry, JobEvent, JobRecord, facts
-from pipeline_shared.events import EmailSent, JobFailed
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +39,14 @@ class Fact:
 
     event: str
     prefix: str
-    details: tuple[str, ...]  # columns for what the record derives from the event
+    details: tuple[tuple[str, str], ...]
+    """What the record derives from the event: (column, the event's and the
+    ``Entry``'s attribute)."""
     latest: bool = False  # keep the latest (JobFailed), not the earliest
 
     @property
     def columns(self) -> tuple[str, ...]:
-        return (f"{self.prefix}_at", f"{self.prefix}_id", *self.details)
+        return (f"{self.prefix}_at", f"{self.prefix}_id", *(c for c, _ in self.details))
 
 
 FACTS: Mapping[str, Fact] = {
@@ -53,8 +54,17 @@ FACTS: Mapping[str, Fact] = {
     for fact in (
         Fact("JobRequested", "requested", ()),
         Fact("DataProcessed", "processed", ()),
-        Fact("EmailSent", "sent", ("sent_attempts", "provider_message_id")),
-        Fact("JobFailed", "failed", ("failed_attempts", "failed_reason"), latest=True),
+        Fact(
+            "EmailSent",
+            "sent",
+            (("sent_attempts", "attempts"), ("provider_message_id", "provider_message_id")),
+        ),
+        Fact(
+            "JobFailed",
+            "failed",
+            (("failed_attempts", "attempts"), ("failed_reason", "reason")),
+            latest=True,
+        ),
     )
 }
 
@@ -170,13 +180,8 @@ def params(event: JobEvent, trace_id: str | None) -> dict[str, Any]:
         f"{fact.prefix}_at": at,
         f"{fact.prefix}_id": str(event.event_id),
     }
-    if isinstance(event, EmailSent):
-        values |= {
-            "sent_attempts": event.attempts,
-            "provider_message_id": event.provider_message_id,
-        }
-    elif isinstance(event, JobFailed):
-        values |= {"failed_attempts": event.attempts, "failed_reason": event.reason}
+    for column, attribute in fact.details:
+        values[column] = getattr(event, attribute)
     return values
 
 
@@ -221,31 +226,16 @@ def derive(dialect: str) -> TextClause:
 
 def record_of(row: Any) -> JobRecord:
     """The record a row holds (its columns, and a legacy row's JSON timeline)."""
-    entries = []
-    if row.requested_id is not None:
-        entries.append(Entry(row.requested_id, "JobRequested", _time(row.requested_at)))
-    if row.processed_id is not None:
-        entries.append(Entry(row.processed_id, "DataProcessed", _time(row.processed_at)))
-    if row.sent_id is not None:
-        entries.append(
-            Entry(
-                row.sent_id,
-                "EmailSent",
-                _time(row.sent_at),
-                attempts=row.sent_attempts,
-                provider_message_id=row.provider_message_id,
-            )
+    entries = [
+        Entry(
+            event_id,
+            fact.event,
+            _time(getattr(row, f"{fact.prefix}_at")),
+            **{attribute: getattr(row, column) for column, attribute in fact.details},
         )
-    if row.failed_id is not None:
-        entries.append(
-            Entry(
-                row.failed_id,
-                "JobFailed",
-                _time(row.failed_at),
-                attempts=row.failed_attempts,
-                reason=row.failed_reason,
-            )
-        )
+        for fact in FACTS.values()
+        if (event_id := getattr(row, f"{fact.prefix}_id")) is not None
+    ]
     if row.timeline != "[]":
         entries.extend(legacy_timeline(row.timeline))
     return JobRecord(
@@ -265,11 +255,6 @@ def columns_of(record: JobRecord) -> dict[str, Any]:
         fact = FACTS[entry.event]
         values[f"{fact.prefix}_at"] = micros(entry.at)
         values[f"{fact.prefix}_id"] = entry.event_id
-        if entry.event == "EmailSent":
-            values |= {
-                "sent_attempts": entry.attempts,
-                "provider_message_id": entry.provider_message_id,
-            }
-        elif entry.event == "JobFailed":
-            values |= {"failed_attempts": entry.attempts, "failed_reason": entry.reason}
+        for column, attribute in fact.details:
+            values[column] = getattr(entry, attribute)
     return values
