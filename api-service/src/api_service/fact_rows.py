@@ -8,9 +8,10 @@ same rules are SQL, so that recording an event is one blind statement:
 * each event is an ``INSERT ... ON CONFLICT (job_id) DO UPDATE`` whose ``SET``
   keeps, column by column, whichever of the stored and the new event the rule
   keeps (``upsert``), and settles the caller and the trace; a batch's events
-  are one ``executemany`` in job id order;
+  are one ``executemany`` in job id order (on PostgreSQL, one statement over a
+  JSON array of them: ``upsert_rows``);
 * a batch ends with one ``UPDATE`` deriving ``status``, ``created_at`` and
-  ``updated_at`` of its jobs from their columns (``DERIVE``), kept in the row
+  ``updated_at`` of its jobs from their columns (``derive``), kept in the row
   because ``GET /jobs`` filters and orders by them.
 
 No row is read, locked, decoded or rewritten to record an event (the read
