@@ -128,7 +128,7 @@ async def _json(request: StrictJsonRequest) -> Any:
     except HTTPException:
         raise
     except Exception as exc:
-        log.warning("could not parse a request body: %r", exc)
+        log.warning("could not parse a request body: %s", type(exc).__name__)
         raise HTTPException(400, "There was an error parsing the body") from exc
 
 
