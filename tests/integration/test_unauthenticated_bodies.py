@@ -384,6 +384,34 @@ async def test_a_head_whose_blank_line_is_split_between_reads_is_not_taken_for_a
         assert answer.status == 202, (split - end, answer)
 
 
+@pytest.mark.parametrize("key", [VALID_KEY, NO_KEY])
+async def test_a_large_head_arriving_whole_in_one_read_is_answered_431(
+    connect: Callable[[], Any], key: dict[str, str]
+) -> None:
+    # Counting reads alone let a head over the limit through when the read that
+    # carried it also carried its end (up to one read past the limit).
+    connection: Connection = await connect()
+    pad = {"X-Pad": "p" * (MAX_HEAD_BYTES + 8 * 1024)}
+    await connection.send(head("/jobs", key, **{"Content-Length": "2"}, **pad) + b"{}")
+
+    answer = await connection.answer(QUICK)
+
+    assert answer.status == 431, answer
+    assert await connection.closed_by_server(QUICK)
+
+
+async def test_a_head_just_under_the_limit_in_one_read_is_served(
+    connect: Callable[[], Any],
+) -> None:
+    connection: Connection = await connect()
+    pad = {"X-Pad": "p" * (MAX_HEAD_BYTES - 2048)}
+    await connection.send(head("/jobs", VALID_KEY, **{"Content-Length": "2"}, **pad) + b"{}")
+
+    answer = await connection.answer(QUICK)
+
+    assert answer.status == 422, answer  # the body's problems: the head was taken
+
+
 async def test_blank_lines_before_the_request_line_count_toward_the_head(
     connect: Callable[[], Any],
 ) -> None:

@@ -10,7 +10,10 @@ is closed. The body then has the same time again (``BodySizeLimit``).
 Nor does anything bound their size: the parser keeps a header it has not
 seen the end of in memory, so a few connections sending endless header lines
 would hold gigabytes, without an API key. A request whose line and headers
-pass ``MAX_HEAD_BYTES`` is answered ``431`` and its connection closed.
+pass ``MAX_HEAD_BYTES`` is answered ``431`` and its connection closed: while
+the head is unfinished, by the bytes read so far; once it is complete, by what
+the parser found in it (the target and each header), so a large head that
+arrives in one read with its end is refused too.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class _HeaderDeadlineProtocol(HttpToolsProtocol):
     _deadline: asyncio.TimerHandle | None = None
     _in_head = True  # the bytes arriving belong to a request's line and headers
     _head_bytes = 0
+    _parsed_head_bytes = 0  # the target and headers the parser found in this head
     _after_head_bytes = 0  # body, chunk framing and trailers of the current request
     _refusing = False
 
@@ -54,6 +58,10 @@ class _HeaderDeadlineProtocol(HttpToolsProtocol):
         if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
             self._refuse_head()
 
+    def on_url(self, url: bytes) -> None:
+        self._parsed_head_bytes += len(url)
+        super().on_url(url)
+
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
             # A trailer after a chunked body: nothing here reads them, and uvicorn
@@ -61,7 +69,13 @@ class _HeaderDeadlineProtocol(HttpToolsProtocol):
             self._refusing = True
             self.transport.close()
             return
+        self._parsed_head_bytes += len(name) + len(value) + 4  # ": " and CRLF
         super().on_header(name, value)
+
+    def on_body(self, body: bytes) -> None:
+        if self._refusing:
+            return  # the rest of a read whose head was refused
+        super().on_body(body)
 
     def _refuse_head(self) -> None:
         self._refusing = True
@@ -121,6 +135,9 @@ class _HeaderDeadlineProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._disarm()
+        if self._parsed_head_bytes > MAX_HEAD_BYTES:
+            self._refuse_head()  # it came with its end in one read
+            return
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -129,6 +146,7 @@ class _HeaderDeadlineProtocol(HttpToolsProtocol):
         super().on_message_complete()
         # What follows on this connection is the next request's head.
         self._in_head, self._head_bytes, self._after_head_bytes = True, 0, 0
+        self._parsed_head_bytes = 0
 
 
 def protocol_with_header_deadline(
