@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from api_service import strict_route
+from api_service import direct_handler, strict_route
 from api_service.app import create_app
 from api_service.recorder import JobRecorder
 from api_service.settings import ApiSettings
@@ -369,3 +370,45 @@ async def test_a_body_the_parser_fails_on_unforeseen_is_a_400_not_a_500(
     assert answer.status_code == 400
     assert answer.json() == {"detail": "There was an error parsing the body"}
     assert broker.published == []
+
+
+async def test_a_large_body_is_validated_off_the_event_loop_two_requests_at_a_time(
+    client: httpx.AsyncClient, broker: FakeBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Validating megabytes of small objects took seconds, all of them on the event
+    # loop; and each such request holds tens of times its body in memory.
+    threads: list[str] = []
+    lock = threading.Lock()
+    inside = most = 0
+    real = direct_handler._validated
+
+    def watched(*args: Any) -> Any:
+        nonlocal inside, most
+        if args[2] != ("body",):
+            return real(*args)  # a header's value
+        with lock:
+            inside += 1
+            most = max(most, inside)
+            threads.append(threading.current_thread().name)
+        try:
+            if len(json.dumps(args[1])) > strict_route.OFF_LOOP_BYTES:
+                time.sleep(0.2)  # long enough for the others to arrive
+            return real(*args)
+        finally:
+            with lock:
+                inside -= 1
+
+    monkeypatch.setattr(direct_handler, "_validated", watched)
+    item = {"email": "ada@example.com", "data": {"visits": [3, 5]}}
+    large = json.dumps({"jobs": [item] * 2000}).encode()
+    small = json.dumps({"jobs": [item]}).encode()
+
+    answers = await asyncio.gather(
+        *(client.post("/jobs/batch", content=large, headers=JSON) for _ in range(4)),
+        client.post("/jobs/batch", content=small, headers=JSON),
+    )
+
+    assert [a.status_code for a in answers] == [422] * 4 + [202]  # 2000 > MAX_BATCH_JOBS
+    loop_thread = threading.current_thread().name
+    assert threads.count(loop_thread) == 1  # the small one only
+    assert most == 2

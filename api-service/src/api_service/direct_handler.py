@@ -17,6 +17,7 @@ and so does every request while ``app.dependency_overrides`` holds anything.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine
@@ -35,9 +36,10 @@ from starlette.datastructures import Headers, QueryParams
 
 from api_service.dependencies import authenticate
 
-DirectHandler = Callable[[Request, Any, Any], Coroutine[Any, Any, Response]]
-"""``handler(request, caller, body)``: the request (its body read), the authenticated
-caller (None on a route without one), and the body's JSON value (``NO_BODY`` if empty)."""
+DirectHandler = Callable[[Request, Any, Any, bool], Coroutine[Any, Any, Response]]
+"""``handler(request, caller, body, large)``: the request (its body read), the
+authenticated caller (None on a route without one), the body's JSON value
+(``NO_BODY`` if empty), and whether it is large enough to validate in a worker thread."""
 
 NO_BODY: Any = object()
 """The value of an empty body: a missing one, for a required body parameter."""
@@ -166,7 +168,7 @@ def direct_handler(route: APIRoute) -> DirectHandler | None:
     request_name = dependant.request_param_name
     response_name = dependant.response_param_name
 
-    async def handle(request: Request, caller: Any, body: Any) -> Response:
+    async def handle(request: Request, caller: Any, body: Any, large: bool) -> Response:
         values: dict[str, Any] = {}
         for name, reader in providers:
             value = caller if reader is None else await reader(request)
@@ -182,7 +184,10 @@ def direct_handler(route: APIRoute) -> DirectHandler | None:
                 param.field, source.get(param.alias), (param.where, param.alias), errors
             )
         if body_field is not None:
-            values[body_field.name] = _validated(body_field, body, ("body",), errors)
+            validate = asyncio.to_thread if large else _now
+            values[body_field.name] = await validate(
+                _validated, body_field, body, ("body",), errors
+            )
         if errors:
             raise RequestValidationError(errors, body=None if body is NO_BODY else body)
         if request_name is not None:
@@ -207,6 +212,10 @@ def direct_handler(route: APIRoute) -> DirectHandler | None:
         return answer
 
     return handle
+
+
+async def _now(function: Callable[..., Any], /, *args: Any) -> Any:
+    return function(*args)
 
 
 def _source(request: Request, where: str) -> QueryParams | Headers | dict[str, Any]:

@@ -43,10 +43,18 @@ from api_service.strict_json import parse_json_body
 log = logging.getLogger("api.requests")
 
 OFF_LOOP_BYTES = 64 * 1024
-"""Bodies larger than this are parsed in a worker thread: a batch of megabytes takes
-a good part of a second to read, which the event loop (every other request) must not
-wait for. The parse still holds the GIL, but the loop gets its turn every few ms."""
+"""Bodies larger than this are parsed and validated in a worker thread: a batch of
+megabytes takes a good part of a second to read (and a hostile one of empty objects,
+seconds to validate), which the event loop (every other request) must not wait for.
+The work still holds the GIL, but the loop gets its turn every few ms."""
 
+
+LARGE_AT_ONCE = 2
+"""Requests of a route whose body is over ``OFF_LOOP_BYTES`` handled at once, at most;
+the others wait their turn. Read into Python values a JSON body takes tens of times
+its size (8 MB of empty objects, 400 MB), and each is parsed and validated in a
+worker thread: unbounded, a few such requests would take the memory and the threads
+the rest of the api needs."""
 
 _LONGEST_ECHO = 100
 """Characters of a refused Content-Type named back in the answer, at most."""
@@ -153,6 +161,12 @@ class StrictRoute(APIRoute):
         header_names = {p.alias.lower() for d in dependants for p in d.header_params}
 
         direct = direct_handler(self)
+        large = _Gate(LARGE_AT_ONCE)
+
+        async def run(strict: StrictJsonRequest, caller: Any, body: Any, large: bool) -> Response:
+            if direct is None or overridden(self):
+                return await handler(strict)
+            return await direct(strict, caller, body, large)
 
         async def strict_handler(request: Request) -> Response:
             # One request object throughout: it keeps the body once read.
@@ -162,15 +176,32 @@ class StrictRoute(APIRoute):
             if problems:
                 raise HTTPException(422, validation_problems(problems))
             body = NO_BODY
-            if takes_body and (await _body(strict)):
+            if takes_body and (raw := await _body(strict)):
                 if why := _unsupported_media(strict):
                     raise HTTPException(415, why)
+                if len(raw) > OFF_LOOP_BYTES:
+                    async with large.held():
+                        return await run(strict, caller, await _json(strict), True)
                 body = await _json(strict)
-            if direct is None or overridden(self):
-                return await handler(strict)
-            return await direct(strict, caller, body)
+            return await run(strict, caller, body, False)
 
         return strict_handler
+
+
+class _Gate:
+    """At most ``size`` holders at once, on whichever event loop serves the route
+    (an asyncio semaphore belongs to the loop it first waited on)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._semaphore = asyncio.Semaphore(size)
+
+    def held(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._loop, self._semaphore = loop, asyncio.Semaphore(self._size)
+        return self._semaphore
 
 
 def _repeated_or_unknown(
