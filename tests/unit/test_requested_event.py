@@ -1,4 +1,4 @@
-"""The api's JobRequested is built from the validated request without validating again."""
+"""The api's JobRequested is built from the validated request without walking its data again."""
 
 from __future__ import annotations
 
