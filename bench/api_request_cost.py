@@ -59,7 +59,10 @@ class InstantRecorder:
         return done
 
 
-async def post(app: Any, headers: list[tuple[bytes, bytes]]) -> int:
+async def post(
+    app: Any, headers: list[tuple[bytes, bytes]], body: bytes = BODY, path: str = "/jobs"
+) -> int:
+    """POST ``body`` to ``path`` as uvicorn would hand it to the app; the answer's status."""
     sent = False
 
     async def receive() -> dict[str, Any]:
@@ -67,7 +70,7 @@ async def post(app: Any, headers: list[tuple[bytes, bytes]]) -> int:
         if sent:
             await asyncio.sleep(3600)
         sent = True
-        return {"type": "http.request", "body": BODY, "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
     status = 0
 
@@ -76,7 +79,9 @@ async def post(app: Any, headers: list[tuple[bytes, bytes]]) -> int:
         if message["type"] == "http.response.start":
             status = message["status"]
 
-    await app(http_scope(headers), receive, send)
+    scope = http_scope(headers)
+    scope["path"], scope["raw_path"] = path, path.encode()
+    await app(scope, receive, send)
     return status
 
 

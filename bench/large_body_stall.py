@@ -20,46 +20,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent / "tests"))
 sys.path.insert(0, str(BENCH))
 
-from api_request_cost import KEY, InstantBroker, InstantRecorder  # noqa: E402
+from api_request_cost import KEY, InstantBroker, InstantRecorder, post  # noqa: E402
 from api_service.app import create_app  # noqa: E402
 from api_service.settings import ApiSettings  # noqa: E402
 from api_service.store import JobStore  # noqa: E402
-from support.asgi import http_scope  # noqa: E402
-
-
-async def post_batch(app: Any, body: bytes) -> int:
-    sent = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            await asyncio.sleep(3600)
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    status = 0
-
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-
-    scope = http_scope(
-        [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"authorization", f"Bearer {KEY}".encode()),
-        ]
-    )
-    scope["path"], scope["raw_path"] = "/jobs/batch", b"/jobs/batch"
-    await app(scope, receive, send)
-    return status
 
 
 async def main() -> None:
@@ -89,7 +58,12 @@ async def main() -> None:
 
         watching = asyncio.create_task(sleeper())
         started = time.perf_counter()
-        status = await post_batch(app, body)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"authorization", f"Bearer {KEY}".encode()),
+        ]
+        status = await post(app, headers, body, "/jobs/batch")
         took = time.perf_counter() - started
         done = True
         await watching
