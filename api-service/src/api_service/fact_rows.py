@@ -70,8 +70,9 @@ FACTS: Mapping[str, Fact] = {
 }
 
 
-_FACT_COLUMNS = tuple(column for fact in FACTS.values() for column in fact.columns)
-_NO_FACTS = dict.fromkeys(_FACT_COLUMNS)
+FACT_COLUMNS = tuple(column for fact in FACTS.values() for column in fact.columns)
+"""Every fact's columns, in one order."""
+_NO_FACTS = dict.fromkeys(FACT_COLUMNS)
 
 
 def _collate(dialect: str) -> str:
@@ -120,7 +121,7 @@ def _on_conflict(dialect: str) -> str:
 
 _INSERT = (
     "INSERT INTO api_jobs (job_id, caller, status, created_at, updated_at, timeline, trace_id, "
-    f"{', '.join(_FACT_COLUMNS)}) "
+    f"{', '.join(FACT_COLUMNS)}) "
 )
 
 
@@ -130,7 +131,7 @@ def upsert(dialect: str) -> TextClause:
     One statement for every type, so that a batch is one ``executemany`` in job id
     order: each replica's transaction locks its rows in that one order, and two
     never wait for each other's rows in a cycle."""
-    values = ", ".join(f":{column}" for column in _FACT_COLUMNS)
+    values = ", ".join(f":{column}" for column in FACT_COLUMNS)
     # Made of this module's constants only; every value is a bound parameter.
     return text(
         f"{_INSERT}VALUES (:job_id, :caller, :status, :at, :at, '[]', :trace_id, {values}) "
@@ -152,8 +153,8 @@ def upsert_rows() -> TextClause:
     ``executemany`` was most of the read model's cost on PostgreSQL. The rows are
     inserted, and so locked, in job id order; ``ON CONFLICT`` may change a row only
     once a statement, so a job's second event of a batch goes in the next one."""
-    fields = ", ".join(f"{column} {_sql_type(column)}" for column in _FACT_COLUMNS)
-    names = ", ".join(_FACT_COLUMNS)
+    fields = ", ".join(f"{column} {_sql_type(column)}" for column in FACT_COLUMNS)
+    names = ", ".join(FACT_COLUMNS)
     return text(
         f"{_INSERT}SELECT job_id, caller, status, at, at, '[]', trace_id, {names} "  # noqa: S608
         "FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(job_id text, caller text, "

@@ -106,15 +106,7 @@ _RECORD = (
     jobs.c.caller,
     jobs.c.timeline,
     jobs.c.trace_id,
-    *(
-        jobs.c[f"{fact.prefix}_{part}"]
-        for fact in fact_rows.FACTS.values()
-        for part in ("at", "id")
-    ),
-    jobs.c.sent_attempts,
-    jobs.c.provider_message_id,
-    jobs.c.failed_attempts,
-    jobs.c.failed_reason,
+    *(jobs.c[name] for name in fact_rows.FACT_COLUMNS),
 )
 """The columns a ``JobRecord`` is read from (``fact_rows.record_of``)."""
 
