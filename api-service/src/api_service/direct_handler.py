@@ -86,18 +86,31 @@ def _validated(field: Any, value: Any, loc: tuple[str | int, ...], errors: list[
 class _Param:
     field: Any
     where: str  # "path", "query" or "header"
-    alias: str
 
 
 def _params(dependant: Dependant) -> list[_Param] | None:
     params = [
-        *(_Param(f, "path", f.alias) for f in dependant.path_params),
-        *(_Param(f, "query", f.alias) for f in dependant.query_params),
-        *(_Param(f, "header", f.alias) for f in dependant.header_params),
+        *(_Param(f, "path") for f in dependant.path_params),
+        *(_Param(f, "query") for f in dependant.query_params),
+        *(_Param(f, "header") for f in dependant.header_params),
     ]
     if not all(_is_scalar(p.field.field_info.annotation) for p in params):
         return None
     return params
+
+
+def _needs_more(dependant: Dependant) -> bool:
+    """Whether ``dependant`` takes what no handler here provides: cookies, background
+    tasks, security scopes, a websocket or bare connection, a limit on concurrency."""
+    return bool(
+        dependant.cookie_params
+        or dependant.background_tasks_param_name
+        or dependant.security_scopes_param_name
+        or dependant.websocket_param_name
+        or dependant.http_connection_param_name
+        or getattr(dependant, "concurrency", None) is not None
+        or not inspect.iscoroutinefunction(dependant.call)
+    )
 
 
 def _state_reader(sub: Dependant) -> Callable[[Request], Awaitable[Any]] | None:
@@ -106,20 +119,14 @@ def _state_reader(sub: Dependant) -> Callable[[Request], Awaitable[Any]] | None:
         sub.path_params
         or sub.query_params
         or sub.header_params
-        or sub.cookie_params
         or sub.body_params
         or sub.dependencies
         or sub.response_param_name
-        or sub.background_tasks_param_name
-        or sub.security_scopes_param_name
-        or sub.websocket_param_name
-        or sub.http_connection_param_name
-        or getattr(sub, "concurrency", None) is not None
     )
-    if takes_more or not sub.request_param_name or not inspect.iscoroutinefunction(sub.call):
-        return None
     call = sub.call
     name = sub.request_param_name
+    if takes_more or _needs_more(sub) or call is None or not name:
+        return None
     return lambda request: call(**{name: request})
 
 
@@ -130,19 +137,11 @@ def direct_handler(route: APIRoute) -> DirectHandler | None:
     endpoint = dependant.call
     params = _params(dependant)
     unusual = (
-        params is None
-        or dependant.cookie_params
+        _needs_more(dependant)
         or len(dependant.body_params) > 1
         or getattr(route, "_embed_body_fields", True)  # unknown to this FastAPI: its handler
-        or dependant.background_tasks_param_name
-        or dependant.security_scopes_param_name
-        or dependant.websocket_param_name
-        or dependant.http_connection_param_name
-        or getattr(dependant, "concurrency", None) is not None
         # FastAPI calls a dependency listed twice once a request: keep it simple.
         or len({sub.call for sub in dependant.dependencies}) < len(dependant.dependencies)
-        or not inspect.iscoroutinefunction(endpoint)
-        or route.response_field is None
         or not isinstance(route.response_class, DefaultPlaceholder)
         or route.response_model_include is not None
         or route.response_model_exclude is not None
@@ -180,8 +179,9 @@ def direct_handler(route: APIRoute) -> DirectHandler | None:
             source = sources.get(param.where)
             if source is None:
                 source = sources[param.where] = _source(request, param.where)
+            alias = param.field.alias
             values[param.field.name] = _validated(
-                param.field, source.get(param.alias), (param.where, param.alias), errors
+                param.field, source.get(alias), (param.where, alias), errors
             )
         if body_field is not None:
             validate = asyncio.to_thread if large else _now

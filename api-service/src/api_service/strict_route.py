@@ -161,7 +161,7 @@ class StrictRoute(APIRoute):
         header_names = {p.alias.lower() for d in dependants for p in d.header_params}
 
         direct = direct_handler(self)
-        large = _Gate(LARGE_AT_ONCE)
+        large_bodies = _Gate(LARGE_AT_ONCE)
 
         async def run(strict: StrictJsonRequest, caller: Any, body: Any, large: bool) -> Response:
             if direct is None or overridden(self):
@@ -180,7 +180,7 @@ class StrictRoute(APIRoute):
                 if why := _unsupported_media(strict):
                     raise HTTPException(415, why)
                 if len(raw) > OFF_LOOP_BYTES:
-                    async with large.held():
+                    async with large_bodies.held():
                         return await run(strict, caller, await _json(strict), True)
                 body = await _json(strict)
             return await run(strict, caller, body, False)
