@@ -23,6 +23,7 @@ import pytest
 from e2e.conftest import Pipeline
 from pipeline_shared.topology import MAILER, PROCESSOR, Stage
 from support.mailtrap_stub import MailtrapStub
+from support.rabbit import job_ids_of
 from support.services import free_port
 from support.streams import JobStream
 from support.tcp_proxy import TcpProxy
@@ -170,7 +171,9 @@ def test_a_broker_outage_mid_stream_loses_no_accepted_job_and_every_consumer_com
 
     def everything_routed_delivered() -> bool:
         routed.update(
-            str(message.correlation_id) for message in asyncio.run(drain(broker_url, ROUTED_PROBE))
+            job
+            for message in asyncio.run(drain(broker_url, ROUTED_PROBE))
+            for job in job_ids_of(message)
         )
         return (accepted | routed) <= set(mailtrap.deliveries_by_job())
 

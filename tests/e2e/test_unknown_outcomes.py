@@ -34,6 +34,7 @@ from e2e.conftest import Pipeline
 from pipeline_shared.events import JobRequested
 from pipeline_shared.messaging import Broker
 from support.mailtrap_stub import MailtrapStub
+from support.rabbit import job_ids_of
 from support.services import free_port
 from support.tcp_proxy import TcpProxy
 from support.waiting import wait_for
@@ -91,7 +92,7 @@ class Probe:
 
         for message in asyncio.run(drain()):
             counts = self.requested if message.type == "JobRequested" else self.sent
-            counts[str(message.correlation_id)] += 1
+            counts.update(job_ids_of(message))
         return self
 
     def settled(self) -> bool:

@@ -9,7 +9,10 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+from pipeline_shared.events import any_event_adapter
+from pipeline_shared.messaging import bundle
 
 BROKER_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 MANAGEMENT_URL = os.environ.get("RABBITMQ_MANAGEMENT_URL", "http://127.0.0.1:15672")
@@ -144,6 +147,12 @@ async def messages_ready_now(channel: AbstractChannel, queue: str) -> int:
     underlay = await channel.get_underlay_channel()
     declared = await underlay.queue_declare(queue, passive=True)
     return declared.message_count or 0
+
+
+def job_ids_of(message: AbstractIncomingMessage) -> list[str]:
+    """The job of each event a message carries, alone or in a bundle."""
+    events = bundle.decode_all(message.body, message.headers, any_event_adapter, 1 << 30)
+    return [str(event.job_id) for event in events]
 
 
 def new_vhost_name(prefix: str = "test") -> str:

@@ -16,6 +16,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 LogFormat = Literal["text", "json"]
 
+DEFAULT_BUNDLE_EVENTS = 64
+MAX_BUNDLE_EVENTS = 1000
+"""The most events one message may carry: consumers refuse a bundle of more."""
+
 _DATABASE_SCHEMES = ("sqlite://", "postgresql://", "postgres://", "postgresql+")
 
 
@@ -50,6 +54,13 @@ class PipelineSettings(BaseSettings):
         ge=1024,
         description="Largest message body a consumer accepts (bigger ones are dead-lettered) "
         "and a producer sends.",
+    )
+    bundle_max_events: int = Field(
+        default=DEFAULT_BUNDLE_EVENTS,
+        ge=1,
+        le=MAX_BUNDLE_EVENTS,
+        description="Most events published together in one message (a bundle); 1 sends each "
+        "alone, as versions before bundles did (set it while older consumers still run).",
     )
     rabbitmq_url: str = Field(
         default="amqp://guest:guest@localhost:5672/",

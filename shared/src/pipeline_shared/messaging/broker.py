@@ -32,15 +32,19 @@ from pydantic import TypeAdapter
 from pipeline_shared import metrics, tracing
 from pipeline_shared.errors import BrokerUnavailable, PublishOutcomeUnknown
 from pipeline_shared.events import Event
-from pipeline_shared.messaging import refusals
+from pipeline_shared.messaging import bundle, refusals
+from pipeline_shared.messaging.coalesce import Coalescer, Item
 from pipeline_shared.messaging.consumer import Consumer, E, Handler
 from pipeline_shared.messaging.declare import close_quietly, declare_topology, verify_topology
 from pipeline_shared.messaging.policy import DEFAULT_RETRY_DELAYS
 from pipeline_shared.messaging.wire import DEFAULT_MAX_EVENT_BYTES, event_message
-from pipeline_shared.settings import PipelineSettings, redact_url
+from pipeline_shared.settings import DEFAULT_BUNDLE_EVENTS, PipelineSettings, redact_url
 from pipeline_shared.topology import EXCHANGE, QUEUE_EXCHANGE, STAGES, Stage
 
 log = logging.getLogger("pipeline.messaging")
+
+# Bundles awaiting their confirm per routing key before the next one waits to fill.
+BUNDLES_IN_FLIGHT = 2
 
 # Routing keys some queue is bound to: publishing to one of them must reach a
 # queue (mandatory). Other events are notifications that may have no listener.
@@ -73,6 +77,8 @@ class Broker:
         app_id: str,
         publish_timeout: float = 10.0,
         retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
+        bundle_max_events: int = DEFAULT_BUNDLE_EVENTS,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     ) -> None:
         self._url = url
         self.app_id = app_id
@@ -88,6 +94,16 @@ class Broker:
         self._lost = False
         self.user = unquote(urlsplit(url).username or "guest")
         self.vhost = vhost_of(url)
+        self._coalescer = (
+            Coalescer(
+                self._publish_items,
+                max_events=bundle_max_events,
+                max_bytes=max_event_bytes,
+                in_flight=BUNDLES_IN_FLIGHT,
+            )
+            if bundle_max_events > 1
+            else None
+        )
 
     @classmethod
     def from_settings(cls, settings: PipelineSettings, *, app_id: str) -> Broker:
@@ -97,6 +113,8 @@ class Broker:
             app_id=app_id,
             publish_timeout=settings.publish_timeout_seconds,
             retry_delays=settings.retry_delays,
+            bundle_max_events=settings.bundle_max_events,
+            max_event_bytes=settings.max_event_bytes,
         )
 
     @property
@@ -219,7 +237,8 @@ class Broker:
 
     @metrics.count_publishes
     async def publish(self, event: Event) -> None:
-        """Publish ``event`` on the exchange and wait for the broker's confirm.
+        """Publish ``event`` on the exchange and wait for the broker's confirm; events
+        published at about the same time travel together (``coalesce``).
 
         Raises ``BrokerUnavailable`` when not connected, or when the broker
         nacks the message, cannot route it, or refuses it (the broker user may
@@ -243,8 +262,30 @@ class Broker:
         ):
             headers: HeadersType = {}
             tracing.inject(headers)
-            message = event_message(event, self.app_id, headers)
-            await self._publish(self._exchange, message, event.routing_key, mandatory)
+            body = event.model_dump_json().encode()
+            if self._coalescer is None:
+                message = event_message(event, self.app_id, headers, body)
+                await self._publish(self._exchange, message, event.routing_key, mandatory)
+            else:
+                await self._coalescer.submit(event.routing_key, Item(event, body, headers))
+
+    async def _publish_items(self, routing_key: str, items: list[Item]) -> None:
+        """Publish the events of ``items`` (one routing key) as one message, confirmed."""
+        if self._exchange is None:
+            raise BrokerUnavailable("not connected to the message broker")
+        if len(items) == 1:
+            [item] = items
+            message = event_message(item.event, self.app_id, item.trace, item.body)
+        else:
+            message = bundle.bundle_message(
+                [item.body for item in items],
+                [item.trace for item in items],
+                items[0].event.event_type,
+                self.app_id,
+            )
+        await self._publish(
+            self._exchange, message, routing_key, routing_key in _BOUND_ROUTING_KEYS
+        )
 
     async def send_to_queue(self, queue: str, message: aio_pika.Message) -> None:
         """Put ``message`` into one of the stages' queues, by name, confirmed."""

@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from uuid import UUID
 
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, HeadersType
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractMessage,
+    AbstractQueue,
+    HeadersType,
+)
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError
 from opentelemetry.trace import Span, SpanKind, StatusCode
 from pydantic import TypeAdapter
@@ -24,6 +30,7 @@ from pipeline_shared.errors import (
     TransientFailure,
 )
 from pipeline_shared.events import Event, JobFailed, utc_now
+from pipeline_shared.messaging import bundle
 from pipeline_shared.messaging.acks import Settlements
 from pipeline_shared.messaging.policy import Disposition, Outcome, deferral_delay, settle
 from pipeline_shared.messaging.wire import (
@@ -56,7 +63,7 @@ GIVE_BACK_TIMEOUT_SECONDS = 2.0
 
 
 def handled_fields(
-    message: AbstractIncomingMessage,
+    message: AbstractMessage,
     job_id: str | None,
     outcome: Outcome,
     attempt: int,
@@ -73,6 +80,17 @@ def handled_fields(
         "duration_ms": round(duration_ms, 1),
         "trace_id": tracing.current_trace_id(),
     }
+
+
+@dataclass(frozen=True, slots=True)
+class _Item(Generic[E]):
+    """One event a delivery carries: the message it is (alone, the delivery itself; in a
+    bundle, as it would have been alone), decoded or why not, and its trace headers."""
+
+    source: AbstractMessage
+    event: E | None
+    poison: PoisonMessage | None
+    trace: HeadersType | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,40 +195,97 @@ class Consumer(Generic[E]):
             ) from None
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
-        """Handle and settle ``message`` in the trace its headers carry."""
+        """Handle and settle ``message``: one event, or a bundle of them (``bundle``)."""
+        started = time.perf_counter()
+        attempts = attempts_of(message)
+        items = self._items(message)
+        try:
+            if len(items) == 1:
+                settled = await self._traced(items[0], attempts, started)
+            else:
+                settled = all(
+                    await asyncio.gather(*(self._traced(item, attempts, started) for item in items))
+                )
+        except asyncio.CancelledError:
+            await self._give_back(message)
+            for item in items:
+                metrics.message_requeued(self._stage.name, item.event, message.type)
+            raise
+        if settled:
+            try:
+                await self._settlements.ack(message)
+                return
+            except SETTLE_ERRORS as exc:
+                log.warning(
+                    "could not ack message %s (%s); it will be redelivered",
+                    message.message_id,
+                    exc,
+                )
+        await self._return(message)
+        for item in items:
+            metrics.message_requeued(self._stage.name, item.event, message.type)
+
+    def _items(self, message: AbstractIncomingMessage) -> list[_Item[E]]:
+        """The events ``message`` carries, each decoded or with why it cannot be."""
+        try:
+            lengths = bundle.lengths_of(message.headers)
+            if lengths is not None and len(message.body) > self._max_event_bytes:
+                raise PoisonMessage(
+                    f"body of {len(message.body)} bytes exceeds the limit of "
+                    f"{self._max_event_bytes} bytes"
+                )
+            bodies = None if lengths is None else bundle.split(message.body, lengths)
+        except PoisonMessage as exc:
+            return [_Item(message, None, exc, message.headers)]
+        if bodies is None:
+            event, poison = self._decode(message.body)
+            return [_Item(message, event, poison, message.headers)]
+        items: list[_Item[E]] = []
+        for body, trace in zip(bodies, bundle.traces_of(message.headers, len(bodies)), strict=True):
+            event, poison = self._decode(body)
+            source = bundle.item_message(message, body, event, trace)
+            items.append(_Item(source, event, poison, source.headers))
+        return items
+
+    def _decode(self, body: bytes) -> tuple[E | None, PoisonMessage | None]:
+        try:
+            return decode_event(body, self._model, self._max_event_bytes), None
+        except PoisonMessage as exc:
+            return None, exc
+
+    async def _traced(self, item: _Item[E], attempts: int, started: float) -> bool:
+        """Handle one event in the trace its headers carry; whether its outcome's copies
+        (retry, dead letter) are confirmed, so that its message may be acked."""
+        source = item.source
         with tracing.span(
             f"process {self._queue.name}",
             SpanKind.CONSUMER,
-            parent=tracing.extract(message.headers),
+            parent=tracing.extract(item.trace),
             attributes={
                 "messaging.system": "rabbitmq",
                 "messaging.operation.type": "process",
                 "messaging.destination.name": self._queue.name,
-                "messaging.message.id": message.message_id or "",
-                "messaging.message.conversation_id": message.correlation_id or "",
+                "messaging.message.id": source.message_id or "",
+                "messaging.message.conversation_id": source.correlation_id or "",
             },
         ) as span:
-            await self._handle_in(span, message)
+            return await self._handle_item(span, item, attempts, started)
 
-    async def _handle_in(self, span: Span, message: AbstractIncomingMessage) -> None:
-        started = time.perf_counter()
-        attempts = attempts_of(message)
-        event: E | None = None
-        failure: BaseException | None = None
-        try:
-            event = decode_event(message.body, self._model, self._max_event_bytes)
-            delivery_attempt.set(attempts)
-            delivery_size.set(len(message.body))
-            await self._run_handler(event)
-        except asyncio.CancelledError:
-            await self._give_back(message)
-            metrics.message_requeued(self._stage.name, event, message.type)
-            raise
-        except (PoisonMessage, PermanentFailure, TransientFailure, BrokerUnavailable) as exc:
-            failure = exc
-        except Exception as exc:  # a bug in a handler must not stop the consumer
-            log.exception("unexpected error handling message %s", message.message_id)
-            failure = exc
+    async def _handle_item(self, span: Span, item: _Item[E], attempts: int, started: float) -> bool:
+        message, event = item.source, item.event
+        failure: BaseException | None = item.poison
+        if event is not None:
+            try:
+                delivery_attempt.set(attempts)
+                delivery_size.set(len(message.body))
+                await self._run_handler(event)
+            except (PermanentFailure, TransientFailure, BrokerUnavailable) as exc:
+                failure = exc
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug in a handler must not stop the consumer
+                log.exception("unexpected error handling message %s", message.message_id)
+                failure = exc
 
         job_id = str(event.job_id) if event is not None else message.correlation_id
         job = job_id or "?"
@@ -226,7 +301,6 @@ class Consumer(Generic[E]):
 
         try:
             if disposition is Disposition.ACK:
-                await self._settlements.ack(message)
                 metrics.message_settled(
                     self._stage.name, event, message.type, disposition.value, None, started
                 )
@@ -238,7 +312,7 @@ class Consumer(Generic[E]):
                     elapsed_ms,
                     extra=handled("acked"),
                 )
-                return
+                return True
             assert failure is not None
             details = _describe(failure)
             if disposition is Disposition.DEFER:
@@ -276,6 +350,7 @@ class Consumer(Generic[E]):
             metrics.message_settled(
                 self._stage.name, event, message.type, disposition.value, failure, started
             )
+            return True
         except SETTLE_ERRORS as exc:
             log.warning(
                 "job %s: could not settle the message (%s); it will be redelivered",
@@ -283,11 +358,10 @@ class Consumer(Generic[E]):
                 exc,
                 extra=handled("requeued"),
             )
-            await self._return(message)
-            metrics.message_requeued(self._stage.name, event, message.type)
+            return False
 
     async def _retry(
-        self, message: AbstractIncomingMessage, next_attempt: int, delay: float, failure: _Failure
+        self, message: AbstractMessage, next_attempt: int, delay: float, failure: _Failure
     ) -> None:
         headers: HeadersType = {
             ATTEMPTS_HEADER: next_attempt,
@@ -297,11 +371,10 @@ class Consumer(Generic[E]):
         await self._broker.send_to_queue(
             self._stage.retry_queue(delay), copy_message(message, headers)
         )
-        await self._settlements.ack(message)
 
     async def _dead_letter(
         self,
-        message: AbstractIncomingMessage,
+        message: AbstractMessage,
         event: Event | None,
         attempts: int,
         failure: _Failure,
@@ -328,7 +401,6 @@ class Consumer(Generic[E]):
                     submitted_by=event.submitted_by if event is not None else None,
                 )
             )
-        await self._settlements.ack(message)
 
     async def _give_back(self, message: AbstractIncomingMessage) -> None:
         """At a stop: put a copy of the message back at the end of its queue, then ack.
@@ -361,7 +433,7 @@ def _describe(failure: BaseException) -> _Failure:
     return _Failure(str(failure) or type(failure).__name__, type(failure).__name__)
 
 
-def _job_id_hint(message: AbstractIncomingMessage) -> UUID | None:
+def _job_id_hint(message: AbstractMessage) -> UUID | None:
     """The job a poison message belonged to, if its correlation_id says so."""
     try:
         return UUID(message.correlation_id or "")

@@ -6,7 +6,7 @@ from collections.abc import Collection
 from typing import TypeVar
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage, HeadersType
+from aio_pika.abc import AbstractIncomingMessage, AbstractMessage, HeadersType
 from pydantic import TypeAdapter, ValidationError
 
 from pipeline_shared.contract import TRUSTED
@@ -38,11 +38,12 @@ def decode_event(body: bytes, model: type[E] | TypeAdapter[E], max_bytes: int) -
 
 
 def event_message(
-    event: Event, app_id: str, headers: HeadersType | None = None
+    event: Event, app_id: str, headers: HeadersType | None = None, body: bytes | None = None
 ) -> aio_pika.Message:
-    """The AMQP message for ``event``, with properties that read well in the management UI."""
+    """The AMQP message for ``event`` (already encoded as ``body``, if given), with
+    properties that read well in the management UI."""
     return aio_pika.Message(
-        body=event.model_dump_json().encode(),
+        body=event.model_dump_json().encode() if body is None else body,
         headers=headers,
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
@@ -61,7 +62,7 @@ def attempts_of(message: AbstractIncomingMessage) -> int:
 
 
 def copy_message(
-    message: AbstractIncomingMessage, headers: HeadersType, *, without: Collection[str] = ()
+    message: AbstractMessage, headers: HeadersType, *, without: Collection[str] = ()
 ) -> aio_pika.Message:
     """A persistent copy of ``message`` with the same body and properties, plus
     ``headers`` and less the headers named in ``without``."""

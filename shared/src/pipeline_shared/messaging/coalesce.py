@@ -1,0 +1,114 @@
+"""Gathering the events published at about the same time into bundles.
+
+Each ``submit`` joins the open bundle of its routing key and waits for that
+bundle's confirm, so the rule stays what it was for one event: a publish
+returns once the broker has its event, and raises if it may not. A bundle
+goes out at the end of the event loop's turn in which it was opened, unless
+``in_flight`` bundles of its key still await their confirms: then it keeps
+collecting until one of them is answered (or it is full). Under light load
+every event leaves at once, alone; under heavy load bundles grow to what the
+broker's confirm time lets gather, with no timer to tune.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aio_pika.abc import HeadersType
+
+from pipeline_shared.events import Event
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One event to publish, its encoded body and its trace headers."""
+
+    event: Event
+    body: bytes
+    trace: HeadersType
+
+
+@dataclass(eq=False)
+class _Open:
+    items: list[Item] = field(default_factory=list)
+    size: int = 1  # the body's closing bracket; each item adds itself and a separator
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+Send = Callable[[str, list[Item]], Awaitable[None]]
+
+
+class Coalescer:
+    """Bundles of at most ``max_events`` events and ``max_bytes`` bytes, handed to ``send``
+    (which publishes one, single or bundled, and returns once it is confirmed)."""
+
+    def __init__(self, send: Send, *, max_events: int, max_bytes: int, in_flight: int = 1) -> None:
+        self._send = send
+        self._max_events = max_events
+        self._max_bytes = max_bytes
+        self._in_flight_limit = in_flight
+        self._open: dict[str, _Open] = {}
+        self._in_flight: dict[str, int] = {}
+        self._scheduled: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, routing_key: str, item: Item) -> None:
+        """Publish ``item`` in a bundle of ``routing_key``; return once it is confirmed."""
+        bundle = self._open.get(routing_key)
+        if bundle is not None and (
+            len(bundle.items) >= self._max_events
+            or bundle.size + len(item.body) + 1 > self._max_bytes
+        ):
+            self._flush(routing_key)
+            bundle = None
+        if bundle is None:
+            bundle = self._open[routing_key] = _Open()
+            bundle.done.add_done_callback(_retrieve)
+        bundle.items.append(item)
+        bundle.size += len(item.body) + 1
+        if len(bundle.items) >= self._max_events:
+            self._flush(routing_key)
+        elif (
+            routing_key not in self._scheduled
+            and self._in_flight.get(routing_key, 0) < self._in_flight_limit
+        ):
+            self._scheduled.add(routing_key)
+            asyncio.get_running_loop().call_soon(self._flush, routing_key)
+        # Shared by the bundle's events: one caller giving up must not cancel the rest.
+        await asyncio.shield(bundle.done)
+
+    def _flush(self, routing_key: str) -> None:
+        self._scheduled.discard(routing_key)
+        bundle = self._open.pop(routing_key, None)
+        if bundle is None:
+            return
+        self._in_flight[routing_key] = self._in_flight.get(routing_key, 0) + 1
+        task = asyncio.create_task(self._publish(routing_key, bundle))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish(self, routing_key: str, bundle: _Open) -> None:
+        try:
+            await self._send(routing_key, bundle.items)
+        except asyncio.CancelledError:
+            bundle.done.cancel()
+            raise
+        except Exception as exc:  # every waiter hears what became of its event
+            bundle.done.set_exception(exc)
+        else:
+            bundle.done.set_result(None)
+        finally:
+            self._in_flight[routing_key] -= 1
+            # What gathered while this bundle waited for its confirm goes now.
+            if routing_key in self._open and routing_key not in self._scheduled:
+                self._flush(routing_key)
+
+
+def _retrieve(done: asyncio.Future[None]) -> None:
+    # Every waiter may have been cancelled; the outcome is still read once.
+    if not done.cancelled():
+        done.exception()

@@ -1,0 +1,339 @@
+"""Bundles against the real RabbitMQ: events published together travel in one message,
+and each is still handled, retried and dead-lettered on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+
+from pipeline_shared import tracing
+from pipeline_shared.errors import PermanentFailure, TransientFailure
+from pipeline_shared.events import JobFailed, JobRequested
+from pipeline_shared.messaging import Broker, bundle, delivery_attempt
+from pipeline_shared.topology import EXCHANGE, PROCESSOR
+from support.rabbit import messages_ready_now
+from support.waiting import async_wait_for
+
+FAST_RETRIES = (0.1, 0.2)
+
+
+def job(n: int = 1, **overrides: object) -> JobRequested:
+    fields: dict[str, object] = {
+        "job_id": uuid.uuid4(),
+        "email": "ada@example.com",
+        "data": {"n": n},
+        "submitted_by": "caller-1",
+    }
+    fields.update(overrides)
+    return JobRequested.model_validate(fields)
+
+
+def make_broker(url: str, bundle_max_events: int = 64) -> Broker:
+    return Broker(
+        url,
+        app_id="test-service",
+        retry_delays=FAST_RETRIES,
+        publish_timeout=5,
+        bundle_max_events=bundle_max_events,
+    )
+
+
+@pytest.fixture
+async def broker(broker_url: str) -> AsyncIterator[Broker]:
+    broker = make_broker(broker_url)
+    await broker.connect()
+    yield broker
+    await broker.close()
+
+
+@pytest.fixture
+async def channel(broker: Broker, broker_url: str) -> AsyncIterator[AbstractChannel]:
+    connection: AbstractRobustConnection = await aio_pika.connect_robust(broker_url)
+    channel = await connection.channel()
+    yield channel
+    await connection.close()
+
+
+async def take_all(channel: AbstractChannel, queue: str) -> list[AbstractIncomingMessage]:
+    declared = await channel.get_queue(queue, ensure=True)
+    messages = []
+    while (message := await declared.get(no_ack=True, fail=False)) is not None:
+        messages.append(message)
+    return messages
+
+
+async def get(channel: AbstractChannel, queue: str, timeout: float = 10) -> AbstractIncomingMessage:
+    declared = await channel.get_queue(queue, ensure=True)
+
+    async def probe() -> AbstractIncomingMessage | None:
+        return await declared.get(no_ack=True, fail=False)
+
+    return await async_wait_for(probe, timeout=timeout, what=f"a message in {queue}")
+
+
+async def send_bundle(
+    channel: AbstractChannel,
+    bodies: Sequence[bytes],
+    lengths: object = None,
+    headers: dict[str, object] | None = None,
+) -> None:
+    """A bundle written by hand onto the processor's queue, as a publisher would."""
+    message = bundle.bundle_message(bodies, [{} for _ in bodies], "JobRequested", "hand")
+    message.headers = {
+        **(message.headers or {}),
+        **(headers or {}),
+        **({} if lengths is None else {bundle.LENGTHS_HEADER: lengths}),
+    }
+    await channel.default_exchange.publish(message, routing_key=PROCESSOR.queue)
+
+
+async def test_events_published_together_travel_in_fewer_messages_and_each_arrives_once(
+    broker: Broker, channel: AbstractChannel
+) -> None:
+    events = [job(n) for n in range(40)]
+    await asyncio.gather(*(broker.publish(event) for event in events))
+
+    messages = await take_all(channel, PROCESSOR.queue)
+    received = [
+        event
+        for message in messages
+        for event in bundle.decode_all(message.body, message.headers, JobRequested, 1 << 20)
+    ]
+    assert sorted(e.job_id for e in received) == sorted(e.job_id for e in events)
+    assert received == sorted(received, key=lambda e: events.index(e))  # in publish order
+    assert len(messages) < len(events)
+    bundled = next(m for m in messages if bundle.LENGTHS_HEADER in (m.headers or {}))
+    assert bundled.type == "JobRequested"
+    assert bundled.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert isinstance(json.loads(bundled.body), list)  # readable in the management UI
+
+
+async def test_a_lone_event_is_published_alone_with_its_own_properties(
+    broker: Broker, channel: AbstractChannel
+) -> None:
+    event = job()
+    await broker.publish(event)
+
+    [message] = await take_all(channel, PROCESSOR.queue)
+    assert bundle.LENGTHS_HEADER not in (message.headers or {})
+    assert message.message_id == str(event.event_id)
+    assert message.correlation_id == str(event.job_id)
+    assert JobRequested.model_validate_json(message.body) == event
+
+
+async def test_bundle_max_events_1_publishes_every_event_alone(
+    broker_url: str, channel: AbstractChannel
+) -> None:
+    alone = make_broker(broker_url, bundle_max_events=1)
+    await alone.connect()
+    try:
+        events = [job(n) for n in range(10)]
+        await asyncio.gather(*(alone.publish(event) for event in events))
+    finally:
+        await alone.close()
+
+    messages = await take_all(channel, PROCESSOR.queue)
+    assert len(messages) == 10
+    assert all(bundle.LENGTHS_HEADER not in (m.headers or {}) for m in messages)
+
+
+async def test_each_event_of_a_bundle_is_handled_once_and_the_bundle_acked(
+    broker: Broker, channel: AbstractChannel
+) -> None:
+    events = [job(n) for n in range(5)]
+    await send_bundle(channel, [e.model_dump_json().encode() for e in events])
+    handled: list[JobRequested] = []
+
+    async def handler(received: JobRequested) -> None:
+        handled.append(received)
+
+    consumer = await broker.consume(PROCESSOR, JobRequested, handler, prefetch=4)
+    await async_wait_for(lambda: _true(len(handled) == 5), what="every event handled")
+    await consumer.stop(5)
+
+    assert sorted(e.job_id for e in handled) == sorted(e.job_id for e in events)
+    assert await messages_ready_now(channel, PROCESSOR.queue) == 0
+
+
+async def test_one_unreadable_event_of_a_bundle_is_dead_lettered_alone_and_its_job_failed(
+    broker: Broker, channel: AbstractChannel
+) -> None:
+    failures = await _probe(channel, "job.failed")
+    good = [job(1), job(2)]
+    bad_job = uuid.uuid4()
+    bad = json.dumps({"job_id": str(bad_job), "event_type": "JobRequested"}).encode()
+    await send_bundle(
+        channel, [good[0].model_dump_json().encode(), bad, good[1].model_dump_json().encode()]
+    )
+    handled: list[JobRequested] = []
+
+    async def handler(received: JobRequested) -> None:
+        handled.append(received)
+
+    consumer = await broker.consume(PROCESSOR, JobRequested, handler, prefetch=4)
+    dead = await get(channel, PROCESSOR.dead_letter_queue)
+    reported = JobFailed.model_validate_json((await get(channel, failures)).body)
+    await async_wait_for(lambda: _true(len(handled) == 2), what="the readable events")
+    await consumer.stop(5)
+
+    assert dead.body == bad
+    assert dead.correlation_id == str(bad_job)
+    assert bundle.LENGTHS_HEADER not in (dead.headers or {})
+    assert (dead.headers or {})["x-error-type"] == "PoisonMessage"
+    assert "email" in str((dead.headers or {})["x-error-reason"])
+    assert reported.job_id == bad_job
+    assert sorted(e.job_id for e in handled) == sorted(e.job_id for e in good)
+    assert await take_all(channel, PROCESSOR.dead_letter_queue) == []
+    assert await messages_ready_now(channel, PROCESSOR.queue) == 0
+
+
+async def test_one_failing_event_of_a_bundle_is_retried_alone_as_its_own_message(
+    broker: Broker, channel: AbstractChannel
+) -> None:
+    events = [job(n) for n in range(3)]
+    flaky = events[1].job_id
+    attempts: dict[uuid.UUID, list[int]] = {e.job_id: [] for e in events}
+    done = asyncio.Event()
+
+    async def handler(received: JobRequested) -> None:
+        attempts[received.job_id].append(delivery_attempt.get())
+        if received.job_id == flaky and len(attempts[flaky]) == 1:
+            raise TransientFailure("try again")
+        if all(attempts.values()) and len(attempts[flaky]) == 2:
+            done.set()
+
+    await send_bundle(channel, [e.model_dump_json().encode() for e in events])
+    consumer = await broker.consume(PROCESSOR, JobRequested, handler, prefetch=4)
+    await asyncio.wait_for(done.wait(), 10)
+    await consumer.stop(5)
+
+    assert attempts[flaky] == [1, 2]
+    assert [attempts[e.job_id] for e in events if e.job_id != flaky] == [[1], [1]]
+    assert await messages_ready_now(channel, PROCESSOR.queue) == 0
+
+
+async def test_a_dead_lettered_event_of_a_bundle_keeps_its_own_id_and_trace(
+    broker: Broker, channel: AbstractChannel
+) -> None:
+    traced = job(1)
+    trace_id = uuid.uuid4().hex
+    carrier = {"traceparent": f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"}
+    message = bundle.bundle_message(
+        [traced.model_dump_json().encode(), job(2).model_dump_json().encode()],
+        [carrier, {}],
+        "JobRequested",
+        "hand",
+    )
+    await channel.default_exchange.publish(message, routing_key=PROCESSOR.queue)
+    seen: dict[uuid.UUID, str | None] = {}
+
+    async def handler(received: JobRequested) -> None:
+        seen[received.job_id] = tracing.current_trace_id()
+        if received.job_id == traced.job_id:
+            raise PermanentFailure("no")
+
+    consumer = await broker.consume(PROCESSOR, JobRequested, handler, prefetch=4)
+    dead = await get(channel, PROCESSOR.dead_letter_queue)
+    await async_wait_for(lambda: _true(len(seen) == 2), what="both events")
+    await consumer.stop(5)
+
+    assert dead.message_id == str(traced.event_id)
+    assert dead.correlation_id == str(traced.job_id)
+    assert (dead.headers or {})["traceparent"] == carrier["traceparent"]
+    assert JobRequested.model_validate_json(dead.body) == traced
+    assert seen[traced.job_id] == trace_id
+    assert len(set(seen.values())) == 2  # the other event has a trace of its own
+
+
+@pytest.mark.parametrize(
+    ("lengths", "reason"),
+    [
+        ([5, 5], "does not match"),
+        ("12", "not a list"),
+        ([0], "not a list"),
+        (list(range(1, 1002)), "not a list"),
+    ],
+    ids=["wrong-lengths", "not-a-list", "zero", "too-many"],
+)
+async def test_a_bundle_whose_layout_does_not_hold_is_dead_lettered_whole(
+    broker: Broker, channel: AbstractChannel, lengths: object, reason: str
+) -> None:
+    bodies = [job(1).model_dump_json().encode(), job(2).model_dump_json().encode()]
+    await send_bundle(channel, bodies, lengths=lengths)
+
+    async def handler(received: JobRequested) -> None:
+        raise AssertionError("must not be called")
+
+    consumer = await broker.consume(PROCESSOR, JobRequested, handler, prefetch=4)
+    dead = await get(channel, PROCESSOR.dead_letter_queue)
+    await consumer.stop(5)
+
+    assert reason in str((dead.headers or {})["x-error-reason"])
+    assert dead.body == bundle.join(bodies)
+    assert await messages_ready_now(channel, PROCESSOR.queue) == 0
+
+
+async def test_a_bundle_over_max_event_bytes_is_dead_lettered_whole(
+    broker: Broker, channel: AbstractChannel
+) -> None:
+    bodies = [job(n, data={"pad": "x" * 600}).model_dump_json().encode() for n in range(4)]
+    await send_bundle(channel, bodies)
+
+    async def handler(received: JobRequested) -> None:
+        raise AssertionError("must not be called")
+
+    consumer = await broker.consume(
+        PROCESSOR, JobRequested, handler, prefetch=4, max_event_bytes=2048
+    )
+    dead = await get(channel, PROCESSOR.dead_letter_queue)
+    await consumer.stop(5)
+    assert "exceeds the limit of 2048 bytes" in str((dead.headers or {})["x-error-reason"])
+
+
+async def test_a_bundle_still_running_at_a_stop_is_given_back_whole(
+    broker: Broker, channel: AbstractChannel
+) -> None:
+    events = [job(n) for n in range(3)]
+    await send_bundle(channel, [e.model_dump_json().encode() for e in events])
+    started = asyncio.Event()
+
+    async def stuck(received: JobRequested) -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    consumer = await broker.consume(PROCESSOR, JobRequested, stuck, prefetch=4)
+    await asyncio.wait_for(started.wait(), 10)
+    await consumer.stop(0.2)
+
+    [back] = await take_all(channel, PROCESSOR.queue)
+    returned = bundle.decode_all(back.body, back.headers, JobRequested, 1 << 20)
+    assert [e.job_id for e in returned] == [e.job_id for e in events]
+
+
+async def test_publishes_of_a_bundle_all_fail_together_when_no_queue_is_bound(
+    broker: Broker, channel: AbstractChannel
+) -> None:
+    await channel.get_queue(PROCESSOR.queue, ensure=True)
+    queue = await channel.get_queue(PROCESSOR.queue)
+    await queue.unbind(EXCHANGE, JobRequested.routing_key)
+
+    outcomes = await asyncio.gather(
+        *(broker.publish(job(n)) for n in range(5)), return_exceptions=True
+    )
+    assert all(type(outcome).__name__ == "BrokerUnavailable" for outcome in outcomes)
+
+
+async def _probe(channel: AbstractChannel, routing_key: str) -> str:
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind(EXCHANGE, routing_key)
+    return queue.name
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -1,0 +1,132 @@
+"""How publishes gather into bundles (``Coalescer``), with a recorded ``send``."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from pipeline_shared.events import JobRequested
+from pipeline_shared.messaging.coalesce import Coalescer, Item
+
+
+def item(size: int = 10) -> Item:
+    event = JobRequested.model_validate(
+        {"job_id": uuid.uuid4(), "email": "ada@example.com", "data": {}}
+    )
+    return Item(event, b"x" * size, {})
+
+
+async def turns(count: int) -> None:
+    """Let the event loop run ``count`` turns."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+class Recorder:
+    """A ``send`` that records each bundle and, if told to, holds it until released."""
+
+    def __init__(self, hold: bool = False, fail: BaseException | None = None) -> None:
+        self.sent: list[list[Item]] = []
+        self.hold = hold
+        self.fail = fail
+        self.release = asyncio.Event()
+
+    async def __call__(self, routing_key: str, items: list[Item]) -> None:
+        self.sent.append(items)
+        if self.hold:
+            await self.release.wait()
+        if self.fail is not None:
+            raise self.fail
+
+
+async def test_a_lone_publish_leaves_at_once_alone() -> None:
+    send = Recorder()
+    coalescer = Coalescer(send, max_events=64, max_bytes=1 << 20)
+    one = item()
+    await asyncio.wait_for(coalescer.submit("job.requested", one), 1)
+    assert send.sent == [[one]]
+
+
+async def test_publishes_of_one_turn_of_the_loop_leave_together_in_order() -> None:
+    send = Recorder()
+    coalescer = Coalescer(send, max_events=64, max_bytes=1 << 20)
+    items = [item() for _ in range(10)]
+    await asyncio.gather(*(coalescer.submit("job.requested", i) for i in items))
+    assert send.sent == [items]
+
+
+async def test_routing_keys_never_share_a_bundle() -> None:
+    send = Recorder()
+    coalescer = Coalescer(send, max_events=64, max_bytes=1 << 20)
+    a, b = item(), item()
+    await asyncio.gather(coalescer.submit("job.requested", a), coalescer.submit("email.sent", b))
+    assert sorted(map(len, send.sent)) == [1, 1]
+
+
+@pytest.mark.parametrize(("count", "max_events", "sizes"), [(10, 4, [4, 4, 2]), (3, 1, [1, 1, 1])])
+async def test_a_full_bundle_leaves_and_the_next_one_starts(
+    count: int, max_events: int, sizes: list[int]
+) -> None:
+    send = Recorder()
+    coalescer = Coalescer(send, max_events=max_events, max_bytes=1 << 20)
+    items = [item() for _ in range(count)]
+    await asyncio.gather(*(coalescer.submit("job.requested", i) for i in items))
+    assert [len(bundle) for bundle in send.sent] == sizes
+    assert [i for bundle in send.sent for i in bundle] == items
+
+
+async def test_a_bundle_never_exceeds_its_bytes_and_a_large_event_goes_alone() -> None:
+    send = Recorder()
+    # Each 10-byte event takes 11 bytes of a bundle; the brackets take 2.
+    coalescer = Coalescer(send, max_events=64, max_bytes=35)
+    items = [item(10), item(10), item(10), item(50), item(10)]
+    await asyncio.gather(*(coalescer.submit("job.requested", i) for i in items))
+    assert [[len(i.body) for i in bundle] for bundle in send.sent] == [[10, 10, 10], [50], [10]]
+    for bundle in send.sent:
+        if len(bundle) > 1:
+            assert sum(len(i.body) + 1 for i in bundle) + 1 <= 35
+
+
+async def test_while_bundles_await_their_confirm_the_next_one_gathers() -> None:
+    send = Recorder(hold=True)
+    coalescer = Coalescer(send, max_events=64, max_bytes=1 << 20, in_flight=1)
+    first = asyncio.ensure_future(coalescer.submit("job.requested", item()))
+    await turns(10)
+    assert len(send.sent) == 1
+    later = [asyncio.ensure_future(coalescer.submit("job.requested", item())) for _ in range(5)]
+    await turns(10)
+    assert len(send.sent) == 1  # waiting for the first confirm
+
+    send.release.set()
+    await asyncio.wait_for(asyncio.gather(first, *later), 1)
+    assert [len(bundle) for bundle in send.sent] == [1, 5]
+
+
+async def test_every_event_of_a_failed_bundle_hears_why_and_the_next_bundle_is_unaffected() -> None:
+    send = Recorder(fail=ConnectionError("gone"))
+    coalescer = Coalescer(send, max_events=64, max_bytes=1 << 20)
+    outcomes = await asyncio.gather(
+        *(coalescer.submit("job.requested", item()) for _ in range(3)), return_exceptions=True
+    )
+    assert [type(o) for o in outcomes] == [ConnectionError] * 3
+
+    send.fail = None
+    await asyncio.wait_for(coalescer.submit("job.requested", item()), 1)
+    assert [len(bundle) for bundle in send.sent] == [3, 1]
+
+
+async def test_a_caller_giving_up_does_not_cancel_the_others_events() -> None:
+    send = Recorder(hold=True)
+    coalescer = Coalescer(send, max_events=64, max_bytes=1 << 20)
+    impatient = asyncio.ensure_future(coalescer.submit("job.requested", item()))
+    patient = asyncio.ensure_future(coalescer.submit("job.requested", item()))
+    await turns(10)
+    assert len(send.sent) == 1
+    impatient.cancel()
+    await turns(2)
+    send.release.set()
+    await asyncio.wait_for(patient, 1)
+    assert impatient.cancelled()
+    assert [len(bundle) for bundle in send.sent] == [2]
