@@ -27,6 +27,7 @@ from pipeline_shared.event_docs import (
     example_events,
 )
 from pipeline_shared.events import EVENT_TYPES, EmailSent, Event, JobFailed, JobRequested
+from pipeline_shared.messaging import bundle
 from unit.fakes import data_processed, job_requested
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -253,3 +254,40 @@ def test_the_schema_files_reject_bodies_the_models_reject(change: dict[str, Any]
         JobRequested.model_validate(body)
 
     assert not schema_validator("JobRequested").is_valid(body), why
+
+
+# --- bundles, as the AsyncAPI document describes them ---------------------------------------------
+
+
+def asyncapi_validator(pointer: str) -> jsonschema_rs.Draft202012Validator:
+    """A validator for the schema at ``pointer`` in the built AsyncAPI document."""
+    document = build_asyncapi()
+    return jsonschema_rs.Draft202012Validator(
+        {"$ref": pointer, "components": document["components"]},
+        validate_formats=True,
+        ignore_unknown_formats=False,
+        offline=True,
+    )
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_a_bundle_the_broker_writes_is_what_the_asyncapi_document_describes(traced: bool) -> None:
+    events = [job_requested(), job_requested(subject=None, data={})]
+    trace = {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"} if traced else {}
+    message = bundle.bundle_message(
+        [event.model_dump_json().encode() for event in events],
+        [trace, {}],
+        "JobRequested",
+        "api-service",
+    )
+
+    asyncapi_validator("#/components/messages/JobRequestedBundle/payload").validate(
+        json.loads(message.body)
+    )
+    asyncapi_validator("#/components/messages/JobRequestedBundle/headers").validate(
+        json.loads(json.dumps(message.headers))
+    )
+    with pytest.raises(jsonschema_rs.ValidationError):
+        asyncapi_validator("#/components/messages/JobRequestedBundle/payload").validate(
+            [wire_body(events[0]), {"event_type": "JobRequested"}]
+        )

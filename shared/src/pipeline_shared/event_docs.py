@@ -35,6 +35,8 @@ from pipeline_shared.events import (
     JobRequested,
 )
 from pipeline_shared.messaging import ATTEMPTS_HEADER, event_message
+from pipeline_shared.messaging.bundle import LENGTHS_HEADER, TRACES_HEADER
+from pipeline_shared.settings import MAX_BUNDLE_EVENTS
 from pipeline_shared.topology import EXCHANGE, STAGES
 
 ASYNCAPI_VERSION = "3.0.0"
@@ -44,8 +46,11 @@ JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 _DESCRIPTION = f"""\
 Events that travel between the email pipeline's services over RabbitMQ. A
-message body is one event as a JSON object; every event shares the envelope
-`event_id`, `event_type`, `schema_version`, `job_id` and `occurred_at`.
+message body is one event as a JSON object, or a bundle: a JSON array of
+events of one type, each as it would be alone, with the header
+`{LENGTHS_HEADER}` listing their lengths in bytes (every message that is an
+`XBundle` below). Every event shares the envelope `event_id`, `event_type`,
+`schema_version`, `job_id` and `occurred_at`.
 
 Producers publish to the `{EXCHANGE}` exchange with the event's routing key;
 each consuming stage reads its own work queue, bound to the routing keys it
@@ -155,7 +160,9 @@ def build_asyncapi(events: Sequence[type[Event]] = EVENT_TYPES) -> dict[str, Any
                 "address": event.routing_key,
                 "title": f"{event_name(event)} on {EXCHANGE}",
                 "description": f"Where `{event_name(event)}` is published, by routing key.",
-                "messages": {event_name(event): _ref("components", "messages", event_name(event))},
+                "messages": {
+                    name: _ref("components", "messages", name) for name in _message_names(event)
+                },
                 "bindings": {"amqp": _exchange_binding(exchanges[EXCHANGE])},
             },
         )
@@ -175,8 +182,9 @@ def build_asyncapi(events: Sequence[type[Event]] = EVENT_TYPES) -> dict[str, Any
                     + f". What its consumer gives up on goes to `{stage.dead_letter_queue}`."
                 ),
                 "messages": {
-                    event_name(event): _ref("components", "messages", event_name(event))
+                    name: _ref("components", "messages", name)
                     for event in received
+                    for name in _message_names(event)
                 },
                 "bindings": {"amqp": _queue_binding(queue, bound)},
             },
@@ -192,7 +200,10 @@ def build_asyncapi(events: Sequence[type[Event]] = EVENT_TYPES) -> dict[str, Any
                 "action": "send",
                 "channel": _ref("channels", key),
                 "summary": f"{user.name} publishes {name}, with publisher confirms.",
-                "messages": [_ref("channels", key, "messages", name)],
+                "messages": [
+                    _ref("channels", key, "messages", message)
+                    for message in _message_names(by_key[key])
+                ],
                 "bindings": {
                     "amqp": {
                         "deliveryMode": int(sample.delivery_mode),
@@ -229,10 +240,18 @@ def build_asyncapi(events: Sequence[type[Event]] = EVENT_TYPES) -> dict[str, Any
         "operations": operations,
         "components": {
             "messages": {
-                event_name(event): _message(event, examples.get(event_name(event)))
+                name: message
                 for event in events
+                for name, message in (
+                    (event_name(event), _message(event, examples.get(event_name(event)))),
+                    (_bundle_name(event), _bundle_message(event)),
+                )
             },
-            "schemas": {**_payload_schemas(events), HEADERS_SCHEMA: _headers_schema()},
+            "schemas": {
+                **_payload_schemas(events),
+                HEADERS_SCHEMA: _headers_schema(),
+                BUNDLE_HEADERS_SCHEMA: _bundle_headers_schema(),
+            },
         },
     }
 
@@ -301,7 +320,71 @@ def _message(event: type[Event], example: Event | None) -> dict[str, Any]:
     return message
 
 
+def _bundle_name(event: type[Event]) -> str:
+    return f"{event_name(event)}Bundle"
+
+
+def _message_names(event: type[Event]) -> tuple[str, str]:
+    """The messages an event travels in: alone, and in a bundle."""
+    return event_name(event), _bundle_name(event)
+
+
+def _bundle_message(event: type[Event]) -> dict[str, Any]:
+    name = event_name(event)
+    return {
+        "name": _bundle_name(event),
+        "summary": f"Several `{name}` events published together, in one message.",
+        "description": f"Each item is a `{name}` exactly as it would be sent alone; the "
+        f"header `{LENGTHS_HEADER}` gives each item's length in bytes, in order. A consumer "
+        "handles, retries and dead-letters each item on its own, and acks the message once "
+        "every item's outcome is confirmed.",
+        "headers": _ref("components", "schemas", BUNDLE_HEADERS_SCHEMA),
+        "payload": {
+            "type": "array",
+            "minItems": 2,
+            "maxItems": MAX_BUNDLE_EVENTS,
+            "items": _ref("components", "schemas", name),
+        },
+        "bindings": {"amqp": {"messageType": name, "bindingVersion": AMQP_BINDING_VERSION}},
+    }
+
+
 HEADERS_SCHEMA = "MessageHeaders"
+BUNDLE_HEADERS_SCHEMA = "BundleHeaders"
+
+
+def _bundle_headers_schema() -> dict[str, Any]:
+    """The AMQP headers of a bundle (``messaging.bundle``)."""
+    trace = _headers_schema()["properties"]
+    return {
+        "type": "object",
+        "description": "AMQP headers of a bundle: how to cut its body into events, and each "
+        "event's trace context.",
+        "required": [LENGTHS_HEADER],
+        "properties": {
+            LENGTHS_HEADER: {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_BUNDLE_EVENTS,
+                "items": {"type": "integer", "minimum": 1},
+                "description": "The length in bytes of each event in the body, in order: the "
+                "body is `[`, the events separated by `,`, then `]`.",
+            },
+            TRACES_HEADER: {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "traceparent": trace["traceparent"],
+                        "tracestate": trace["tracestate"],
+                    },
+                },
+                "description": "Each event's W3C trace context, in order (an empty table where "
+                "an event has none). Absent when no event has one.",
+            },
+        },
+        "additionalProperties": True,
+    }
 
 
 def _headers_schema() -> dict[str, Any]:
