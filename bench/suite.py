@@ -157,8 +157,9 @@ class Waiting:
             return "?" if n is None else str(n)
 
         return (
-            f"{self.not_emailed} backlog jobs not yet emailed; ready now: processor queue "
-            f"{self.processor_ready}, mailer queue {self.mailer_ready} (management API: "
+            f"{self.not_emailed} backlog jobs not yet emailed; messages (single events or "
+            f"bundles) ready now: processor queue {self.processor_ready}, mailer queue "
+            f"{self.mailer_ready} (management API: "
             f"{depth(self.processor_management)}, {depth(self.mailer_management)})"
         )
 

@@ -17,7 +17,7 @@ from pipeline_shared.errors import PermanentFailure, TransientFailure
 from pipeline_shared.events import JobFailed, JobRequested
 from pipeline_shared.messaging import Broker, bundle, delivery_attempt
 from pipeline_shared.topology import EXCHANGE, PROCESSOR
-from support.rabbit import messages_ready_now
+from support.rabbit import Management, messages_ready_now
 from support.waiting import async_wait_for
 
 FAST_RETRIES = (0.1, 0.2)
@@ -261,11 +261,36 @@ async def test_a_dead_lettered_event_of_a_bundle_keeps_its_own_id_and_trace(
     ],
     ids=["wrong-lengths", "not-a-list", "zero", "too-many"],
 )
-async def test_a_bundle_whose_layout_does_not_hold_is_dead_lettered_whole(
+async def test_each_event_of_a_bundle_whose_layout_does_not_hold_fails_alone_with_its_job(
     broker: Broker, channel: AbstractChannel, lengths: object, reason: str
 ) -> None:
-    bodies = [job(1).model_dump_json().encode(), job(2).model_dump_json().encode()]
-    await send_bundle(channel, bodies, lengths=lengths)
+    failures = await _probe(channel, "job.failed")
+    events = [job(1), job(2)]
+    await send_bundle(channel, [e.model_dump_json().encode() for e in events], lengths=lengths)
+
+    async def handler(received: JobRequested) -> None:
+        raise AssertionError("must not be called")
+
+    consumer = await broker.consume(PROCESSOR, JobRequested, handler, prefetch=4)
+    dead = [await get(channel, PROCESSOR.dead_letter_queue) for _ in events]
+    reported = await failed_jobs(channel, failures, len(events))
+    await consumer.stop(5)
+
+    for message in dead:
+        assert reason in str((message.headers or {})["x-error-reason"])
+        assert bundle.LENGTHS_HEADER not in (message.headers or {})
+    jobs = sorted(str(e.job_id) for e in events)
+    assert sorted(str(m.correlation_id) for m in dead) == jobs
+    assert sorted(str(JobRequested.model_validate_json(m.body).job_id) for m in dead) == jobs
+    assert sorted(str(r.job_id) for r in reported) == jobs
+    assert await messages_ready_now(channel, PROCESSOR.queue) == 0
+
+
+async def test_a_bundle_that_is_not_readable_at_all_is_dead_lettered_whole(
+    broker: Broker, channel: AbstractChannel
+) -> None:
+    message = aio_pika.Message(b"[not json", headers={bundle.LENGTHS_HEADER: [2, 2]})
+    await channel.default_exchange.publish(message, routing_key=PROCESSOR.queue)
 
     async def handler(received: JobRequested) -> None:
         raise AssertionError("must not be called")
@@ -274,46 +299,130 @@ async def test_a_bundle_whose_layout_does_not_hold_is_dead_lettered_whole(
     dead = await get(channel, PROCESSOR.dead_letter_queue)
     await consumer.stop(5)
 
-    assert reason in str((dead.headers or {})["x-error-reason"])
-    assert dead.body == bundle.join(bodies)
-    assert await messages_ready_now(channel, PROCESSOR.queue) == 0
+    assert dead.body == b"[not json"
+    assert "does not match" in str((dead.headers or {})["x-error-reason"])
 
 
-async def test_a_bundle_over_max_event_bytes_is_dead_lettered_whole(
+async def test_each_event_of_a_bundle_is_held_to_the_consumers_own_size_limit(
     broker: Broker, channel: AbstractChannel
 ) -> None:
-    bodies = [job(n, data={"pad": "x" * 600}).model_dump_json().encode() for n in range(4)]
+    failures = await _probe(channel, "job.failed")
+    small = [job(n) for n in range(3)]
+    large = job(9, data={"pad": "x" * 3000})
+    bodies = [e.model_dump_json().encode() for e in [small[0], large, *small[1:]]]
     await send_bundle(channel, bodies)
+    handled: list[JobRequested] = []
 
     async def handler(received: JobRequested) -> None:
-        raise AssertionError("must not be called")
+        handled.append(received)
 
+    # The bundle as a whole is over the limit; only the large event is.
+    assert len(bundle.join(bodies)) > 2048
     consumer = await broker.consume(
         PROCESSOR, JobRequested, handler, prefetch=4, max_event_bytes=2048
     )
     dead = await get(channel, PROCESSOR.dead_letter_queue)
+    reported = JobFailed.model_validate_json((await get(channel, failures)).body)
+    await async_wait_for(lambda: _true(len(handled) == 3), what="the small events")
     await consumer.stop(5)
+
     assert "exceeds the limit of 2048 bytes" in str((dead.headers or {})["x-error-reason"])
+    assert dead.correlation_id == str(large.job_id)
+    assert reported.job_id == large.job_id
+    assert sorted(e.job_id for e in handled) == sorted(e.job_id for e in small)
 
 
-async def test_a_bundle_still_running_at_a_stop_is_given_back_whole(
+async def test_an_event_whose_outcome_cannot_be_copied_goes_back_alone_not_its_bundle(
+    broker: Broker, channel: AbstractChannel, management: Management, vhost: str
+) -> None:
+    # Without its retry queues, a retry copy cannot be routed; the dead-letter queue is there.
+    for delay in FAST_RETRIES:
+        management.delete_queue(vhost, PROCESSOR.retry_queue(delay))
+    failures = await _probe(channel, "job.failed")
+    doomed, flaky = job(1), job(2)
+    await send_bundle(
+        channel, [doomed.model_dump_json().encode(), flaky.model_dump_json().encode()]
+    )
+    calls = {doomed.job_id: 0, flaky.job_id: 0}
+
+    async def handler(received: JobRequested) -> None:
+        calls[received.job_id] += 1
+        if received.job_id == doomed.job_id:
+            raise PermanentFailure("bad job")
+        raise TransientFailure("later")
+
+    consumer = await broker.consume(PROCESSOR, JobRequested, handler, prefetch=4)
+
+    async def flaky_dead_lettered_by_the_delivery_limit() -> list[AbstractIncomingMessage]:
+        dead = await take_all(channel, PROCESSOR.dead_letter_queue)
+        seen.extend(dead)
+        return [m for m in seen if m.correlation_id == str(flaky.job_id)]
+
+    seen: list[AbstractIncomingMessage] = []
+    [flaky_dead] = await async_wait_for(
+        flaky_dead_lettered_by_the_delivery_limit, what="the flaky job's last redelivery"
+    )
+    await consumer.stop(5)
+
+    # The doomed job was dead-lettered and reported once, however often its
+    # neighbour came back; the neighbour came back alone, until the broker's
+    # delivery limit took it.
+    assert [m.correlation_id for m in seen].count(str(doomed.job_id)) == 1
+    assert calls[doomed.job_id] == 1
+    assert len(await take_all(channel, failures)) == 1
+    assert bundle.LENGTHS_HEADER not in (flaky_dead.headers or {})
+    assert JobRequested.model_validate_json(flaky_dead.body) == flaky
+    assert calls[flaky.job_id] > 2
+
+
+async def test_prefetch_bounds_the_events_handled_at_once_whatever_the_bundles(
     broker: Broker, channel: AbstractChannel
 ) -> None:
-    events = [job(n) for n in range(3)]
+    events = [job(n) for n in range(12)]
     await send_bundle(channel, [e.model_dump_json().encode() for e in events])
-    started = asyncio.Event()
+    running = peak = done = 0
 
-    async def stuck(received: JobRequested) -> None:
-        started.set()
-        await asyncio.sleep(60)
+    async def handler(received: JobRequested) -> None:
+        nonlocal running, peak, done
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+        done += 1
 
-    consumer = await broker.consume(PROCESSOR, JobRequested, stuck, prefetch=4)
-    await asyncio.wait_for(started.wait(), 10)
+    consumer = await broker.consume(PROCESSOR, JobRequested, handler, prefetch=3)
+    await async_wait_for(lambda: _true(done == 12), what="every event")
+    await consumer.stop(5)
+    assert peak == 3
+
+
+async def test_at_a_stop_only_a_bundles_unfinished_events_go_back_each_alone(
+    broker: Broker, channel: AbstractChannel
+) -> None:
+    events = [job(n) for n in range(4)]
+    stuck_jobs = {events[1].job_id, events[3].job_id}
+    await send_bundle(channel, [e.model_dump_json().encode() for e in events])
+    finished: list[uuid.UUID] = []
+    stuck = asyncio.Event()
+
+    async def handler(received: JobRequested) -> None:
+        if received.job_id in stuck_jobs:
+            stuck.set()
+            await asyncio.sleep(60)
+        finished.append(received.job_id)
+
+    consumer = await broker.consume(PROCESSOR, JobRequested, handler, prefetch=4)
+    await asyncio.wait_for(stuck.wait(), 10)
+    await async_wait_for(lambda: _true(len(finished) == 2), what="the quick events")
     await consumer.stop(0.2)
 
-    [back] = await take_all(channel, PROCESSOR.queue)
-    returned = bundle.decode_all(back.body, back.headers, JobRequested, 1 << 20)
-    assert [e.job_id for e in returned] == [e.job_id for e in events]
+    back = await take_all(channel, PROCESSOR.queue)
+    assert all(bundle.LENGTHS_HEADER not in (m.headers or {}) for m in back)
+    returned = {JobRequested.model_validate_json(m.body).job_id for m in back}
+    assert returned == stuck_jobs
+    assert {m.message_id for m in back} == {
+        str(e.event_id) for e in events if e.job_id in stuck_jobs
+    }
 
 
 async def test_publishes_of_a_bundle_all_fail_together_when_no_queue_is_bound(
@@ -327,6 +436,19 @@ async def test_publishes_of_a_bundle_all_fail_together_when_no_queue_is_bound(
         *(broker.publish(job(n)) for n in range(5)), return_exceptions=True
     )
     assert all(type(outcome).__name__ == "BrokerUnavailable" for outcome in outcomes)
+
+
+async def failed_jobs(channel: AbstractChannel, queue: str, count: int) -> list[JobFailed]:
+    """The first ``count`` JobFailed events published, alone or bundled."""
+    found: list[JobFailed] = []
+
+    async def enough() -> bool:
+        for message in await take_all(channel, queue):
+            found.extend(bundle.decode_all(message.body, message.headers, JobFailed, 1 << 20))
+        return len(found) >= count
+
+    await async_wait_for(enough, what=f"{count} JobFailed")
+    return found
 
 
 async def _probe(channel: AbstractChannel, routing_key: str) -> str:

@@ -52,6 +52,13 @@ class Management:
         if response.status_code not in (204, 404):
             response.raise_for_status()
 
+    def set_policy(self, vhost: str, name: str, pattern: str, definition: dict[str, Any]) -> None:
+        """A queue policy in ``vhost`` (gone with the vhost)."""
+        self.client.put(
+            f"/api/policies/{quote(vhost, safe='')}/{quote(name, safe='')}",
+            json={"pattern": pattern, "definition": definition, "apply-to": "queues"},
+        ).raise_for_status()
+
     def delete_queue(self, vhost: str, queue: str) -> None:
         path = f"/api/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}"
         self.client.delete(path).raise_for_status()

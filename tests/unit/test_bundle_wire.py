@@ -119,3 +119,44 @@ def test_decode_all_reads_a_lone_event_and_a_bundle_alike() -> None:
     assert bundle.decode_all(bodies[0], None, JobRequested, 1 << 20) == events[:1]
     with pytest.raises(PoisonMessage):
         bundle.decode_all(carrier.body[:-1], carrier.headers, JobRequested, 1 << 20)
+
+
+def test_an_events_trace_entry_sets_its_trace_context_and_nothing_else() -> None:
+    event = job()
+    body = event.model_dump_json().encode()
+    carrier = bundle.bundle_message([body, body], [{}, {}], "JobRequested", "api-service")
+    hostile = {
+        "traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01",
+        "tracestate": 7,
+        bundle.LENGTHS_HEADER: [1],
+        "x-attempts": 99,
+    }
+
+    alone = bundle.item_message(carrier, body, event, hostile)  # type: ignore[arg-type]
+
+    assert alone.headers == {"traceparent": hostile["traceparent"]}
+
+
+@pytest.mark.parametrize(
+    ("body", "count"),
+    [
+        (b'[{"a": 1}, {"b": [2]}]', 2),
+        (b"[]", 0),
+        (b'[{"a": 1}, 2]', 0),
+        (b'{"a": 1}', 0),
+        (b"[not json", 0),
+        (b"[" + b",".join([b"{}"] * (MAX_BUNDLE_EVENTS + 1)) + b"]", 0),
+    ],
+    ids=["objects", "empty", "not-all-objects", "not-a-list", "not-json", "too-many"],
+)
+def test_salvage_recovers_the_objects_of_a_readable_array_and_nothing_else(
+    body: bytes, count: int
+) -> None:
+    salvaged = bundle.salvage(body, 1 << 20)
+    assert len(salvaged) == count
+    if count:
+        assert bundle.join(salvaged).replace(b" ", b"") == body.replace(b" ", b"")
+
+
+def test_salvage_does_not_parse_a_body_over_the_limit() -> None:
+    assert bundle.salvage(b'[{"a": 1}]', 5) == []

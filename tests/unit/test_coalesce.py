@@ -8,7 +8,8 @@ import uuid
 import pytest
 
 from pipeline_shared.events import JobRequested
-from pipeline_shared.messaging.coalesce import Coalescer, Item
+from pipeline_shared.messaging.bundle import trace_bytes
+from pipeline_shared.messaging.coalesce import MAX_TRACE_BYTES, Coalescer, Item
 
 
 def item(size: int = 10) -> Item:
@@ -130,3 +131,37 @@ async def test_a_caller_giving_up_does_not_cancel_the_others_events() -> None:
     await asyncio.wait_for(patient, 1)
     assert impatient.cancelled()
     assert [len(bundle) for bundle in send.sent] == [2]
+
+
+async def test_a_bundle_waiting_for_a_slot_still_leaves_within_max_wait() -> None:
+    send = Recorder(hold=True)
+    coalescer = Coalescer(send, max_events=64, max_bytes=1 << 20, in_flight=1, max_wait=0.01)
+    first = asyncio.ensure_future(coalescer.submit("job.requested", item()))
+    await turns(10)
+    second = asyncio.ensure_future(coalescer.submit("job.requested", item()))
+    await turns(10)
+    assert len(send.sent) == 1  # the first has the only slot, and is never answered
+
+    await asyncio.sleep(0.05)
+    assert len(send.sent) == 2
+    for waiting in (first, second):
+        waiting.cancel()
+
+
+async def test_a_bundle_never_carries_more_trace_headers_than_fit_a_frame() -> None:
+    send = Recorder()
+    coalescer = Coalescer(send, max_events=1000, max_bytes=1 << 30)
+    state = "v=" + "a" * 500
+    traced = [
+        Item(
+            item().event,
+            b"x",
+            {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01", "tracestate": state},
+        )
+        for _ in range(400)
+    ]
+    await asyncio.gather(*(coalescer.submit("job.requested", i) for i in traced))
+
+    assert len(send.sent) > 1
+    for bundle in send.sent:
+        assert sum(trace_bytes(i.trace) for i in bundle) <= MAX_TRACE_BYTES

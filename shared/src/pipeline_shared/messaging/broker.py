@@ -349,7 +349,8 @@ class Broker:
         handler_timeout: float | None = None,
         handled_level: int = logging.INFO,
     ) -> Consumer[E]:
-        """Start consuming ``stage``'s work queue with manual acks and a bounded prefetch.
+        """Start consuming ``stage``'s work queue with manual acks and a bounded prefetch,
+        which also bounds the events handled at once (a bundle carries many).
 
         A handler still running after ``handler_timeout`` seconds is cancelled and its
         message retried as a transient failure, so a hung step cannot hold a message
@@ -375,6 +376,7 @@ class Broker:
                 handler,
                 max_event_bytes,
                 handler_timeout,
+                concurrency=prefetch,
                 handled_level=handled_level,
             )
             await consumer.start()

@@ -29,6 +29,7 @@ import pydantic_core
 from aio_pika.abc import AbstractMessage, FieldValue, HeadersType
 from pydantic import TypeAdapter
 
+from pipeline_shared import tracing
 from pipeline_shared.events import Event
 from pipeline_shared.messaging.wire import E, PoisonMessage, decode_event
 from pipeline_shared.settings import MAX_BUNDLE_EVENTS
@@ -83,6 +84,30 @@ def split(body: bytes, lengths: Sequence[int]) -> list[bytes]:
     return bodies
 
 
+def salvage(body: bytes, max_bytes: int) -> list[bytes]:
+    """The events a bundle whose layout does not hold still readably carries, each as
+    a body of its own (empty if the body is over ``max_bytes`` or not a JSON array of
+    up to ``MAX_BUNDLE_EVENTS`` objects): so that each can fail with its job named."""
+    if len(body) > max_bytes:
+        return []
+    try:
+        parsed: Any = pydantic_core.from_json(body)
+    except ValueError:
+        return []
+    if (
+        not isinstance(parsed, list)
+        or not 0 < len(parsed) <= MAX_BUNDLE_EVENTS
+        or not all(isinstance(item, dict) for item in parsed)
+    ):
+        return []
+    return [pydantic_core.to_json(item) for item in parsed]
+
+
+def trace_bytes(trace: HeadersType) -> int:
+    """About how many bytes ``trace`` adds to a bundle's ``x-bundle-traces``."""
+    return sum(len(name) + len(str(value)) + 8 for name, value in trace.items()) + 8
+
+
 def traces_of(headers: HeadersType | None, count: int) -> list[Mapping[str, FieldValue]]:
     """Each event's trace headers (empty where the bundle carries none)."""
     value = (headers or {}).get(TRACES_HEADER)
@@ -124,7 +149,10 @@ def item_message(
     headers: HeadersType = {
         name: value for name, value in (bundle.headers or {}).items() if name not in _BUNDLE_HEADERS
     }
-    headers.update(trace)
+    # Only a trace context: nothing in the bundle's header may set another header.
+    headers.update(
+        (name, value) for name in tracing.HEADERS if isinstance(value := trace.get(name), str)
+    )
     timestamp: datetime | None
     if event is not None:
         message_id: str | None = str(event.event_id)

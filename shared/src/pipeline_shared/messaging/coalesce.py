@@ -5,9 +5,10 @@ bundle's confirm, so the rule stays what it was for one event: a publish
 returns once the broker has its event, and raises if it may not. A bundle
 goes out at the end of the event loop's turn in which it was opened, unless
 ``in_flight`` bundles of its key still await their confirms: then it keeps
-collecting until one of them is answered (or it is full). Under light load
-every event leaves at once, alone; under heavy load bundles grow to what the
-broker's confirm time lets gather, with no timer to tune.
+collecting until one of them is answered, it is full, or ``max_wait`` has
+passed. Under light load every event leaves at once, alone; under heavy load
+bundles grow to what the broker's confirm time lets gather, and no event waits
+more than ``max_wait`` longer than it would have alone.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ from dataclasses import dataclass, field
 from aio_pika.abc import HeadersType
 
 from pipeline_shared.events import Event
+from pipeline_shared.messaging.bundle import trace_bytes
+
+MAX_TRACE_BYTES = 64 * 1024
+"""The most bytes of trace headers one bundle carries: AMQP headers travel in one
+frame (128 KiB unless the broker says otherwise), and a frame too large costs the
+connection."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +41,7 @@ class Item:
 class _Open:
     items: list[Item] = field(default_factory=list)
     size: int = 1  # the body's closing bracket; each item adds itself and a separator
+    trace_size: int = 0
     done: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -46,8 +54,17 @@ class Coalescer:
     """Bundles of at most ``max_events`` events and ``max_bytes`` bytes, handed to ``send``
     (which publishes one, single or bundled, and returns once it is confirmed)."""
 
-    def __init__(self, send: Send, *, max_events: int, max_bytes: int, in_flight: int = 1) -> None:
+    def __init__(
+        self,
+        send: Send,
+        *,
+        max_events: int,
+        max_bytes: int,
+        in_flight: int = 1,
+        max_wait: float = 0.005,
+    ) -> None:
         self._send = send
+        self._max_wait = max_wait
         self._max_events = max_events
         self._max_bytes = max_bytes
         self._in_flight_limit = in_flight
@@ -58,18 +75,24 @@ class Coalescer:
 
     async def submit(self, routing_key: str, item: Item) -> None:
         """Publish ``item`` in a bundle of ``routing_key``; return once it is confirmed."""
+        loop = asyncio.get_running_loop()
+        trace = trace_bytes(item.trace) if item.trace else 0
         bundle = self._open.get(routing_key)
         if bundle is not None and (
             len(bundle.items) >= self._max_events
             or bundle.size + len(item.body) + 1 > self._max_bytes
+            or bundle.trace_size + trace > MAX_TRACE_BYTES
         ):
             self._flush(routing_key)
             bundle = None
         if bundle is None:
             bundle = self._open[routing_key] = _Open()
             bundle.done.add_done_callback(_retrieve)
+            # However busy the key, the bundle leaves within max_wait.
+            loop.call_later(self._max_wait, self._flush_if_open, routing_key, bundle)
         bundle.items.append(item)
         bundle.size += len(item.body) + 1
+        bundle.trace_size += trace
         if len(bundle.items) >= self._max_events:
             self._flush(routing_key)
         elif (
@@ -77,9 +100,13 @@ class Coalescer:
             and self._in_flight.get(routing_key, 0) < self._in_flight_limit
         ):
             self._scheduled.add(routing_key)
-            asyncio.get_running_loop().call_soon(self._flush, routing_key)
+            loop.call_soon(self._flush, routing_key)
         # Shared by the bundle's events: one caller giving up must not cancel the rest.
         await asyncio.shield(bundle.done)
+
+    def _flush_if_open(self, routing_key: str, bundle: _Open) -> None:
+        if self._open.get(routing_key) is bundle:
+            self._flush(routing_key)
 
     def _flush(self, routing_key: str) -> None:
         self._scheduled.discard(routing_key)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -16,6 +17,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractMessage,
     AbstractQueue,
+    FieldValue,
     HeadersType,
 )
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError
@@ -68,6 +70,7 @@ def handled_fields(
     outcome: Outcome,
     attempt: int,
     duration_ms: float,
+    trace_id: str | None = None,
 ) -> dict[str, object]:
     """The structured fields of the one line logged per handled message (passed as
     ``extra=``: JSON lines show them, text lines do not)."""
@@ -78,19 +81,30 @@ def handled_fields(
         "outcome": outcome,
         "attempt": attempt,
         "duration_ms": round(duration_ms, 1),
-        "trace_id": tracing.current_trace_id(),
+        "trace_id": trace_id or tracing.current_trace_id(),
     }
 
 
 @dataclass(frozen=True, slots=True)
-class _Item(Generic[E]):
-    """One event a delivery carries: the message it is (alone, the delivery itself; in a
-    bundle, as it would have been alone), decoded or why not, and its trace headers."""
+class _Item:
+    """One event a delivery carries, undecoded: its body, and in a bundle its trace
+    headers (None when the event is the delivery itself); ``poison`` when the
+    delivery cannot be read whatever the body holds."""
 
-    source: AbstractMessage
-    event: E | None
-    poison: PoisonMessage | None
-    trace: HeadersType | None
+    delivery: AbstractIncomingMessage
+    body: bytes
+    trace: Mapping[str, FieldValue] | None
+    poison: PoisonMessage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Handled:
+    """One event handled: whether its outcome's copies (retry, dead letter) are
+    confirmed, and how to report it once its delivery is settled (given why it will
+    be delivered again, if it will)."""
+
+    copied: bool
+    report: Callable[[str | None], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,9 +128,12 @@ class Consumer(Generic[E]):
         max_event_bytes: int,
         handler_timeout: float | None = None,
         *,
+        concurrency: int,
         handled_level: int = logging.INFO,
     ) -> None:
         self._broker = broker
+        # Events handled at once: the prefetch bounds messages, and a bundle is many.
+        self._slots = asyncio.Semaphore(concurrency)
         self._handler_timeout = handler_timeout
         self._handled_level = handled_level
         self._channel = channel
@@ -195,72 +212,84 @@ class Consumer(Generic[E]):
             ) from None
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
-        """Handle and settle ``message``: one event, or a bundle of them (``bundle``)."""
+        """Handle and settle ``message``: one event, or a bundle of them (``bundle``).
+
+        Each event is handled on its own (at most ``concurrency`` at once in this
+        consumer) and its outcome's copies made; then the message is acked, and only
+        then is each outcome logged and counted. In a bundle, an event whose copies
+        could not be made, or that was still being handled at a stop, goes back to
+        the queue alone, so that the others are not handled again."""
         started = time.perf_counter()
         attempts = attempts_of(message)
         items = self._items(message)
+        handled: list[_Handled | None] = [None] * len(items)
+
+        async def run(index: int) -> None:
+            async with self._slots:
+                handled[index] = await self._traced(items[index], attempts, started)
+
         try:
             if len(items) == 1:
-                settled = await self._traced(items[0], attempts, started)
+                await run(0)
             else:
-                settled = all(
-                    await asyncio.gather(*(self._traced(item, attempts, started) for item in items))
-                )
+                await asyncio.gather(*(run(index) for index in range(len(items))))
         except asyncio.CancelledError:
-            await self._give_back(message)
-            for item in items:
-                metrics.message_requeued(self._stage.name, item.event, message.type)
+            await self._give_back(message, items, handled)
             raise
-        if settled:
-            try:
-                await self._settlements.ack(message)
+        if len(items) > 1:
+            unsettled = [item for item, done in zip(items, handled, strict=True) if not _ok(done)]
+            if unsettled and not await self._send_back(unsettled):
+                await self._return_all(message, handled, "could not give its events back")
                 return
-            except SETTLE_ERRORS as exc:
-                log.warning(
-                    "could not ack message %s (%s); it will be redelivered",
-                    message.message_id,
-                    exc,
-                )
-        await self._return(message)
-        for item in items:
-            metrics.message_requeued(self._stage.name, item.event, message.type)
+        elif not _ok(handled[0]):
+            await self._return_all(message, handled, "could not settle the message")
+            return
+        try:
+            await self._settlements.ack(message)
+        except SETTLE_ERRORS as exc:
+            await self._return_all(message, handled, f"could not ack the message ({exc})")
+            return
+        for done in handled:
+            assert done is not None
+            done.report(None)
 
-    def _items(self, message: AbstractIncomingMessage) -> list[_Item[E]]:
-        """The events ``message`` carries, each decoded or with why it cannot be."""
+    def _items(self, message: AbstractIncomingMessage) -> list[_Item]:
+        """The events ``message`` carries (their bodies), or why it cannot be read."""
         try:
             lengths = bundle.lengths_of(message.headers)
-            if lengths is not None and len(message.body) > self._max_event_bytes:
-                raise PoisonMessage(
-                    f"body of {len(message.body)} bytes exceeds the limit of "
-                    f"{self._max_event_bytes} bytes"
-                )
-            bodies = None if lengths is None else bundle.split(message.body, lengths)
+            if lengths is None:
+                return [_Item(message, message.body, None)]
+            bodies = bundle.split(message.body, lengths)
         except PoisonMessage as exc:
-            return [_Item(message, None, exc, message.headers)]
-        if bodies is None:
-            event, poison = self._decode(message.body)
-            return [_Item(message, event, poison, message.headers)]
-        items: list[_Item[E]] = []
-        for body, trace in zip(bodies, bundle.traces_of(message.headers, len(bodies)), strict=True):
-            event, poison = self._decode(body)
-            source = bundle.item_message(message, body, event, trace)
-            items.append(_Item(source, event, poison, source.headers))
-        return items
+            # Whatever events the body still readably holds fail alone, each with
+            # its job named; else the whole message does.
+            salvaged = bundle.salvage(message.body, self._max_event_bytes)
+            if not salvaged:
+                return [_Item(message, message.body, None, exc)]
+            return [_Item(message, body, {}, exc) for body in salvaged]
+        traces = bundle.traces_of(message.headers, len(bodies))
+        return [_Item(message, body, trace) for body, trace in zip(bodies, traces, strict=True)]
 
-    def _decode(self, body: bytes) -> tuple[E | None, PoisonMessage | None]:
-        try:
-            return decode_event(body, self._model, self._max_event_bytes), None
-        except PoisonMessage as exc:
-            return None, exc
+    def _decode(self, item: _Item) -> tuple[AbstractMessage, E | None, BaseException | None]:
+        """The message ``item`` is (alone), its event, and why it cannot be handled if so."""
+        event: E | None = None
+        failure: BaseException | None = item.poison
+        if failure is None:
+            try:
+                event = decode_event(item.body, self._model, self._max_event_bytes)
+            except PoisonMessage as exc:
+                failure = exc
+        if item.trace is None:
+            return item.delivery, event, failure
+        return bundle.item_message(item.delivery, item.body, event, item.trace), event, failure
 
-    async def _traced(self, item: _Item[E], attempts: int, started: float) -> bool:
-        """Handle one event in the trace its headers carry; whether its outcome's copies
-        (retry, dead letter) are confirmed, so that its message may be acked."""
-        source = item.source
+    async def _traced(self, item: _Item, attempts: int, started: float) -> _Handled:
+        """Handle one event in the trace its headers carry."""
+        source, event, failure = self._decode(item)
         with tracing.span(
             f"process {self._queue.name}",
             SpanKind.CONSUMER,
-            parent=tracing.extract(item.trace),
+            parent=tracing.extract(source.headers),
             attributes={
                 "messaging.system": "rabbitmq",
                 "messaging.operation.type": "process",
@@ -269,12 +298,18 @@ class Consumer(Generic[E]):
                 "messaging.message.conversation_id": source.correlation_id or "",
             },
         ) as span:
-            return await self._handle_item(span, item, attempts, started)
+            return await self._handle_item(span, source, event, failure, attempts, started)
 
-    async def _handle_item(self, span: Span, item: _Item[E], attempts: int, started: float) -> bool:
-        message, event = item.source, item.event
-        failure: BaseException | None = item.poison
-        if event is not None:
+    async def _handle_item(
+        self,
+        span: Span,
+        message: AbstractMessage,
+        event: E | None,
+        failure: BaseException | None,
+        attempts: int,
+        started: float,
+    ) -> _Handled:
+        if event is not None and failure is None:
             try:
                 delivery_attempt.set(attempts)
                 delivery_size.set(len(message.body))
@@ -290,75 +325,78 @@ class Consumer(Generic[E]):
         job_id = str(event.job_id) if event is not None else message.correlation_id
         job = job_id or "?"
         disposition = settle(failure, attempts, self._broker.retry_delays)
+        details = _describe(failure) if failure is not None else None
         elapsed_ms = (time.perf_counter() - started) * 1000
+        stage, message_type = self._stage.name, message.type
+        # Reported after the delivery is settled, outside this span: its trace, kept.
+        trace_id = tracing.current_trace_id()
 
-        def handled(outcome: Outcome) -> dict[str, object]:
+        def fields(outcome: Outcome) -> dict[str, object]:
             span.set_attribute("pipeline.outcome", outcome)
             if outcome in ("retried", "dead_lettered", "requeued"):
-                why = _describe(failure).reason if failure is not None else "not settled"
+                why = details.reason if details is not None else "not settled"
                 span.set_status(StatusCode.ERROR, why)
-            return handled_fields(message, job_id, outcome, attempts, elapsed_ms)
+            return handled_fields(message, job_id, outcome, attempts, elapsed_ms, trace_id)
 
-        try:
-            if disposition is Disposition.ACK:
-                metrics.message_settled(
-                    self._stage.name, event, message.type, disposition.value, None, started
-                )
-                log.log(
-                    self._handled_level,
-                    "job %s: %s handled in %.0f ms",
-                    job,
-                    message.type or "event",
-                    elapsed_ms,
-                    extra=handled("acked"),
-                )
-                return True
-            assert failure is not None
-            details = _describe(failure)
-            if disposition is Disposition.DEFER:
-                assert isinstance(failure, Deferred)
-                delay = deferral_delay(failure.wait_seconds, self._broker.retry_delays)
-                await self._retry(message, attempts, delay, details)
-                log.info(
-                    "job %s: deferred (%s); again in %g s",
-                    job,
-                    details.reason,
-                    delay,
-                    extra=handled("deferred"),
-                )
-            elif disposition is Disposition.RETRY:
-                delay = self._broker.retry_delays[attempts - 1]
-                await self._retry(message, attempts + 1, delay, details)
-                log.warning(
-                    "job %s: attempt %d failed (%s); retrying in %g s",
-                    job,
-                    attempts,
-                    details.reason,
-                    delay,
-                    extra=handled("retried"),
-                )
-            else:
-                await self._dead_letter(message, event, attempts, details)
-                log.error(
-                    "job %s: dead-lettered after %d attempt(s): %s: %s",
-                    job,
-                    attempts,
-                    details.error_type,
-                    details.reason,
-                    extra=handled("dead_lettered"),
-                )
-            metrics.message_settled(
-                self._stage.name, event, message.type, disposition.value, failure, started
-            )
-            return True
-        except SETTLE_ERRORS as exc:
-            log.warning(
-                "job %s: could not settle the message (%s); it will be redelivered",
+        def requeued(why: str) -> None:
+            log.warning("job %s: %s; it will be redelivered", job, why, extra=fields("requeued"))
+            metrics.message_requeued(stage, event, message_type)
+
+        if details is None:
+            line = functools.partial(
+                log.log,
+                self._handled_level,
+                "job %s: %s handled in %.0f ms",
                 job,
-                exc,
-                extra=handled("requeued"),
+                message_type or "event",
+                elapsed_ms,
             )
-            return False
+            outcome: Outcome = "acked"
+        else:
+            try:
+                if disposition is Disposition.DEFER:
+                    assert isinstance(failure, Deferred)
+                    delay = deferral_delay(failure.wait_seconds, self._broker.retry_delays)
+                    await self._retry(message, attempts, delay, details)
+                    line = functools.partial(
+                        log.info, "job %s: deferred (%s); again in %g s", job, details.reason, delay
+                    )
+                    outcome = "deferred"
+                elif disposition is Disposition.RETRY:
+                    delay = self._broker.retry_delays[attempts - 1]
+                    await self._retry(message, attempts + 1, delay, details)
+                    line = functools.partial(
+                        log.warning,
+                        "job %s: attempt %d failed (%s); retrying in %g s",
+                        job,
+                        attempts,
+                        details.reason,
+                        delay,
+                    )
+                    outcome = "retried"
+                else:
+                    await self._dead_letter(message, event, attempts, details)
+                    line = functools.partial(
+                        log.error,
+                        "job %s: dead-lettered after %d attempt(s): %s: %s",
+                        job,
+                        attempts,
+                        details.error_type,
+                        details.reason,
+                    )
+                    outcome = "dead_lettered"
+            except SETTLE_ERRORS as exc:
+                reason = f"could not settle the message ({exc})"
+                return _Handled(False, lambda why: requeued(reason))
+
+        def report(why: str | None) -> None:
+            if why is not None:
+                requeued(why)
+                return
+            line(extra=fields(outcome))
+            metrics.message_settled(stage, event, message_type, disposition.value, failure, started)
+
+        return _Handled(True, report)
 
     async def _retry(
         self, message: AbstractMessage, next_attempt: int, delay: float, failure: _Failure
@@ -402,18 +440,59 @@ class Consumer(Generic[E]):
                 )
             )
 
-    async def _give_back(self, message: AbstractIncomingMessage) -> None:
-        """At a stop: put a copy of the message back at the end of its queue, then ack.
-        A nack would count toward the quorum queue's delivery limit, and enough stops
-        would dead-letter a healthy message without its ``JobFailed``."""
+    async def _give_back(
+        self,
+        message: AbstractIncomingMessage,
+        items: list[_Item],
+        handled: list[_Handled | None],
+    ) -> None:
+        """At a stop: put a copy of what is not done back at the end of the queue (the
+        message, or a bundle's unfinished events alone), then ack. A nack would count
+        toward the quorum queue's delivery limit, and enough stops would dead-letter a
+        healthy message without its ``JobFailed``."""
+        if len(items) == 1:
+            copies = [copy_message(message, {})]
+        else:
+            copies = [
+                copy_message(self._decode(item)[0], {})
+                for item, done in zip(items, handled, strict=True)
+                if not _ok(done)
+            ]
+        acked = False
         try:
             async with asyncio.timeout(GIVE_BACK_TIMEOUT_SECONDS):
-                await self._broker.send_to_queue(self._queue.name, copy_message(message, {}))
+                for copy in copies:
+                    await self._broker.send_to_queue(self._queue.name, copy)
                 await self._settlements.ack(message)
+                acked = True
         except (TimeoutError, *SETTLE_ERRORS):
             # Returned by nack instead (or by the broker when the channel goes);
             # a copy that did arrive is a repeat, which the handlers absorb.
             await self._return(message)
+        for done in handled:
+            if done is not None:
+                done.report(None if acked and done.copied else "the consumer stopped")
+        for _ in range(sum(done is None for done in handled)):
+            metrics.message_requeued(self._stage.name, None, message.type)
+
+    async def _send_back(self, unsettled: list[_Item]) -> bool:
+        """Put a bundle's unsettled events back in the queue alone; whether they are."""
+        try:
+            for item in unsettled:
+                source = self._decode(item)[0]
+                await self._broker.send_to_queue(self._queue.name, copy_message(source, {}))
+        except SETTLE_ERRORS:
+            return False
+        return True
+
+    async def _return_all(
+        self, message: AbstractIncomingMessage, handled: list[_Handled | None], why: str
+    ) -> None:
+        """Give the whole message back: each of its events will be delivered again."""
+        await self._return(message)
+        for done in handled:
+            if done is not None:
+                done.report(why)
 
     async def _return(self, message: AbstractIncomingMessage) -> None:
         """Give the message back to the queue for another consumer (best effort: if
@@ -425,6 +504,10 @@ class Consumer(Generic[E]):
             await self._settlements.nack(message)
         except (ChannelInvalidStateError, *CONNECTION_EXCEPTIONS):
             self._settlements.forget(message)
+
+
+def _ok(handled: _Handled | None) -> bool:
+    return handled is not None and handled.copied
 
 
 def _describe(failure: BaseException) -> _Failure:
