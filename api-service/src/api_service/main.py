@@ -11,6 +11,7 @@ from api_service.app import SERVICE, create_app
 from api_service.http_protocol import protocol_with_header_deadline
 from api_service.settings import ApiSettings
 from pipeline_shared import tracing
+from pipeline_shared.heap import settle_heap
 from pipeline_shared.logs import configure_service_logging
 from pipeline_shared.settings import load_settings
 from pipeline_shared.worker import STOP_SIGNALS, ignore_stop_signals
@@ -30,8 +31,10 @@ def main() -> None:
     for signum in STOP_SIGNALS:
         signal.signal(signum, _exit_cleanly)
     with tracing.configured(SERVICE):
+        app = create_app(settings)
+        settle_heap()
         uvicorn.run(
-            create_app(settings),
+            app,
             host=settings.api_host,
             port=settings.api_port,
             log_config=None,

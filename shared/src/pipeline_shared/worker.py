@@ -14,6 +14,7 @@ from pydantic import TypeAdapter
 
 from pipeline_shared.errors import BrokerRefused, TopologyMissing
 from pipeline_shared.events import Event
+from pipeline_shared.heap import settle_heap
 from pipeline_shared.messaging import Broker, Consumer, Handler
 from pipeline_shared.topology import Stage
 
@@ -50,6 +51,7 @@ def run_until_signalled(service: Callable[[asyncio.Event], Awaitable[None]]) -> 
             signal.signal(signum, request_stop)
         await service(stop)
 
+    settle_heap()  # everything the worker runs on is imported by now
     try:
         if uvloop is not None:
             uvloop.run(main())
