@@ -144,6 +144,7 @@ class Consumer(Generic[E]):
         self._max_event_bytes = max_event_bytes
         self._tag: str | None = None
         self._in_flight: set[asyncio.Task[Any]] = set()
+        self._settling: set[asyncio.Task[Any]] = set()
         self._settlements = Settlements()
 
     async def start(self) -> None:
@@ -176,8 +177,15 @@ class Consumer(Generic[E]):
                 len(self._in_flight),
             )
             _, pending = await asyncio.wait(set(self._in_flight), timeout=grace_seconds)
-            for task in pending:
+            # Handlers still running are cancelled (their messages given back); a
+            # message whose outcomes are being settled gets a moment more to finish.
+            settling = pending & self._settling
+            for task in pending - settling:
                 task.cancel()
+            if settling:
+                await asyncio.wait(settling, timeout=GIVE_BACK_TIMEOUT_SECONDS)
+                for task in settling:
+                    task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         if not self._channel.is_closed:
             await self._channel.close()
@@ -226,7 +234,11 @@ class Consumer(Generic[E]):
 
         async def run(index: int) -> None:
             async with self._slots:
-                handled[index] = await self._traced(items[index], attempts, started)
+                try:
+                    handled[index] = await self._traced(items[index], attempts, started)
+                except Exception:  # a bug here must not leave the delivery unsettled
+                    log.exception("unexpected error settling an event of %s", message.message_id)
+                    handled[index] = _Handled(False, self._requeued_unreported(message))
 
         try:
             if len(items) == 1:
@@ -236,6 +248,29 @@ class Consumer(Generic[E]):
         except asyncio.CancelledError:
             await self._give_back(message, items, handled)
             raise
+        # A stop lets this part finish (see ``stop``): cut short, it would leave the
+        # whole message, done events and all, to be delivered again.
+        task = asyncio.current_task()
+        assert task is not None
+        self._settling.add(task)
+        try:
+            await self._settle(message, items, handled)
+        finally:
+            self._settling.discard(task)
+
+    def _requeued_unreported(
+        self, message: AbstractIncomingMessage
+    ) -> Callable[[str | None], None]:
+        return lambda why: metrics.message_requeued(self._stage.name, None, message.type)
+
+    async def _settle(
+        self,
+        message: AbstractIncomingMessage,
+        items: list[_Item],
+        handled: list[_Handled | None],
+    ) -> None:
+        """Ack ``message`` once every event's outcome is safe (sending back alone those
+        whose copies failed), then report each; else return it whole."""
         if len(items) > 1:
             unsettled = [item for item, done in zip(items, handled, strict=True) if not _ok(done)]
             if unsettled and not await self._send_back(unsettled):
@@ -321,6 +356,10 @@ class Consumer(Generic[E]):
             except Exception as exc:  # a bug in a handler must not stop the consumer
                 log.exception("unexpected error handling message %s", message.message_id)
                 failure = exc
+        if failure is not None:
+            # Kept until the delivery is settled: without its traceback, which holds
+            # this frame, it is no reference cycle for the collector to find.
+            failure.__traceback__ = None
 
         job_id = str(event.job_id) if event is not None else message.correlation_id
         job = job_id or "?"
@@ -331,11 +370,14 @@ class Consumer(Generic[E]):
         # Reported after the delivery is settled, outside this span: its trace, kept.
         trace_id = tracing.current_trace_id()
 
-        def fields(outcome: Outcome) -> dict[str, object]:
+        def mark(outcome: Outcome) -> None:
+            # While the span is open: the report comes after it has ended.
             span.set_attribute("pipeline.outcome", outcome)
             if outcome in ("retried", "dead_lettered", "requeued"):
                 why = details.reason if details is not None else "not settled"
                 span.set_status(StatusCode.ERROR, why)
+
+        def fields(outcome: Outcome) -> dict[str, object]:
             return handled_fields(message, job_id, outcome, attempts, elapsed_ms, trace_id)
 
         def requeued(why: str) -> None:
@@ -386,8 +428,10 @@ class Consumer(Generic[E]):
                     )
                     outcome = "dead_lettered"
             except SETTLE_ERRORS as exc:
+                mark("requeued")
                 reason = f"could not settle the message ({exc})"
                 return _Handled(False, lambda why: requeued(reason))
+        mark(outcome)
 
         def report(why: str | None) -> None:
             if why is not None:
