@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline_shared.events import JobRequested
-from pipeline_shared.messaging import PoisonMessage, bundle
+from pipeline_shared.messaging import PoisonMessage, bundle, copy_message
 from pipeline_shared.settings import MAX_BUNDLE_EVENTS
 
 bodies = st.lists(st.binary(min_size=1, max_size=40), min_size=1, max_size=20)
@@ -86,8 +86,12 @@ def test_an_event_taken_out_of_a_bundle_is_the_message_it_would_have_been_alone(
     assert alone.correlation_id == str(event.job_id)
     assert alone.type == "JobRequested"
     assert alone.app_id == "api-service"
-    assert alone.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
     assert alone.headers == {"x-attempts": 3, **trace}
+    # Sent again (a retry, a dead letter), it is a persistent message like any.
+    copy = copy_message(alone, {"x-attempts": 4})
+    assert copy.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert copy.message_id == str(event.event_id)
+    assert copy.headers == {"x-attempts": 4, **trace}
 
 
 @pytest.mark.parametrize(

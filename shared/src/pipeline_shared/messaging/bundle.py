@@ -26,12 +26,12 @@ from uuid import UUID
 
 import aio_pika
 import pydantic_core
-from aio_pika.abc import AbstractMessage, FieldValue, HeadersType
+from aio_pika.abc import FieldValue, HeadersType
 from pydantic import TypeAdapter
 
 from pipeline_shared import tracing
 from pipeline_shared.events import Event
-from pipeline_shared.messaging.wire import E, PoisonMessage, decode_event
+from pipeline_shared.messaging.wire import E, MessageLike, MessageView, PoisonMessage, decode_event
 from pipeline_shared.settings import MAX_BUNDLE_EVENTS
 
 LENGTHS_HEADER = "x-bundle-lengths"
@@ -139,11 +139,11 @@ def bundle_message(
 
 
 def item_message(
-    bundle: AbstractMessage,
+    bundle: MessageLike,
     body: bytes,
     event: Event | None,
     trace: Mapping[str, FieldValue],
-) -> aio_pika.Message:
+) -> MessageView:
     """One event of ``bundle`` as the message it would have been alone: its own id, job
     and trace, the bundle's other headers (``x-attempts``) and properties."""
     headers: HeadersType = {
@@ -160,16 +160,18 @@ def item_message(
         timestamp = event.occurred_at
     else:
         message_id, job_id, timestamp = None, _job_id_hint(body), bundle.timestamp
-    return aio_pika.Message(
+    return MessageView(
         body=body,
         headers=headers,
         content_type=bundle.content_type,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=message_id,
+        content_encoding=bundle.content_encoding,
+        priority=bundle.priority,
         correlation_id=job_id,
+        reply_to=bundle.reply_to,
+        message_id=message_id,
+        timestamp=timestamp,
         type=bundle.type,
         app_id=bundle.app_id,
-        timestamp=timestamp,
     )
 
 

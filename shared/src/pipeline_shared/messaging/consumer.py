@@ -15,7 +15,6 @@ from uuid import UUID
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
-    AbstractMessage,
     AbstractQueue,
     FieldValue,
     HeadersType,
@@ -37,6 +36,7 @@ from pipeline_shared.messaging.acks import Settlements
 from pipeline_shared.messaging.policy import Disposition, Outcome, deferral_delay, settle
 from pipeline_shared.messaging.wire import (
     ATTEMPTS_HEADER,
+    MessageLike,
     PoisonMessage,
     attempts_of,
     copy_message,
@@ -65,7 +65,7 @@ GIVE_BACK_TIMEOUT_SECONDS = 2.0
 
 
 def handled_fields(
-    message: AbstractMessage,
+    message: MessageLike,
     job_id: str | None,
     outcome: Outcome,
     attempt: int,
@@ -305,7 +305,7 @@ class Consumer(Generic[E]):
         traces = bundle.traces_of(message.headers, len(bodies))
         return [_Item(message, body, trace) for body, trace in zip(bodies, traces, strict=True)]
 
-    def _decode(self, item: _Item) -> tuple[AbstractMessage, E | None, BaseException | None]:
+    def _decode(self, item: _Item) -> tuple[MessageLike, E | None, BaseException | None]:
         """The message ``item`` is (alone), its event, and why it cannot be handled if so."""
         event: E | None = None
         failure: BaseException | None = item.poison
@@ -338,7 +338,7 @@ class Consumer(Generic[E]):
     async def _handle_item(
         self,
         span: Span,
-        message: AbstractMessage,
+        message: MessageLike,
         event: E | None,
         failure: BaseException | None,
         attempts: int,
@@ -443,7 +443,7 @@ class Consumer(Generic[E]):
         return _Handled(True, report)
 
     async def _retry(
-        self, message: AbstractMessage, next_attempt: int, delay: float, failure: _Failure
+        self, message: MessageLike, next_attempt: int, delay: float, failure: _Failure
     ) -> None:
         headers: HeadersType = {
             ATTEMPTS_HEADER: next_attempt,
@@ -456,7 +456,7 @@ class Consumer(Generic[E]):
 
     async def _dead_letter(
         self,
-        message: AbstractMessage,
+        message: MessageLike,
         event: Event | None,
         attempts: int,
         failure: _Failure,
@@ -560,7 +560,7 @@ def _describe(failure: BaseException) -> _Failure:
     return _Failure(str(failure) or type(failure).__name__, type(failure).__name__)
 
 
-def _job_id_hint(message: AbstractMessage) -> UUID | None:
+def _job_id_hint(message: MessageLike) -> UUID | None:
     """The job a poison message belonged to, if its correlation_id says so."""
     try:
         return UUID(message.correlation_id or "")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import TypeVar
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol, TypeVar
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage, AbstractMessage, HeadersType
+from aio_pika.abc import AbstractIncomingMessage, HeadersType
 from pydantic import TypeAdapter, ValidationError
 
 from pipeline_shared.contract import TRUSTED
@@ -55,6 +57,52 @@ def event_message(
     )
 
 
+class MessageLike(Protocol):
+    """What the consumer reads of a message it handles, copies or reports: an AMQP
+    message, or one event of a bundle as the message it would have been alone."""
+
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def headers(self) -> HeadersType: ...
+    @property
+    def content_type(self) -> str | None: ...
+    @property
+    def content_encoding(self) -> str | None: ...
+    @property
+    def priority(self) -> int | None: ...
+    @property
+    def correlation_id(self) -> str | None: ...
+    @property
+    def reply_to(self) -> str | None: ...
+    @property
+    def message_id(self) -> str | None: ...
+    @property
+    def timestamp(self) -> datetime | None: ...
+    @property
+    def type(self) -> str | None: ...
+    @property
+    def app_id(self) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class MessageView:
+    """A message's properties without an AMQP message: cheap to make for each event
+    of a bundle, made into one (``copy_message``) only when it is sent again."""
+
+    body: bytes
+    headers: HeadersType
+    content_type: str | None
+    content_encoding: str | None
+    priority: int | None
+    correlation_id: str | None
+    reply_to: str | None
+    message_id: str | None
+    timestamp: datetime | None
+    type: str | None
+    app_id: str | None
+
+
 def attempts_of(message: AbstractIncomingMessage) -> int:
     """Which attempt this delivery is (1 for the first), from ``x-attempts``."""
     value = (message.headers or {}).get(ATTEMPTS_HEADER, 1)
@@ -62,7 +110,7 @@ def attempts_of(message: AbstractIncomingMessage) -> int:
 
 
 def copy_message(
-    message: AbstractMessage, headers: HeadersType, *, without: Collection[str] = ()
+    message: MessageLike, headers: HeadersType, *, without: Collection[str] = ()
 ) -> aio_pika.Message:
     """A persistent copy of ``message`` with the same body and properties, plus
     ``headers`` and less the headers named in ``without``."""
