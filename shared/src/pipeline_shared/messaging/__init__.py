@@ -1,7 +1,9 @@
 """The messaging layer over aio-pika that every service uses.
 
 One module per concern: ``broker`` (the connection and publishing),
-``declare`` (the topology), ``consumer`` (delivering and settling), ``policy``
+``coalesce`` and ``bundle`` (events published together, as one message),
+``declare`` (the topology), ``consumer`` (deliveries and their settling),
+``handling`` (one event's handler and outcome), ``policy``
 (the acknowledgement rules, pure), ``acks`` (writing acks, many in one frame),
 ``wire`` (events as AMQP messages) and ``refusals`` (the broker's
 configuration errors). The names a service needs are here.
@@ -35,14 +37,14 @@ but never loses one.
 """
 
 from pipeline_shared.messaging.broker import Broker, vhost_of
-from pipeline_shared.messaging.consumer import (
-    Consumer,
+from pipeline_shared.messaging.consumer import Consumer
+from pipeline_shared.messaging.declare import declare_topology, topology_names, verify_topology
+from pipeline_shared.messaging.handling import (
     Handler,
     delivery_attempt,
     delivery_size,
     handled_fields,
 )
-from pipeline_shared.messaging.declare import declare_topology, topology_names, verify_topology
 from pipeline_shared.messaging.policy import (
     DEFAULT_RETRY_DELAYS,
     Disposition,

@@ -34,8 +34,9 @@ from pipeline_shared.errors import BrokerUnavailable, PublishOutcomeUnknown
 from pipeline_shared.events import Event
 from pipeline_shared.messaging import bundle, refusals
 from pipeline_shared.messaging.coalesce import Coalescer, Item
-from pipeline_shared.messaging.consumer import Consumer, E, Handler
+from pipeline_shared.messaging.consumer import Consumer
 from pipeline_shared.messaging.declare import close_quietly, declare_topology, verify_topology
+from pipeline_shared.messaging.handling import E, Handler
 from pipeline_shared.messaging.policy import DEFAULT_RETRY_DELAYS
 from pipeline_shared.messaging.wire import DEFAULT_MAX_EVENT_BYTES, event_message
 from pipeline_shared.settings import DEFAULT_BUNDLE_EVENTS, PipelineSettings, redact_url
