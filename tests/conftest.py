@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 from hypothesis import settings
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from pipeline_shared import tracing
 from support.mailtrap_stub import MailtrapStub
 from support.postgres import shown_url, temporary_database
 from support.rabbit import Management, new_vhost_name, url_for_vhost
@@ -87,3 +90,15 @@ def mailtrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MailtrapStub]
     stub.start()
     yield stub
     stub.stop()
+
+
+# --- spans, recorded in memory -------------------------------------------------
+
+
+@pytest.fixture
+def exported() -> Iterator[InMemorySpanExporter]:
+    """Every span recorded while the test runs (tracing on, exporting to memory)."""
+    exporter = InMemorySpanExporter()
+    tracing.start_exporting(exporter, Resource.create({"service.name": "test"}), batched=False)
+    yield exporter
+    tracing.shutdown()

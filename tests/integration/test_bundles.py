@@ -6,21 +6,21 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import aio_pika
 import pytest
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from integration.conftest import FAST_RETRIES
 from pipeline_shared import tracing
 from pipeline_shared.errors import PermanentFailure, TransientFailure
 from pipeline_shared.events import JobFailed, JobRequested
 from pipeline_shared.messaging import Broker, bundle, delivery_attempt
 from pipeline_shared.topology import EXCHANGE, PROCESSOR
+from support.queues import bind_probe, get, take_all
 from support.rabbit import Management, messages_ready_now
 from support.waiting import async_wait_for
-
-FAST_RETRIES = (0.1, 0.2)
 
 
 def job(n: int = 1, **overrides: object) -> JobRequested:
@@ -42,39 +42,6 @@ def make_broker(url: str, bundle_max_events: int = 64) -> Broker:
         publish_timeout=5,
         bundle_max_events=bundle_max_events,
     )
-
-
-@pytest.fixture
-async def broker(broker_url: str) -> AsyncIterator[Broker]:
-    broker = make_broker(broker_url)
-    await broker.connect()
-    yield broker
-    await broker.close()
-
-
-@pytest.fixture
-async def channel(broker: Broker, broker_url: str) -> AsyncIterator[AbstractChannel]:
-    connection: AbstractRobustConnection = await aio_pika.connect_robust(broker_url)
-    channel = await connection.channel()
-    yield channel
-    await connection.close()
-
-
-async def take_all(channel: AbstractChannel, queue: str) -> list[AbstractIncomingMessage]:
-    declared = await channel.get_queue(queue, ensure=True)
-    messages = []
-    while (message := await declared.get(no_ack=True, fail=False)) is not None:
-        messages.append(message)
-    return messages
-
-
-async def get(channel: AbstractChannel, queue: str, timeout: float = 10) -> AbstractIncomingMessage:
-    declared = await channel.get_queue(queue, ensure=True)
-
-    async def probe() -> AbstractIncomingMessage | None:
-        return await declared.get(no_ack=True, fail=False)
-
-    return await async_wait_for(probe, timeout=timeout, what=f"a message in {queue}")
 
 
 async def send_bundle(
@@ -164,7 +131,7 @@ async def test_each_event_of_a_bundle_is_handled_once_and_the_bundle_acked(
 async def test_one_unreadable_event_of_a_bundle_is_dead_lettered_alone_and_its_job_failed(
     broker: Broker, channel: AbstractChannel
 ) -> None:
-    failures = await _probe(channel, "job.failed")
+    failures = await bind_probe(channel, "job.failed")
     good = [job(1), job(2)]
     bad_job = uuid.uuid4()
     bad = json.dumps({"job_id": str(bad_job), "event_type": "JobRequested"}).encode()
@@ -264,7 +231,7 @@ async def test_a_dead_lettered_event_of_a_bundle_keeps_its_own_id_and_trace(
 async def test_each_event_of_a_bundle_whose_layout_does_not_hold_fails_alone_with_its_job(
     broker: Broker, channel: AbstractChannel, lengths: object, reason: str
 ) -> None:
-    failures = await _probe(channel, "job.failed")
+    failures = await bind_probe(channel, "job.failed")
     events = [job(1), job(2)]
     await send_bundle(channel, [e.model_dump_json().encode() for e in events], lengths=lengths)
 
@@ -306,7 +273,7 @@ async def test_a_bundle_that_is_not_readable_at_all_is_dead_lettered_whole(
 async def test_each_event_of_a_bundle_is_held_to_the_consumers_own_size_limit(
     broker: Broker, channel: AbstractChannel
 ) -> None:
-    failures = await _probe(channel, "job.failed")
+    failures = await bind_probe(channel, "job.failed")
     small = [job(n) for n in range(3)]
     large = job(9, data={"pad": "x" * 3000})
     bodies = [e.model_dump_json().encode() for e in [small[0], large, *small[1:]]]
@@ -338,7 +305,7 @@ async def test_an_event_whose_outcome_cannot_be_copied_goes_back_alone_not_its_b
     # Without its retry queues, a retry copy cannot be routed; the dead-letter queue is there.
     for delay in FAST_RETRIES:
         management.delete_queue(vhost, PROCESSOR.retry_queue(delay))
-    failures = await _probe(channel, "job.failed")
+    failures = await bind_probe(channel, "job.failed")
     doomed, flaky = job(1), job(2)
     await send_bundle(
         channel, [doomed.model_dump_json().encode(), flaky.model_dump_json().encode()]
@@ -449,12 +416,6 @@ async def failed_jobs(channel: AbstractChannel, queue: str, count: int) -> list[
 
     await async_wait_for(enough, what=f"{count} JobFailed")
     return found
-
-
-async def _probe(channel: AbstractChannel, routing_key: str) -> str:
-    queue = await channel.declare_queue(exclusive=True)
-    await queue.bind(EXCHANGE, routing_key)
-    return queue.name
 
 
 async def _true(value: bool) -> bool:

@@ -6,54 +6,22 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator, Iterator
 
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel
-from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from integration.test_bundles import (
-    FAST_RETRIES,
-    failed_jobs,
-    job,
-    make_broker,
-    send_bundle,
-    take_all,
-)
-from integration.test_bundles import _probe as probe
-from pipeline_shared import tracing
+from integration.conftest import FAST_RETRIES
+from integration.test_bundles import failed_jobs, job, send_bundle
 from pipeline_shared.errors import PermanentFailure, TransientFailure
 from pipeline_shared.events import JobRequested
 from pipeline_shared.messaging import Broker, bundle
 from pipeline_shared.topology import PROCESSOR
+from support.queues import bind_probe, take_all
 from support.rabbit import Management
 from support.waiting import async_wait_for
-
-
-@pytest.fixture
-async def broker(broker_url: str) -> AsyncIterator[Broker]:
-    broker = make_broker(broker_url)
-    await broker.connect()
-    yield broker
-    await broker.close()
-
-
-@pytest.fixture
-async def channel(broker: Broker, broker_url: str) -> AsyncIterator[AbstractChannel]:
-    connection = await aio_pika.connect_robust(broker_url)
-    yield await connection.channel()
-    await connection.close()
-
-
-@pytest.fixture
-def exported() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    tracing.start_exporting(exporter, Resource.create({"service.name": "test"}), batched=False)
-    yield exporter
-    tracing.shutdown()
 
 
 @pytest.mark.parametrize("fail", [False, True], ids=["acked", "dead-lettered"])
@@ -126,7 +94,7 @@ async def test_a_stop_while_a_bundle_is_settled_lets_it_finish(
     caplog.set_level(logging.INFO)
     for delay in FAST_RETRIES:  # the flaky event's retry copy cannot be routed
         management.delete_queue(vhost, PROCESSOR.retry_queue(delay))
-    failures = await probe(channel, "job.failed")
+    failures = await bind_probe(channel, "job.failed")
     doomed, flaky = job(1), job(2)
     await send_bundle(
         channel, [doomed.model_dump_json().encode(), flaky.model_dump_json().encode()]

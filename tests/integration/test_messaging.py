@@ -6,13 +6,14 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 
 import aio_pika
 import pytest
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel
 
+from integration.conftest import FAST_RETRIES
 from pipeline_shared.errors import (
     BrokerUnavailable,
     Deferred,
@@ -22,10 +23,9 @@ from pipeline_shared.errors import (
 from pipeline_shared.events import DataProcessed, JobFailed, JobRequested
 from pipeline_shared.messaging import Broker, delivery_attempt
 from pipeline_shared.topology import DELIVERY_LIMIT, EXCHANGE, MAILER, PROCESSOR, STAGES, STATUS
+from support.queues import bind_probe, get
 from support.rabbit import Management, messages_ready_now
 from support.waiting import async_wait_for
-
-FAST_RETRIES = (0.1, 0.2)
 
 
 def job(**overrides: object) -> JobRequested:
@@ -36,40 +36,6 @@ def job(**overrides: object) -> JobRequested:
     }
     fields.update(overrides)
     return JobRequested.model_validate(fields)
-
-
-@pytest.fixture
-async def broker(broker_url: str) -> AsyncIterator[Broker]:
-    broker = Broker(broker_url, app_id="test-service", retry_delays=FAST_RETRIES, publish_timeout=5)
-    await broker.connect()
-    yield broker
-    await broker.close()
-
-
-@pytest.fixture
-async def channel(broker: Broker, broker_url: str) -> AsyncIterator[AbstractChannel]:
-    """A plain channel of the test's own, to look at queues from outside."""
-    connection: AbstractRobustConnection = await aio_pika.connect_robust(broker_url)
-    channel = await connection.channel()
-    yield channel
-    await connection.close()
-
-
-async def get(channel: AbstractChannel, queue: str, timeout: float = 10) -> AbstractIncomingMessage:
-    """The next message in ``queue``, acked; fails if none comes within ``timeout``."""
-    declared = await channel.get_queue(queue, ensure=True)
-
-    async def probe() -> AbstractIncomingMessage | None:
-        return await declared.get(no_ack=True, fail=False)
-
-    return await async_wait_for(probe, timeout=timeout, what=f"a message in {queue}")
-
-
-async def bind_probe(channel: AbstractChannel, routing_key: str) -> str:
-    """A temporary queue receiving ``routing_key`` events, to watch what is published."""
-    queue = await channel.declare_queue(exclusive=True)
-    await queue.bind(EXCHANGE, routing_key)
-    return queue.name
 
 
 async def test_every_stage_has_durable_quorum_queues_bound_to_its_routing_key(

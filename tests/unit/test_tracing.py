@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import given
@@ -29,14 +29,6 @@ PARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
 def trace_id_in(context: object) -> str | None:
     return tracing.trace_id_of(trace.get_current_span(context))  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def exported() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    tracing.start_exporting(exporter, Resource.create({"service.name": "test"}), batched=False)
-    yield exporter
-    tracing.shutdown()
 
 
 # --- reading and writing the context -------------------------------------------
