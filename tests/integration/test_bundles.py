@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from integration.conftest import FAST_RETRIES
 from pipeline_shared import tracing
@@ -19,7 +21,7 @@ from pipeline_shared.events import JobFailed, JobRequested
 from pipeline_shared.messaging import Broker, bundle, delivery_attempt
 from pipeline_shared.topology import EXCHANGE, PROCESSOR
 from support.queues import bind_probe, get, take_all
-from support.rabbit import Management, messages_ready_now
+from support.rabbit import Management, messages_ready_now, new_vhost_name, url_for_vhost
 from support.waiting import async_wait_for
 
 
@@ -420,3 +422,79 @@ async def failed_jobs(channel: AbstractChannel, queue: str, count: int) -> list[
 
 async def _true(value: bool) -> bool:
     return value
+
+
+Fate = str  # "ok", "permanent", "transient" (fails its first attempt) or "poison"
+
+
+async def settle_a_bundle(fates: list[Fate], prefetch: int) -> None:
+    management = Management.connect()
+    vhost = new_vhost_name("bundle-fates")
+    management.create_vhost(vhost)
+    broker = Broker(
+        url_for_vhost(vhost), app_id="test-service", retry_delays=(0.05,), publish_timeout=5
+    )
+    try:
+        await broker.connect()
+        connection = await aio_pika.connect_robust(url_for_vhost(vhost))
+        channel = await connection.channel()
+        failures = await bind_probe(channel, "job.failed")
+        events = [job(n) for n in range(len(fates))]
+        fate_of = {e.job_id: fate for e, fate in zip(events, fates, strict=True)}
+        bodies = [
+            json.dumps({"job_id": str(e.job_id)}).encode()
+            if fate == "poison"
+            else e.model_dump_json().encode()
+            for e, fate in zip(events, fates, strict=True)
+        ]
+        await send_bundle(channel, bodies)
+        calls: dict[uuid.UUID, list[int]] = {e.job_id: [] for e in events}
+
+        async def handler(received: JobRequested) -> None:
+            calls[received.job_id].append(delivery_attempt.get())
+            fate = fate_of[received.job_id]
+            if fate == "permanent":
+                raise PermanentFailure("no")
+            if fate == "transient" and len(calls[received.job_id]) == 1:
+                raise TransientFailure("later")
+
+        consumer = await broker.consume(PROCESSOR, JobRequested, handler, prefetch=prefetch)
+        doomed = {e.job_id for e in events if fate_of[e.job_id] in ("permanent", "poison")}
+        reported = await failed_jobs(channel, failures, len(doomed))
+
+        async def done() -> bool:
+            return all(
+                len(calls[e.job_id])
+                == {"ok": 1, "transient": 2, "permanent": 1, "poison": 0}[fate_of[e.job_id]]
+                for e in events
+            )
+
+        await async_wait_for(done, what="every event's fate")
+        await consumer.stop(5)
+
+        dead = await take_all(channel, PROCESSOR.dead_letter_queue)
+        assert sorted(str(m.correlation_id) for m in dead) == sorted(map(str, doomed))
+        assert sorted(r.job_id for r in reported) == sorted(doomed)
+        assert await take_all(channel, failures) == []  # each reported once
+        assert await messages_ready_now(channel, PROCESSOR.queue) == 0
+        for e in events:
+            expected = {"ok": [1], "transient": [1, 2], "permanent": [1], "poison": []}
+            assert calls[e.job_id] == expected[fate_of[e.job_id]]
+        await connection.close()
+    finally:
+        await broker.close()
+        management.delete_vhost(vhost)
+        management.close()
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    fates=st.lists(
+        st.sampled_from(["ok", "permanent", "transient", "poison"]), min_size=2, max_size=10
+    ),
+    prefetch=st.integers(1, 4),
+)
+def test_whatever_becomes_of_each_event_of_a_bundle_happens_to_it_alone_and_once(
+    fates: list[Fate], prefetch: int
+) -> None:
+    asyncio.run(settle_a_bundle(fates, prefetch))
