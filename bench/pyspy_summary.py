@@ -285,8 +285,15 @@ STEPS: tuple[tuple[str, str, str, str], ...] = (
     ("api: body size/time limit middleware", "api_service/body_limit.py", "", ""),
     (
         "delivery: handler, other",
-        "pipeline_shared/messaging/consumer.py",
-        "Consumer._run_handler",
+        "pipeline_shared/messaging/handling.py",
+        "EventHandling._run_handler",
+        "",
+    ),
+    (
+        # The span, the policy, retry and dead-letter copies, the report after the ack.
+        "delivery: an event's outcome (span, copies, report)",
+        "pipeline_shared/messaging/handling.py",
+        "",
         "",
     ),
     (
