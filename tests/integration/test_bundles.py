@@ -14,6 +14,7 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
 from integration.conftest import FAST_RETRIES
 from pipeline_shared import tracing
@@ -511,3 +512,18 @@ def test_whatever_becomes_of_each_event_of_a_bundle_happens_to_it_alone_and_once
     fates: list[Fate], prefetch: int, retries_gone: bool
 ) -> None:
     asyncio.run(settle_a_bundle(fates, prefetch, retries_gone))
+
+
+async def test_the_metrics_count_events_and_the_messages_that_carried_them(
+    broker: Broker, channel: AbstractChannel
+) -> None:
+    def figure(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, {"event_type": "JobRequested", **labels}) or 0.0
+
+    events_before = figure("pipeline_events_published_total", outcome="confirmed")
+    messages_before = figure("pipeline_messages_published_total")
+    await asyncio.gather(*(broker.publish(job(n)) for n in range(40)))
+
+    messages = await take_all(channel, PROCESSOR.queue)
+    assert figure("pipeline_events_published_total", outcome="confirmed") - events_before == 40
+    assert figure("pipeline_messages_published_total") - messages_before == len(messages) < 40

@@ -85,6 +85,12 @@ EVENTS_PUBLISHED = Counter(
     "Events published to the events exchange, by the broker's answer.",
     ["event_type", "outcome"],
 )
+MESSAGES_PUBLISHED = Counter(
+    "pipeline_messages_published",
+    "Messages the broker confirmed on the events exchange: one event alone, or a bundle "
+    "of several (confirmed events over these is the events a message carried on average).",
+    ["event_type"],
+)
 
 
 def event_type_label(event: Event | None, message_type: str | None) -> str:

@@ -287,6 +287,7 @@ class Broker:
         await self._publish(
             self._exchange, message, routing_key, routing_key in _BOUND_ROUTING_KEYS
         )
+        metrics.MESSAGES_PUBLISHED.labels(items[0].event.event_type).inc()
 
     async def send_to_queue(self, queue: str, message: aio_pika.Message) -> None:
         """Put ``message`` into one of the stages' queues, by name, confirmed."""
