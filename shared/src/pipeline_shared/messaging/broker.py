@@ -249,7 +249,6 @@ class Broker:
         """
         if self._exchange is None:
             raise BrokerUnavailable("not connected to the message broker")
-        mandatory = event.routing_key in _BOUND_ROUTING_KEYS
         with tracing.span(
             f"publish {event.routing_key}",
             SpanKind.PRODUCER,
@@ -263,12 +262,11 @@ class Broker:
         ):
             headers: HeadersType = {}
             tracing.inject(headers)
-            body = event.model_dump_json().encode()
+            item = Item(event, event.model_dump_json().encode(), headers)
             if self._coalescer is None:
-                message = event_message(event, self.app_id, headers, body)
-                await self._publish(self._exchange, message, event.routing_key, mandatory)
+                await self._publish_items(event.routing_key, [item])
             else:
-                await self._coalescer.submit(event.routing_key, Item(event, body, headers))
+                await self._coalescer.submit(event.routing_key, item)
 
     async def _publish_items(self, routing_key: str, items: list[Item]) -> None:
         """Publish the events of ``items`` (one routing key) as one message, confirmed."""

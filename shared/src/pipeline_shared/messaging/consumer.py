@@ -12,6 +12,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic
 
+import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, FieldValue
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError
 from pydantic import TypeAdapter
@@ -204,7 +205,9 @@ class Consumer(Generic[E]):
         whose copies failed), then report each; else return it whole."""
         if len(items) > 1:
             unsettled = [item for item, done in zip(items, handled, strict=True) if not _ok(done)]
-            if unsettled and not await self._send_back(unsettled):
+            try:
+                await self._put_back(self._alone(unsettled))
+            except SETTLE_ERRORS:
                 await self._return_all(message, handled, "could not give its events back")
                 return
         elif not _ok(handled[0]):
@@ -262,16 +265,13 @@ class Consumer(Generic[E]):
         if len(items) == 1:
             copies = [copy_message(message, {})]
         else:
-            copies = [
-                copy_message(self._decode(item)[0], {})
-                for item, done in zip(items, handled, strict=True)
-                if not _ok(done)
-            ]
+            copies = self._alone(
+                [item for item, done in zip(items, handled, strict=True) if not _ok(done)]
+            )
         acked = False
         try:
             async with asyncio.timeout(GIVE_BACK_TIMEOUT_SECONDS):
-                for copy in copies:
-                    await self._broker.send_to_queue(self._queue.name, copy)
+                await self._put_back(copies)
                 await self._settlements.ack(message)
                 acked = True
         except (TimeoutError, *SETTLE_ERRORS):
@@ -284,15 +284,14 @@ class Consumer(Generic[E]):
         for _ in range(sum(done is None for done in handled)):
             metrics.message_requeued(self._stage.name, None, message.type)
 
-    async def _send_back(self, unsettled: list[_Item]) -> bool:
-        """Put a bundle's unsettled events back in the queue alone; whether they are."""
-        try:
-            for item in unsettled:
-                source = self._decode(item)[0]
-                await self._broker.send_to_queue(self._queue.name, copy_message(source, {}))
-        except SETTLE_ERRORS:
-            return False
-        return True
+    def _alone(self, items: list[_Item]) -> list[aio_pika.Message]:
+        """Each of a bundle's ``items`` as the message it would have been alone."""
+        return [copy_message(self._decode(item)[0], {}) for item in items]
+
+    async def _put_back(self, copies: list[aio_pika.Message]) -> None:
+        """Put ``copies`` at the end of this consumer's queue, each confirmed."""
+        for copy in copies:
+            await self._broker.send_to_queue(self._queue.name, copy)
 
     async def _return_all(
         self, message: AbstractIncomingMessage, handled: list[Handled | None], why: str
