@@ -28,7 +28,7 @@ install: $(STAMP) ## create .venv and install the four distributions and the dev
 
 test-tools: install $(ASYNCAPI_STAMP) $(BIN)/promtool ## and the tools only the tests use (AsyncAPI parser, promtool)
 
-run: install ## start the three services with prefixed logs (Ctrl-C stops them)
+run: install ## start the services (api, status, processor, mailer) with prefixed logs (Ctrl-C stops them)
 	@$(BIN)/python scripts/ensure_rabbitmq.py
 	@PATH="$(abspath $(BIN)):$$PATH" exec $(BIN)/python scripts/run_services.py
 

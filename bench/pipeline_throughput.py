@@ -49,7 +49,7 @@ from benchkit import (
     machine,
     stop_cleanly_on_signals,
 )
-from pipeline_shared.topology import MAILER, PROCESSOR
+from pipeline_shared.topology import MAILER, PROCESSOR, STATUS
 from support.mailtrap_stub import MailtrapStub, Received
 from support.rabbit import Management, new_vhost_name, url_for_vhost
 from support.services import Api, Service, clean_environment, free_port
@@ -92,12 +92,13 @@ class CpuSample:
 @dataclass
 class Pipeline:
     api: Api
+    status: Service
     processor: Service
     mailer: Service
 
     @property
     def services(self) -> tuple[Service, ...]:
-        return (self.api, self.processor, self.mailer)
+        return (self.api, self.status, self.processor, self.mailer)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -184,6 +185,12 @@ def build_pipeline(
     # Procfile) and compose (cpu_shares) run them.
     return Pipeline(
         api=Api("api-service", env, workdir, port=port),
+        status=Service(
+            "status-service",
+            {**env, "METRICS_PORT": str(free_port())},
+            workdir,
+            niceness=WORKER_NICENESS,
+        ),
         processor=Service("processor-service", env, workdir, niceness=WORKER_NICENESS),
         mailer=Service("mailer-service", env, workdir, niceness=WORKER_NICENESS),
     )
@@ -196,6 +203,7 @@ def running_pipeline(pipeline: Pipeline, management: Management, vhost: str) -> 
             service.start()
         pipeline.api.wait_ready()
         for worker, queue in (
+            (pipeline.status, STATUS.queue),
             (pipeline.processor, PROCESSOR.queue),
             (pipeline.mailer, MAILER.queue),
         ):

@@ -168,6 +168,7 @@ def wrap(pipeline: pt.Pipeline, prefix: tuple[str, ...]) -> pt.Pipeline:
 
     return pt.Pipeline(
         api=copy(pipeline.api, WrappedApi),  # type: ignore[arg-type]
+        status=copy(pipeline.status, WrappedService),
         processor=copy(pipeline.processor, WrappedService),
         mailer=copy(pipeline.mailer, WrappedService),
     )

@@ -66,7 +66,7 @@ from support.waiting import wait_for  # noqa: E402
 
 PROVIDER_LIMIT = (150, 10.0)
 """Mailtrap's sending limit per API token: requests per seconds."""
-SERVICES = ("api-service", "processor-service", "mailer-service")
+SERVICES = ("api-service", "status-service", "processor-service", "mailer-service")
 BACKLOG_BATCH = 1000
 """Jobs per ``POST /jobs/batch`` of the backlog (``MAX_BATCH_JOBS``): the fewest requests."""
 BACKLOG_IN_FLIGHT = 2
@@ -252,7 +252,7 @@ class Replicated(pt.Pipeline):
 
     @property
     def services(self) -> tuple[Service, ...]:
-        return (self.api, self.processor, self.mailer, *self.more)
+        return (self.api, self.status, self.processor, self.mailer, *self.more)
 
 
 def build(workdir: Path, broker_url: str, stub: MailtrapStub, scenario: Scenario) -> Replicated:
@@ -281,6 +281,7 @@ def build(workdir: Path, broker_url: str, stub: MailtrapStub, scenario: Scenario
     mailers = [replica(base.mailer) for _ in range(scenario.mailers)]
     return Replicated(
         api=base.api,
+        status=base.status,
         processor=processors[0],
         mailer=mailers[0],
         more=(*processors[1:], *mailers[1:]),
@@ -669,10 +670,10 @@ def print_table(rows: Sequence[Row], ceiling: amqp_cost.Ceiling, options: Option
     print()
     print(
         f"{'scenario':<20} {'jobs':>5} {'jobs/s':>7} {'xceil':>6} "
-        f"{'POST p50/p99 ms':>16} {'CPU ms/job api/proc/mail (rabbit)':>34} "
-        f"{'req/429':>9} {'lost/dup':>9} {'peak RSS MB api/proc/mail':>26}"
+        f"{'POST p50/p99 ms':>16} {'CPU ms/job api/stat/proc/mail (rabbit)':>39} "
+        f"{'req/429':>9} {'lost/dup':>9} {'peak RSS MB api/stat/proc/mail':>31}"
     )
-    print("-" * 141)
+    print("-" * 151)
     for row in rows:
         post = (
             f"{row.post_p50_ms:.0f}/{row.post_p99_ms:.0f}"
@@ -685,8 +686,8 @@ def print_table(rows: Sequence[Row], ceiling: amqp_cost.Ceiling, options: Option
         rss = "/".join(f"{row.peak_rss_mb.get(name, 0):.0f}" for name in SERVICES)
         print(
             f"{row.scenario.name:<20} {row.jobs:>5} {row.per_second:>7.1f} "
-            f"{row.per_second / ceiling.per_second:>6.2f} {post:>16} {cpu:>34} "
-            f"{f'{row.requests}/{row.limited}':>9} {f'{row.lost}/{row.duplicated}':>9} {rss:>26}"
+            f"{row.per_second / ceiling.per_second:>6.2f} {post:>16} {cpu:>39} "
+            f"{f'{row.requests}/{row.limited}':>9} {f'{row.lost}/{row.duplicated}':>9} {rss:>31}"
         )
     print()
     print(

@@ -1,4 +1,8 @@
-"""The three services as real subprocesses, against the real broker and the Mailtrap stand-in."""
+"""The services as real subprocesses, against the real broker and the Mailtrap stand-in.
+
+The api, status-service (its read model, a process of its own on the api's store),
+the processor and the mailer.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,10 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
-from pipeline_shared.topology import MAILER, PROCESSOR
+from pipeline_shared.topology import MAILER, PROCESSOR, STATUS
 from support.mailtrap_stub import MailtrapStub
 from support.rabbit import Management
 from support.services import Api, Service, clean_environment, free_port
@@ -18,6 +23,9 @@ from support.waiting import wait_for
 @dataclass
 class Pipeline:
     api: Api
+    status: Service
+    """status-service: follows the job events into the api's store (without it, every
+    job stays ``queued``)."""
     processor: Service
     mailer: Service
     vhost: str
@@ -25,7 +33,7 @@ class Pipeline:
 
     @property
     def services(self) -> tuple[Service, ...]:
-        return (self.api, self.processor, self.mailer)
+        return (self.api, self.status, self.processor, self.mailer)
 
     def start(self) -> None:
         for service in self.services:
@@ -34,6 +42,12 @@ class Pipeline:
         self.wait_consuming()
 
     def wait_consuming(self, timeout: float = 30.0) -> None:
+        """Both workers consume their queue (since their latest start), and status-service
+        follows the job events."""
+        self.wait_workers_consuming(timeout)
+        self.wait_following(timeout)
+
+    def wait_workers_consuming(self, timeout: float = 30.0) -> None:
         """Both workers say they consume their queue (since their latest start)."""
 
         def consuming() -> bool:
@@ -46,6 +60,21 @@ class Pipeline:
 
         wait_for(consuming, timeout=timeout, what="both workers to consume")
 
+    def wait_following(self, timeout: float = 30.0) -> None:
+        """status-service follows the job events: its /readyz is 200 (it says nothing in its
+        log when it first does), or, with its endpoint off, ``api.job.status`` has a consumer."""
+
+        def following() -> bool:
+            assert self.status.running, f"status-service exited:\n{self.status.output()}"
+            if self.status.env.get("METRICS_PORT") == "0":
+                return self.management.consumers(self.vhost, STATUS.queue) > 0
+            try:
+                return httpx.get(f"{metrics_url(self.status)}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(following, timeout=timeout, what="status-service to follow the job events")
+
     def output(self) -> str:
         return "\n".join(f"== {s.command}\n{s.output()}" for s in self.services)
 
@@ -55,7 +84,7 @@ class Pipeline:
 
 
 def metrics_url(worker: Service) -> str:
-    """The base URL of a worker's /metrics, /healthz and /readyz."""
+    """The base URL of a worker's (or status-service's) /metrics, /healthz and /readyz."""
     return f"http://127.0.0.1:{worker.env['METRICS_PORT']}"
 
 
@@ -88,11 +117,11 @@ def pipeline_factory(
             "SHUTDOWN_TIMEOUT_SECONDS": "10",
         }
         env = clean_environment(**{**defaults, **settings})
-        # Each worker's /metrics, /healthz and /readyz on a free port of its own
-        # (``metrics_url``), so pipelines never meet on the default ports.
+        # Each worker's and status-service's /metrics, /healthz and /readyz on a free
+        # port of its own (``metrics_url``), so pipelines never meet on the default ports.
         metrics_ports = {
             command: {"METRICS_PORT": str(free_port())}
-            for command in ("processor-service", "mailer-service")
+            for command in ("status-service", "processor-service", "mailer-service")
             if "METRICS_PORT" not in settings
         }
 
@@ -101,6 +130,8 @@ def pipeline_factory(
 
         pipeline = Pipeline(
             api=Api("api-service", env_of("api-service"), workdir, port=int(env["API_PORT"])),
+            # Beside the api, in its folder, on its DATABASE_URL: the store it reads.
+            status=Service("status-service", env_of("status-service"), workdir),
             processor=Service("processor-service", env_of("processor-service"), workdir),
             mailer=Service("mailer-service", env_of("mailer-service"), workdir),
             vhost=vhost,

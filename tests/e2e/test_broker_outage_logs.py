@@ -61,8 +61,9 @@ def assert_one_loss_and_one_regain(text: str, report: str) -> None:
 
 
 def wait_every_consumer(pipeline: Pipeline) -> None:
-    """Every service consumes its queue, the api's read model included: an
-    outage that strikes while a consumer is still being set up is another test."""
+    """Every service consumes its queue, status-service (the api's read model)
+    included: an outage that strikes while a consumer is still being set up is
+    another test."""
 
     def consuming() -> bool:
         return all(

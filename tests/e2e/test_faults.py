@@ -1,9 +1,9 @@
 """Fault injection on the running pipeline: crashes, broker outages, stops and poison.
 
-Each test streams real jobs through the three services and strikes while they
-flow. The promise checked is the README's: every accepted job ends in exactly
-one email, except that a mailer killed while emails are at the provider may
-send those again (at most MAILER_CONCURRENCY of them), which the test reports.
+Each test streams real jobs through the services and strikes while they flow.
+The promise checked is the README's: every accepted job ends in exactly one
+email, except that a mailer killed while emails are at the provider may send
+those again (at most MAILER_CONCURRENCY of them), which the test reports.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from e2e.conftest import Pipeline
-from pipeline_shared.topology import MAILER, PROCESSOR, Stage
+from pipeline_shared.topology import MAILER, PROCESSOR, STATUS, Stage
 from support.mailtrap_stub import MailtrapStub
 from support.rabbit import job_ids_of
 from support.services import free_port
@@ -206,12 +206,12 @@ def test_a_broker_outage_mid_stream_loses_no_accepted_job_and_every_consumer_com
     wait_for(
         lambda: all(
             pipeline.management.consumers(pipeline.vhost, stage.queue) == 1
-            for stage in (PROCESSOR, MAILER)
+            for stage in (PROCESSOR, MAILER, STATUS)
         ),
         timeout=30,
         what="one consumer on each work queue again",
     )
-    for worker in (pipeline.processor, pipeline.mailer):
+    for worker in (pipeline.status, pipeline.processor, pipeline.mailer):
         assert "reconnected" in worker.output()
     # And no job answered a plain 503 is emailed: that 503 says the job was not
     # taken, and the caller retries it. Only a 503 that names its job with

@@ -56,7 +56,7 @@ JOB_DEADLINE = 20.0
 
 @contextmanager
 def running_pipeline(workdir: Path, management: Management, **settings: str) -> Iterator[Pipeline]:
-    """The three services in a vhost of their own, stopped and deleted afterwards."""
+    """The four services in a vhost of their own, stopped and deleted afterwards."""
     vhost = new_vhost_name("hostile")
     management.create_vhost(vhost)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -69,12 +69,14 @@ def running_pipeline(workdir: Path, management: Management, **settings: str) -> 
         # Retry delays and the send lease keep their defaults: nothing here is retried.
         DATABASE_URL=f"sqlite:///{workdir / 'ledger.sqlite3'}",
         SHUTDOWN_TIMEOUT_SECONDS="10",
-        # The workers' endpoints are not under test here: off, so no port can clash.
+        # The endpoints of the workers and status-service are not under test here:
+        # off, so no port can clash.
         METRICS_PORT="0",
         **settings,
     )
     pipeline = Pipeline(
         api=Api("api-service", env, workdir, port=port),
+        status=Service("status-service", env, workdir),
         processor=Service("processor-service", env, workdir),
         mailer=Service("mailer-service", env, workdir),
         vhost=vhost,

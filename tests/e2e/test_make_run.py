@@ -3,7 +3,8 @@
 Each test copies the Makefile, the Procfile and the scripts make run uses into
 a folder of its own (with the project's .venv linked in), so no .env or state
 file of the working tree is read or written, and runs the real `make run`
-there: the real honcho, the three real services and the real broker.
+there: the real honcho, the four real processes of the Procfile (the api,
+status-service, the processor and the mailer) and the real broker.
 
 Ctrl-C is what the terminal does with it: the test runs make on a
 pseudo-terminal, as its controlling terminal, and types ^C; the kernel sends
@@ -30,6 +31,8 @@ import pytest
 import yaml
 
 from pipeline_shared.definitions import password_matches
+from pipeline_shared.topology import STATUS
+from support.rabbit import Management
 from support.services import clean_environment, free_port
 from support.waiting import wait_for
 
@@ -40,6 +43,8 @@ MAKE = shutil.which("make") or "make"
 RUN_FILES = ("Makefile", "Procfile", "scripts/ensure_rabbitmq.py", "scripts/run_services.py")
 # `make run` without reinstalling: the test uses the installed .venv as it is.
 MAKE_RUN = [MAKE, "--no-print-directory", "-o", ".venv/.installed", "run"]
+PROCESSES = ("api", "status", "processor", "mailer")
+"""The Procfile's processes, by the names honcho prefixes their lines with."""
 # Makes the pseudo-terminal on stdin the controlling terminal of a new session,
 # then runs the command in it, in the foreground, as a login shell runs a job.
 _ON_TERMINAL = (
@@ -133,7 +138,9 @@ class MakeRun:
     """`make run` on a terminal, then, in the same shell, whether the terminal
     came back to that shell."""
 
-    def __init__(self, folder: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, folder: Path, env: dict[str, str], management: Management, vhost: str
+    ) -> None:
         script = (
             f'{shlex.join(MAKE_RUN)}; echo "make run exited with $?"; '
             f"{shlex.quote(sys.executable)} -c "
@@ -141,18 +148,25 @@ class MakeRun:
         )
         self.terminal = Terminal(["sh", "-c", script], folder, env)
         self.api_url = f"http://127.0.0.1:{env['API_PORT']}"
+        self._management = management
+        self._vhost = vhost
 
     @property
     def output(self) -> str:
         return self.terminal.output
 
     def wait_serving(self) -> None:
+        """The api is ready, both workers consume, and status-service follows the job
+        events (it says nothing in its log when it first does: its queue's consumer)."""
+
         def serving() -> bool:
             assert self.terminal.process.poll() is None, f"make run ended:\n{self.output}"
             if not all(
                 f"consuming {queue}" in self.output
                 for queue in ("processor.job.requested", "mailer.data.processed")
             ):
+                return False
+            if self._management.consumers(self._vhost, STATUS.queue) == 0:
                 return False
             try:
                 return httpx.get(f"{self.api_url}/readyz", timeout=2).status_code == 200
@@ -177,7 +191,9 @@ StartMakeRun = Callable[..., MakeRun]
 
 
 @pytest.fixture
-def make_run(run_dir: Path, broker_url: str) -> Iterator[StartMakeRun]:
+def make_run(
+    run_dir: Path, broker_url: str, management: Management, vhost: str
+) -> Iterator[StartMakeRun]:
     """Start `make run` in ``run_dir`` with the given settings; each is ended afterwards."""
     started: list[MakeRun] = []
 
@@ -186,11 +202,11 @@ def make_run(run_dir: Path, broker_url: str) -> Iterator[StartMakeRun]:
             "RABBITMQ_URL": broker_url,
             "API_PORT": str(free_port()),
             "SHUTDOWN_TIMEOUT_SECONDS": "10",
-            # The workers' endpoints off: their default ports are the same for every
-            # run. The test that looks at them turns them on.
+            # The endpoints of the workers and status-service off: their default ports
+            # are the same for every run. The test that looks at them turns them on.
             "METRICS_PORT": "0",
         }
-        run = MakeRun(run_dir, make_environment(**{**defaults, **settings}))
+        run = MakeRun(run_dir, make_environment(**{**defaults, **settings}), management, vhost)
         started.append(run)
         return run
 
@@ -199,13 +215,41 @@ def make_run(run_dir: Path, broker_url: str) -> Iterator[StartMakeRun]:
         run.terminal.close()
 
 
+def niceness_in(folder: Path) -> dict[str, int]:
+    """The niceness of each of the Procfile's services running in ``folder``, by command."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if Path(os.readlink(entry / "cwd")) != folder.resolve():
+                continue
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile, or not ours
+            continue
+        # A console script runs as "python <path>/<command>"; field 19 of stat is
+        # the niceness (counted from the one after the command's name in brackets).
+        names = {Path(arg.decode(errors="replace")).name for arg in args}
+        for command in names & {f"{process}-service" for process in PROCESSES}:
+            found[command] = int(stat.rsplit(")", 1)[1].split()[16])
+    return found
+
+
 def test_ctrl_c_stops_every_service_and_make_run_ends_quietly_with_0(
-    make_run: StartMakeRun,
+    make_run: StartMakeRun, run_dir: Path
 ) -> None:
-    run = make_run(METRICS_PORT="")  # empty is unset: each worker on its default port
+    run = make_run(METRICS_PORT="")  # empty is unset: each on its default port
     run.wait_serving()
-    # Both workers' endpoints answer on their default ports, side by side.
-    for port in (9101, 9102):
+    # status-service runs at the workers' lower CPU priority, below the api's.
+    niceness = niceness_in(run_dir)
+    assert set(niceness) == {f"{process}-service" for process in PROCESSES}, niceness
+    if niceness["api-service"] < 19:  # a run under `nice -n 19` has nothing lower
+        for background in ("status-service", "processor-service", "mailer-service"):
+            assert niceness[background] > niceness["api-service"], niceness
+    # The endpoints of both workers and status-service answer on their default
+    # ports, side by side.
+    for port in (9101, 9102, 9103):
         assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
         scrape = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
         assert "# TYPE pipeline_events_consumed_total counter" in scrape, scrape
@@ -213,8 +257,8 @@ def test_ctrl_c_stops_every_service_and_make_run_ends_quietly_with_0(
     status = run.press_ctrl_c()
 
     assert status == 0, run.output
-    for service in ("api", "processor", "mailer"):
-        assert f"{service} stopped (rc=0)" in run.output, run.output
+    for process in PROCESSES:
+        assert f"{process} stopped (rc=0)" in run.output, run.output
     assert re.search(r"^make(\[\d+\])?: ", run.output, flags=re.MULTILINE) is None, run.output
     assert "terminal back: True" in run.output, run.output
 
@@ -279,8 +323,8 @@ def test_ctrl_c_with_a_service_that_does_not_stop_cleanly_ends_make_run_with_an_
 
     assert status != 0, run.output
     assert "make run: not stopped cleanly: mailer" in run.output, run.output
-    assert "api stopped (rc=0)" in run.output, run.output
-    assert "processor stopped (rc=0)" in run.output, run.output
+    for process in ("api", "status", "processor"):
+        assert f"{process} stopped (rc=0)" in run.output, run.output
     assert "terminal back: True" in run.output, run.output
 
 

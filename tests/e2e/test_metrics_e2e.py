@@ -99,12 +99,20 @@ def test_each_services_metrics_count_what_was_sent_retried_and_failed(
         {
             figure("http_requests_total", method="POST", route="/jobs", status="202"): jobs,
             published("JobRequested"): jobs,
-            # The read model saw every job event after the request, which it records
-            # itself: no JobRequested comes through its queue.
+        },
+    )
+    status = wait_for_figures(
+        "status-service",
+        metrics_url(pipeline.status),
+        {
+            # The read model saw every job event after the request, which the api
+            # records itself: no JobRequested comes through its queue.
             consumed("status", "JobRequested", "acked"): 0,
             consumed("status", "DataProcessed", "acked"): GOOD_JOBS,
             consumed("status", "EmailSent", "acked"): GOOD_JOBS,
             consumed("status", "JobFailed", "acked"): FAILING_JOBS,
+            consumed("status", "DataProcessed", "dead_lettered"): 0,
+            figure("pipeline_messages_in_flight", stage="status"): 0,
         },
     )
     processor = wait_for_figures(
@@ -161,10 +169,16 @@ def test_each_services_metrics_count_what_was_sent_retried_and_failed(
     assert mailtrap.deliveries_by_job() == dict.fromkeys(good, 1)
     # Each job took some time from its request to its email, and not minutes.
     assert 0 < mailer[figure("mailer_job_duration_seconds_sum")] < 60 * GOOD_JOBS
-    # Neither worker counted anything under the other's stage, nor the api under theirs.
-    for figures, own in ((api, "status"), (processor, "processor"), (mailer, "mailer")):
+    # No worker counted anything under another's stage; the api, which consumes
+    # nothing, under none.
+    for figures, own in (
+        (api, set()),
+        (status, {"status"}),
+        (processor, {"processor"}),
+        (mailer, {"mailer"}),
+    ):
         stages = {dict(labels).get("stage") for _, labels in figures} - {None}
-        assert stages == {own}, stages
+        assert stages == own, stages
 
 
 @pytest.fixture

@@ -1,28 +1,37 @@
-"""The three services, each logged in as its own least-privilege broker user.
+"""The services, each logged in as its least-privilege broker user.
 
 As under docker compose: the broker holds the topology of rabbitmq/definitions.json
 (loaded into the test's vhost), and each service's user has the file's
 permissions, so no service may declare anything; it only checks the topology.
+status-service, the api's read model, logs in as the api's user.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from e2e.conftest import Pipeline
+from e2e.conftest import Pipeline, metrics_url
 from pipeline_shared.messaging import DEFAULT_RETRY_DELAYS
 from support.broker_users import ServiceUsers, committed_definitions, topology_of
 from support.mailtrap_stub import MailtrapStub
 from support.rabbit import Management
+from support.services import Service
 from support.waiting import wait_for
 
 PipelineFactory = Callable[..., Pipeline]
-SERVICES = ("api-service", "processor-service", "mailer-service")
+USER_OF = {
+    "api-service": "api-service",
+    "status-service": "api-service",
+    "processor-service": "processor-service",
+    "mailer-service": "mailer-service",
+}
+"""The file's user each service logs in as, by the service's command."""
 # The file's retry queues are those of the default delays.
 FILE_RETRY_DELAYS = ",".join(f"{delay:g}" for delay in DEFAULT_RETRY_DELAYS)
 
@@ -48,7 +57,7 @@ def users(
 
 
 def restricted(users: ServiceUsers, vhost: str) -> dict[str, dict[str, str]]:
-    return {service: {"RABBITMQ_URL": users.url(service, vhost)} for service in SERVICES}
+    return {service: {"RABBITMQ_URL": users.url(user, vhost)} for service, user in USER_OF.items()}
 
 
 def output_lines(text: str) -> list[str]:
@@ -83,9 +92,12 @@ def test_a_job_reaches_mailtrap_with_every_service_as_its_own_restricted_user(
     assert delivered.to == ["ada@example.com"]
     assert delivered.payload["subject"] == "Least privilege"
 
-    for service, process in zip(SERVICES, pipeline.services, strict=True):
-        output = process.output()
-        assert f"{users.names[service]}:***@" in output, f"{service} did not log in as its user"
+    assert {process.command for process in pipeline.services} == set(USER_OF)
+    for process in pipeline.services:
+        output, service = process.output(), process.command
+        assert f"{users.names[USER_OF[service]]}:***@" in output, (
+            f"{service} did not log in as its user"
+        )
         assert "topology checked" in output, f"{service} declared the topology"
 
     def connected_users() -> set[str]:
@@ -98,7 +110,8 @@ def test_a_job_reaches_mailtrap_with_every_service_as_its_own_restricted_user(
         what="the three users' connections in the management API",
     )
 
-    # The api's read model consumed every event of the job under its own user.
+    # The api's read model (status-service) consumed every event of the job under the
+    # api's user.
     def status() -> object:
         return httpx.get(f"{pipeline.api.url}/jobs/{job_id}", timeout=10).json().get("status")
 
@@ -151,7 +164,13 @@ def test_the_api_whose_broker_lacks_the_topology_stays_up_unready_and_says_why(
     assert api.output().count("the broker lacks") == 1, "the configuration error was logged again"
 
 
-def test_an_api_refused_its_status_queue_is_unready_naming_it_until_granted_then_catches_up(
+def readyz(service: Service) -> tuple[int, str]:
+    """status-service's /readyz: its status code and ``detail`` ("" when ready)."""
+    answer = httpx.get(f"{metrics_url(service)}/readyz", timeout=5)
+    return answer.status_code, str(answer.json().get("detail", ""))
+
+
+def test_status_service_refused_its_queue_is_unready_naming_it_until_granted_then_catches_up(
     users: ServiceUsers,
     pipeline_factory: PipelineFactory,
     definitions: dict[str, Any],
@@ -161,39 +180,55 @@ def test_an_api_refused_its_status_queue_is_unready_naming_it_until_granted_then
     management.load_definitions(vhost, topology_of(definitions))
     api_rule = next(r for r in definitions["permissions"] if r["user"] == "api-service")
     api_user = users.names["api-service"]
-    # The api's user may publish but not read its own queue.
+    # The api's user (status-service's too) may publish but not read its own queue.
     management.set_permissions(vhost, api_user, api_rule["configure"], api_rule["write"], "^$")
     pipeline = pipeline_factory(
         per_service=restricted(users, vhost), RETRY_DELAYS=FILE_RETRY_DELAYS
     )
     for service in pipeline.services:
         service.start()
-    pipeline.wait_consuming()
-    pipeline.api.wait_listening()
+    pipeline.wait_workers_consuming()
+    pipeline.api.wait_ready()
+    status = pipeline.status
 
     def unready_naming_the_queue() -> bool:
-        answer = httpx.get(f"{pipeline.api.url}/readyz", timeout=5)
-        return answer.status_code == 503 and "api.job.status" in answer.json()["detail"]
+        assert status.running, f"status-service exited:\n{status.output()}"
+        try:
+            code, detail = readyz(status)
+        except httpx.HTTPError:
+            return False
+        return code == 503 and "api.job.status" in detail
 
-    wait_for(unready_naming_the_queue, what="/readyz to name the refused queue")
-    detail = httpx.get(f"{pipeline.api.url}/readyz", timeout=5).json()["detail"]
-    assert "ACCESS_REFUSED" in detail
-    # Jobs are still taken (the broker holds them), but their status cannot move yet.
+    wait_for(unready_naming_the_queue, what="status-service's /readyz to name the refused queue")
+    assert "ACCESS_REFUSED" in readyz(status)[1]
+    # The api needs only to publish: it stays ready, and takes jobs (the broker
+    # holds their events), but their status cannot move yet.
+    assert httpx.get(f"{pipeline.api.url}/readyz", timeout=5).status_code == 200
     response = httpx.post(
         f"{pipeline.api.url}/jobs", json={"email": "ada@example.com", "data": {}}, timeout=10
     )
     assert response.status_code == 202, response.text
     job_id = response.json()["job_id"]
 
+    def status_of_job() -> str:
+        answer = httpx.get(f"{pipeline.api.url}/jobs/{job_id}", timeout=5)
+        return str(answer.json()["status"]) if answer.status_code == 200 else ""
+
+    wait_for(
+        lambda: (Path(pipeline.mailer.env["OUTBOX_DIR"]) / f"{job_id}.eml").exists(),
+        what="the job's email in the outbox",
+    )
+    assert status_of_job() == "queued"
+
     management.set_permissions(
         vhost, api_user, api_rule["configure"], api_rule["write"], api_rule["read"]
     )
 
-    pipeline.api.wait_ready(timeout=60)
-
-    def status() -> str:
-        answer = httpx.get(f"{pipeline.api.url}/jobs/{job_id}", timeout=5)
-        return str(answer.json()["status"]) if answer.status_code == 200 else ""
-
-    wait_for(lambda: status() == "sent", timeout=30, what="the waiting events to move the job on")
-    assert pipeline.api.output().count("cannot follow the job events") == 1
+    pipeline.wait_following(timeout=60)
+    wait_for(
+        lambda: status_of_job() == "sent", timeout=30, what="the waiting events to move the job on"
+    )
+    assert status.output().count("cannot follow the job events") == 1
+    assert "following the job events on api.job.status again" in status.output()
+    assert httpx.get(f"{pipeline.api.url}/readyz", timeout=5).status_code == 200
+    assert "cannot follow" not in pipeline.api.output()

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from e2e.conftest import Pipeline
-from pipeline_shared.topology import MAILER, PROCESSOR
+from pipeline_shared.topology import MAILER, PROCESSOR, STATUS
 from support.mailtrap_stub import MailtrapStub
 from support.waiting import wait_for
 
@@ -214,9 +214,12 @@ def test_every_service_exits_0_when_asked_to_stop(
             service.process.send_signal(signum)
     codes = {service.command: service.terminate(timeout=20) for service in pipeline.services}
 
-    assert codes == {"api-service": 0, "processor-service": 0, "mailer-service": 0}, (
-        pipeline.output()
-    )
+    assert codes == {
+        "api-service": 0,
+        "status-service": 0,
+        "processor-service": 0,
+        "mailer-service": 0,
+    }, pipeline.output()
 
 
 def test_a_missing_required_setting_stops_the_service_with_one_line_naming_it(
@@ -243,7 +246,7 @@ def test_while_the_services_run_the_management_ui_shows_a_consumer_on_each_work_
     wait_for(
         lambda: all(
             pipeline.management.consumers(pipeline.vhost, stage.queue) == 1
-            for stage in (PROCESSOR, MAILER)
+            for stage in (PROCESSOR, MAILER, STATUS)
         ),
-        what="one consumer per work queue in the management API",
+        what="one consumer per work queue (status-service's too) in the management API",
     )

@@ -1,5 +1,5 @@
-"""One trace per job across the three services: W3C trace context in the AMQP headers,
-spans exported over OTLP to a collector stand-in, and the trace id in the job's status."""
+"""One trace per job across the services: W3C trace context in the AMQP headers, spans
+exported over OTLP to a collector stand-in, and the trace id in the job's status."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from support.otlp_collector import ExportedSpan, OtlpCollector
 from support.waiting import wait_for
 
 PipelineFactory = Callable[..., Pipeline]
-SERVICES = {"api-service", "processor-service", "mailer-service"}
+SERVICES = {"api-service", "status-service", "processor-service", "mailer-service"}
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def collector() -> Iterator[OtlpCollector]:
 
 @pytest.fixture
 def exporting(pipeline_factory: PipelineFactory, collector: OtlpCollector) -> Pipeline:
-    """The three services exporting their spans to ``collector``, flushed every 0.1 s."""
+    """The four services exporting their spans to ``collector``, flushed every 0.1 s."""
     pipeline = pipeline_factory(
         OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint, OTEL_BSP_SCHEDULE_DELAY="100"
     )
@@ -65,20 +65,21 @@ def one(spans: list[ExportedSpan], service: str, name: str) -> ExportedSpan:
 
 
 def wait_trace(collector: OtlpCollector, trace_id: str) -> list[ExportedSpan]:
-    """The trace once the mailer's email.sent publish and the api's record of it are in."""
+    """The trace once the mailer's email.sent publish and status-service's record of it
+    are in."""
 
     def complete() -> bool:
         names = {(s.service, s.name) for s in collector.trace(trace_id)}
         return {
             ("mailer-service", "publish email.sent"),
-            ("api-service", "process api.job.status"),
+            ("status-service", "process api.job.status"),
         } <= names and len(names) >= 8
 
     wait_for(complete, timeout=20, what=f"the spans of trace {trace_id}")
     return collector.trace(trace_id)
 
 
-def test_a_job_is_one_trace_through_the_three_services_continuing_the_clients(
+def test_a_job_is_one_trace_through_every_service_continuing_the_clients(
     exporting: Pipeline, collector: OtlpCollector
 ) -> None:
     pipeline = exporting

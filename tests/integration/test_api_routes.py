@@ -18,10 +18,11 @@ from fastapi import FastAPI
 
 from api_service.answers import RETRY_AFTER_SECONDS
 from api_service.app import create_app
+from api_service.connecting import BrokerConnector
 from api_service.recorder import JobRecorder
 from api_service.settings import ApiSettings
 from api_service.store import JobStore
-from pipeline_shared.errors import BrokerUnavailable
+from pipeline_shared.errors import BrokerUnavailable, TopologyMissing
 from pipeline_shared.events import Event, JobRequested
 from unit.fakes import FakePublisher
 
@@ -45,23 +46,17 @@ def broker() -> FakeBroker:
     return FakeBroker()
 
 
-class FakeFollower:
-    """Stands in for the read model's follower: ``problem`` is what it reports."""
-
-    problem: str | None = None
+@pytest.fixture
+def connector(broker: FakeBroker) -> BrokerConnector:
+    return BrokerConnector(broker)  # type: ignore[arg-type]
 
 
 @pytest.fixture
-def follower() -> FakeFollower:
-    return FakeFollower()
-
-
-@pytest.fixture
-def app(broker: FakeBroker, follower: FakeFollower, tmp_path: Path) -> Iterator[FastAPI]:
+def app(broker: FakeBroker, connector: BrokerConnector, tmp_path: Path) -> Iterator[FastAPI]:
     settings = ApiSettings(_env_file=None, max_request_bytes=2048)  # type: ignore[call-arg]
     application = create_app(settings)
     application.state.broker = broker
-    application.state.follower = follower
+    application.state.connector = connector
     store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
     application.state.store = store
     application.state.recorder = JobRecorder(store.record_batch)
@@ -177,12 +172,28 @@ async def test_readyz_follows_the_broker_connection(
     assert not_ready.headers["retry-after"] == str(RETRY_AFTER_SECONDS)
 
 
-async def test_readyz_is_503_naming_why_while_job_events_are_not_followed(
-    client: httpx.AsyncClient, follower: FakeFollower
+async def test_readyz_is_503_naming_what_the_broker_refused_until_it_connects(
+    client: httpx.AsyncClient, broker: FakeBroker, connector: BrokerConnector
 ) -> None:
-    follower.problem = "cannot follow the job events on api.job.status: ACCESS_REFUSED"
+    missing = TopologyMissing(["exchange 'events'"], "/")
 
-    response = await client.get("/readyz")
+    async def refuse() -> None:
+        raise missing
 
-    assert response.status_code == 503
-    assert response.json() == {"status": "unavailable", "detail": follower.problem}
+    broker.is_ready = False
+    broker.connect_until_ready = refuse  # type: ignore[method-assign]
+    connecting = asyncio.create_task(connector.run())
+    try:
+        for _ in range(100):
+            if connector.problem != "not connected to the message broker":
+                break
+            await asyncio.sleep(0.01)
+        refused = await client.get("/readyz")
+    finally:
+        connecting.cancel()
+        await asyncio.gather(connecting, return_exceptions=True)
+
+    assert refused.status_code == 503
+    assert refused.json() == {"status": "unavailable", "detail": f"cannot accept jobs: {missing}"}
+    broker.is_ready = True
+    assert (await client.get("/readyz")).status_code == 200

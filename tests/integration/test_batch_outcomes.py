@@ -95,7 +95,7 @@ async def app(broker: ScriptedBroker, store: JobStore) -> AsyncIterator[FastAPI]
     application.state.broker = broker
     application.state.store = store
     application.state.recorder = recorder
-    application.state.follower = Ready()
+    application.state.connector = Ready()
     yield application
     await recorder.close()
 
@@ -318,7 +318,7 @@ async def post_batch(items: list[dict[str, Any]]) -> tuple[httpx.Response, Scrip
         application.state.broker = broker
         application.state.store = store
         application.state.recorder = JobRecorder(store.record_batch)
-        application.state.follower = Ready()
+        application.state.connector = Ready()
         try:
             transport = httpx.ASGITransport(app=application)
             async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as client:

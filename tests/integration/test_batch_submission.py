@@ -73,7 +73,7 @@ async def app(settings: ApiSettings, broker: Broker, store: JobStore) -> AsyncIt
     application.state.broker = broker
     application.state.store = store
     application.state.recorder = recorder
-    application.state.follower = Ready()
+    application.state.connector = Ready()
     yield application
     await recorder.close()
 

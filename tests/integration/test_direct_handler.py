@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from starlette.requests import HTTPConnection
 
 from api_service.app import create_app
-from api_service.dependencies import get_follower
+from api_service.dependencies import get_connector
 from api_service.direct_handler import direct_handler
 from api_service.recorder import JobRecorder
 from api_service.settings import ApiSettings
@@ -47,7 +47,7 @@ class FakeBroker(FakePublisher):
     is_ready = True
 
 
-class Follower:
+class Connected:
     problem: str | None = None
 
 
@@ -60,7 +60,7 @@ async def client(folder: Path, *, direct: bool) -> AsyncIterator[httpx.AsyncClie
     folder.mkdir(parents=True, exist_ok=True)
     app = create_app(ApiSettings(_env_file=None, api_keys=KEY, max_request_bytes=4096))  # type: ignore[call-arg]
     app.state.broker = FakeBroker()
-    app.state.follower = Follower()
+    app.state.connector = Connected()
     store = await asyncio.to_thread(JobStore.open, f"sqlite:///{folder / 'jobs.sqlite3'}")
     app.state.store = store
     app.state.recorder = JobRecorder(store.record_batch)
@@ -157,7 +157,7 @@ async def test_dependency_overrides_still_apply(tmp_path: Path) -> None:
     async with client(tmp_path, direct=True) as c:
         assert (await c.get("/readyz")).status_code == 200
         app = c._transport.app  # type: ignore[attr-defined]
-        app.dependency_overrides[get_follower] = Troubled
+        app.dependency_overrides[get_connector] = Troubled
         answer = await c.get("/readyz")
     assert answer.status_code == 503
     assert answer.json()["detail"] == "overridden in a test"

@@ -5,6 +5,7 @@ SQLite job store."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from sqlalchemy.exc import OperationalError
 
 from api_service import recorder as recorder_module
 from api_service.app import create_app
+from api_service.read_model import JobRecord
 from api_service.recorder import JobRecorder
 from api_service.settings import ApiSettings
 from api_service.store import JobStore, KeyState
@@ -62,8 +64,12 @@ class FlakyRecordStore(FlakySettleStore):
     """A job store whose job records cannot be written while ``records_fail``."""
 
     records_fail = False
+    gate: threading.Event | None = None
+    """While set to an event not yet set, writes of job records wait for it."""
 
     def record_batch(self, *args: Any, **kwargs: Any) -> None:
+        if self.gate is not None:
+            self.gate.wait(10)
         if self.records_fail:
             raise OperationalError("INSERT", {}, Exception("database is locked"))
         super().record_batch(*args, **kwargs)
@@ -87,13 +93,17 @@ def store(tmp_path: Path) -> Iterator[FlakySettleStore]:
 
 @pytest.fixture
 def app(broker: ScriptedBroker, store: JobStore) -> FastAPI:
+    return make_app(broker, store)
+
+
+def make_app(broker: ScriptedBroker, store: JobStore) -> FastAPI:
     # A short publish timeout: the budget for republishing is one timeout.
     settings = ApiSettings(_env_file=None, publish_timeout_seconds=0.5)  # type: ignore[call-arg]
     application = create_app(settings)
     application.state.broker = broker
     application.state.store = store
     application.state.recorder = JobRecorder(store.record_batch)
-    application.state.follower = Ready()
+    application.state.connector = Ready()
     return application
 
 
@@ -119,19 +129,74 @@ def job_ids(events: list[Event]) -> set[str]:
 # --- the job's record -----------------------------------------------------------
 
 
-async def test_a_job_answered_202_is_already_in_the_store(
+async def test_a_job_answered_202_is_in_a_shared_store_already(
+    broker: ScriptedBroker, postgres_database: str
+) -> None:
+    # Its JobRequested does not come back through the broker, and another replica
+    # may be asked for it next: with PostgreSQL the answer waits for the record.
+    store = FlakyRecordStore.open(postgres_database)
+    assert store.shared
+    try:
+        transport = httpx.ASGITransport(app=make_app(broker, store))
+        async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as client:
+            response = await client.post("/jobs", json=JOB)
+
+        assert response.status_code == 202, response.text
+        [event] = broker.confirmed
+        assert event.submitted_by is not None
+        record = await store.get(response.json()["job_id"], event.submitted_by)
+        assert record is not None
+        assert record.status == "queued"
+    finally:
+        await store.close()
+
+
+async def test_with_sqlite_a_job_answered_202_is_shown_at_once_and_written_a_moment_later(
     client: httpx.AsyncClient, broker: ScriptedBroker, store: FlakyRecordStore
 ) -> None:
-    # Its JobRequested does not come back through the broker: the answer waits for
-    # the record, so a job answered 202 is on record even if the api stops at once.
+    # One api reads a SQLite file: it shows the job from memory until its group
+    # commit writes it, and the answer does not wait for that write.
+    assert not store.shared
     response = await client.post("/jobs", json=JOB)
 
     assert response.status_code == 202, response.text
+    job_id = response.json()["job_id"]
     [event] = broker.confirmed
     assert event.submitted_by is not None
-    record = await store.get(response.json()["job_id"], event.submitted_by)
-    assert record is not None
+    shown = await client.get(f"/jobs/{job_id}")
+    assert (shown.status_code, shown.json()["status"]) == (200, "queued")
+    deadline = asyncio.get_running_loop().time() + 10
+    while (record := await store.get(job_id, event.submitted_by)) is None:
+        assert asyncio.get_running_loop().time() < deadline, "the record was never written"
+        await asyncio.sleep(0.02)
     assert record.status == "queued"
+
+
+async def test_a_job_written_while_it_is_being_read_is_never_a_404(
+    client: httpx.AsyncClient, store: FlakyRecordStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With SQLite the 202 comes before the job's write: a GET whose read of the
+    # store starts before that write and ends after it must still find the job.
+    held = store.gate = threading.Event()
+    original_get = store.get
+
+    async def read_across_the_write(job_id: str, caller: str) -> JobRecord | None:
+        before = await original_get(job_id, caller)  # the write is held: not there yet
+        held.set()
+        deadline = asyncio.get_running_loop().time() + 10
+        while await original_get(job_id, caller) is None:  # written (and forgotten) now
+            assert asyncio.get_running_loop().time() < deadline, "the record was never written"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the recorder's bookkeeping after the write
+        return before
+
+    response = await client.post("/jobs", json=JOB)
+    assert response.status_code == 202, response.text
+    monkeypatch.setattr(store, "get", read_across_the_write)
+
+    shown = await client.get(f"/jobs/{response.json()['job_id']}")
+
+    assert (shown.status_code, shown.json().get("status")) == (200, "queued")
 
 
 async def test_a_record_that_cannot_be_written_does_not_hold_the_answer_and_is_written_later(

@@ -238,7 +238,22 @@ def container_port(mapping: str | dict[str, Any]) -> str:
 def test_every_service_folder_is_deployed_by_compose() -> None:
     folders = {path.parent.name for path in ROOT.glob("*-service/pyproject.toml")}
     assert folders == set(SERVICES)
-    assert set(app_services()) == folders
+    # status-service is the api's second process, from the api's folder and image.
+    assert set(app_services()) == folders | {"status-service"}
+
+
+def test_status_service_runs_the_api_image_as_the_api_user_on_the_api_store() -> None:
+    services = compose_services()
+    status, api = services["status-service"], services["api-service"]
+    assert status["build"] == api["build"]
+    assert status["command"] == ["status-service"]
+    assert status["environment"]["RABBITMQ_URL"] == api["environment"]["RABBITMQ_URL"]
+    assert status["environment"]["DATABASE_URL"] == api["environment"]["DATABASE_URL"]
+    assert mounts_of(status)["/data/state"] == mounts_of(api)["/data/state"]
+    port = status["environment"]["METRICS_PORT"]
+    assert f"127.0.0.1:{port}/readyz" in " ".join(status["healthcheck"]["test"])
+    # Background work, as the workers': the api's requests come first.
+    assert status["cpu_shares"] < api.get("cpu_shares", 1024)
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -333,7 +348,7 @@ def test_workers_have_less_cpu_weight_than_the_api_so_requests_come_first() -> N
         assert services[worker].get("cpu_shares", 1024) < api_weight, worker
 
 
-def test_make_run_starts_the_workers_at_a_lower_cpu_priority_than_the_api() -> None:
+def test_make_run_starts_status_and_workers_at_a_lower_cpu_priority_than_the_api() -> None:
     commands = {
         name: command.strip()
         for name, _, command in (
@@ -342,12 +357,13 @@ def test_make_run_starts_the_workers_at_a_lower_cpu_priority_than_the_api() -> N
             if line and not line.startswith("#")
         )
     }
+    assert set(commands) == {"api", "status", "processor", "mailer"}
     assert commands["api"] == "exec api-service"
-    for worker in ("processor", "mailer"):
-        words = commands[worker].split()
-        assert words[:3] == ["exec", "nice", "-n"], commands[worker]
-        assert int(words[3]) > 0, commands[worker]
-        assert words[4:] == [f"{worker}-service"]
+    for background in ("status", "processor", "mailer"):
+        words = commands[background].split()
+        assert words[:3] == ["exec", "nice", "-n"], commands[background]
+        assert int(words[3]) > 0, commands[background]
+        assert words[4:] == [f"{background}-service"]
 
 
 def test_every_app_service_waits_for_a_healthy_broker() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings
 
-from api_service.settings import ApiSettings
+from api_service.settings import ApiSettings, StatusSettings
 from mailer_service.settings import MailerSettings
 from processor_service.settings import ProcessorSettings
 
@@ -22,7 +22,7 @@ def _settings_variables(*classes: type[BaseSettings]) -> set[str]:
 def test_every_setting_of_every_service_is_in_the_readme_settings_table() -> None:
     table = set(re.findall(r"^\| `([A-Z_]+)` \|", README, flags=re.MULTILINE))
 
-    expected = _settings_variables(ApiSettings, ProcessorSettings, MailerSettings)
+    expected = _settings_variables(ApiSettings, StatusSettings, ProcessorSettings, MailerSettings)
 
     assert expected - table == set(), "settings missing from the README table"
     # OpenTelemetry's own variables are read by its SDK (pipeline_shared.tracing).

@@ -94,15 +94,15 @@ async def test_an_accepted_job_reads_back_before_its_write_and_after(
     job_id = str(event.job_id)
 
     recorder.note(event)
-    pending = recorder.pending(job_id, None)
+    pending = recorder.pending(job_id).onto(None)
 
     assert pending is not None
     assert (pending.status, pending.caller) == ("queued", "caller-1")
-    assert recorder.pending("some-other-job", None) is None
+    assert recorder.pending("some-other-job").onto(None) is None
     writes.gate.set()
     await recorder.close()
     assert writes.batches == [[event]]
-    assert recorder.pending(job_id, None) is None  # written: the store answers now
+    assert recorder.pending(job_id).onto(None) is None  # written: the store answers now
 
 
 def database_away() -> OperationalError:
@@ -124,9 +124,11 @@ async def test_a_noted_job_whose_write_fails_is_written_on_a_later_attempt(
     for event in events:
         recorder.note(event)
     await wait_until(lambda: len(writes.batches) >= 3)
-    meanwhile = [recorder.pending(str(e.job_id), None) for e in events]
+    meanwhile = [recorder.pending(str(e.job_id)).onto(None) for e in events]
     writes.fail = None
-    await wait_until(lambda: all(recorder.pending(str(e.job_id), None) is None for e in events))
+    await wait_until(
+        lambda: all(recorder.pending(str(e.job_id)).onto(None) is None for e in events)
+    )
     await recorder.close()
 
     assert [record.status if record else None for record in meanwhile] == ["queued", "queued"]
@@ -150,7 +152,7 @@ async def test_a_noted_job_still_unwritten_at_close_is_tried_once_more_then_logg
 
     assert writes.batches == [[event], [event]]
     assert f"job {event.job_id}: not recorded before stopping (OperationalError)" in caplog.text
-    assert recorder.pending(str(event.job_id), None) is None
+    assert recorder.pending(str(event.job_id)).onto(None) is None
 
 
 async def test_a_write_that_fails_for_another_reason_is_not_tried_again(
@@ -179,9 +181,9 @@ async def test_no_more_than_max_held_back_jobs_wait_in_memory_for_the_database(
     recorder.note(held)
     await wait_until(lambda: len(writes.batches) == 1)
     recorder.note(dropped)
-    await wait_until(lambda: recorder.pending(str(dropped.job_id), None) is None)
+    await wait_until(lambda: recorder.pending(str(dropped.job_id)).onto(None) is None)
 
-    assert recorder.pending(str(held.job_id), None) is not None  # still held
+    assert recorder.pending(str(held.job_id)).onto(None) is not None  # still held
     assert f"job {dropped.job_id}: not recorded (OperationalError) and 1 jobs" in caplog.text
     await recorder.close()
 
@@ -194,7 +196,7 @@ async def test_each_job_is_recorded_with_the_trace_it_was_handled_in() -> None:
     with tracing.span("request", SpanKind.SERVER, parent=tracing.new_root()) as span:
         trace_id = tracing.trace_id_of(span)
         recorder.note(traced)
-        in_trace = recorder.pending(str(traced.job_id), None)
+        in_trace = recorder.pending(str(traced.job_id)).onto(None)
     recorder.note(untraced)  # outside any trace
     writes.gate.set()
     await recorder.close()

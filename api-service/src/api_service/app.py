@@ -19,20 +19,19 @@ from api_service.answers import RETRY_LATER, install_error_answers
 from api_service.batch_route import PATH as BATCH_PATH
 from api_service.batch_route import add_batch_route
 from api_service.body_limit import BodySizeLimit
+from api_service.connecting import BrokerConnector
 from api_service.dependencies import (
-    BrokerDep,
     CallerDep,
-    FollowerDep,
+    ConnectorDep,
     IdempotencyKey,
     IntakeDep,
     RecorderDep,
     StoreDep,
 )
-from api_service.following import NOT_CONNECTED, JobFollower
 from api_service.http_metrics import install_http_metrics
 from api_service.http_tracing import install_http_tracing
 from api_service.intake import IntakePolicy
-from api_service.read_model import JobEvent, Status
+from api_service.read_model import Status
 from api_service.recorder import JobRecorder
 from api_service.schemas import (
     Health,
@@ -70,17 +69,6 @@ _SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-class RecordJobEvent:
-    """The read model's handler: fold each job event into its job's record, in the
-    recorder's next batch; the message is acked once that batch is committed."""
-
-    def __init__(self, recorder: JobRecorder) -> None:
-        self._recorder = recorder
-
-    async def __call__(self, event: JobEvent) -> None:
-        await self._recorder.record(event)
-
-
 def create_app(settings: ApiSettings) -> FastAPI:
 
     async def purge_periodically(store: JobStore) -> None:
@@ -114,23 +102,18 @@ def create_app(settings: ApiSettings) -> FastAPI:
         app.state.broker, app.state.store, app.state.recorder = broker, store, recorder
         # Connect in the background: the api answers /healthz (and 503s)
         # while the broker is away, and the robust connection takes over once
-        # the first connection is made.
-        follower = JobFollower(
-            broker,
-            RecordJobEvent(recorder),
-            prefetch=settings.status_prefetch,
-            max_event_bytes=settings.max_event_bytes,
-        )
-        app.state.follower = follower
-        following = asyncio.create_task(follower.run())
+        # the first connection is made. The job events after JobRequested reach
+        # the store through status-service, a process of its own.
+        connector = BrokerConnector(broker)
+        app.state.connector = connector
+        connecting = asyncio.create_task(connector.run())
         purging = asyncio.create_task(purge_periodically(store))
         try:
             yield
         finally:
             purging.cancel()
-            await follower.stop(settings.shutdown_timeout_seconds)
-            following.cancel()
-            await asyncio.gather(following, purging, return_exceptions=True)
+            connecting.cancel()
+            await asyncio.gather(connecting, purging, return_exceptions=True)
             await broker.close()
             await recorder.close()
             await store.close()
@@ -212,7 +195,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
         job_id: UUID, store: StoreDep, recorder: RecorderDep, caller: CallerDep
     ) -> JobView:
         """A job's status and timeline. 404 means the job was never accepted (for this caller)."""
-        record = recorder.pending(str(job_id), await store.get(str(job_id), caller))
+        unwritten = recorder.pending(str(job_id))  # first: see JobRecorder.pending
+        record = unwritten.onto(await store.get(str(job_id), caller))
         if record is None or record.caller != caller:
             raise HTTPException(404, f"no job {job_id}")
         return JobView.of(record)
@@ -298,16 +282,15 @@ def create_app(settings: ApiSettings) -> FastAPI:
         responses={
             503: {
                 "model": Health,
-                "description": "Not connected to the broker, or not following the job events; "
-                "``detail`` says which and why.",
+                "description": "Not connected to the broker; ``detail`` says so.",
             }
         },
         tags=["health"],
     )
-    async def readyz(broker: BrokerDep, follower: FollowerDep) -> Health | JSONResponse:
-        """Jobs can be accepted (the broker connection is open) and their status followed."""
-        # The follower's own reason first: it says why it is not connected, too.
-        problem = follower.problem or (None if broker.is_ready else NOT_CONNECTED)
+    async def readyz(connector: ConnectorDep) -> Health | JSONResponse:
+        """Jobs can be accepted: the broker connection is open. (Whether their status is
+        followed is status-service's ``/readyz``.)"""
+        problem = connector.problem
         if problem is None:
             return Health(status="ready")
         return JSONResponse(

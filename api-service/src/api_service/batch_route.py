@@ -19,6 +19,7 @@ from pydantic_core import PydanticCustomError
 from api_service.batch import BatchIntake
 from api_service.dependencies import CallerDep, IdempotencyKey
 from api_service.intake import IntakePolicy
+from api_service.recorder import JobRecorder
 from api_service.schemas import BatchAccepted, IncompleteBatch, JobAccepted, JobRequest, Problem
 from api_service.settings import ApiSettings
 from api_service.store import JobStore
@@ -37,11 +38,18 @@ async def get_batch_intake(request: Request) -> BatchIntake:
     state = request.app.state
     store: JobStore = state.store
     policy: IntakePolicy = state.intake_policy
+    recorder: JobRecorder = state.recorder
 
     async def record(events: Sequence[JobRequested], traces: Mapping[str, str]) -> None:
+        if not store.shared:
+            # As for one job (``JobIntake.accept``): this api alone reads the file, and
+            # shows the jobs until their group commit writes them.
+            for event in events:
+                recorder.note(event, traces.get(str(event.job_id)))
+            return
         await asyncio.to_thread(store.record_batch, events, traces)
 
-    return BatchIntake(state.broker, store, policy, record, state.recorder.note)
+    return BatchIntake(state.broker, store, policy, record, recorder.note)
 
 
 BatchIntakeDep = Annotated[BatchIntake, Depends(get_batch_intake)]

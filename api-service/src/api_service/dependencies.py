@@ -25,6 +25,17 @@ async def get_broker(request: Request) -> Broker:
     return broker
 
 
+class Connection(Protocol):
+    @property
+    def problem(self) -> str | None: ...
+
+
+async def get_connector(request: Request) -> Connection:
+    """Why jobs cannot be accepted, if they cannot (``api_service.connecting``)."""
+    connector: Connection = request.app.state.connector
+    return connector
+
+
 async def get_store(request: Request) -> JobStore:
     store: JobStore = request.app.state.store
     return store
@@ -39,17 +50,6 @@ async def get_intake(request: Request) -> JobIntake:
     policy: IntakePolicy = request.app.state.intake_policy
     state = request.app.state
     return JobIntake(state.broker, state.store, policy, state.recorder)
-
-
-class Following(Protocol):
-    @property
-    def problem(self) -> str | None: ...
-
-
-async def get_follower(request: Request) -> Following:
-    """What follows the job events into the read model (``api_service.following``)."""
-    follower: Following = request.app.state.follower
-    return follower
 
 
 def caller_of(request: Request) -> str:
@@ -85,7 +85,7 @@ BrokerDep = Annotated[Broker, Depends(get_broker)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 RecorderDep = Annotated[JobRecorder, Depends(get_recorder)]
 CallerDep = Annotated[str, Depends(authenticate)]
-FollowerDep = Annotated[Following, Depends(get_follower)]
+ConnectorDep = Annotated[Connection, Depends(get_connector)]
 IntakeDep = Annotated[JobIntake, Depends(get_intake)]
 IdempotencyKey = Annotated[
     str | None,

@@ -1,7 +1,7 @@
-"""The api follows the job events into its read model, and says so when it cannot.
+"""status-service follows the job events into the read model, and says so when it cannot.
 
 ``JobFollower`` keeps one consumer of ``api.job.status`` running for the
-api's life. Whatever stops it (the broker refusing the queue to the api's
+process's life. Whatever stops it (the broker refusing the queue to the api's
 user, the consumer's channel closing, a connection that cannot be made) is
 logged once, named by ``problem`` (which ``/readyz`` reports), and mended by
 starting the consumer again after a growing pause. Without this, a consumer
@@ -15,14 +15,14 @@ import asyncio
 import logging
 from typing import Any
 
+from api_service.connecting import NOT_CONNECTED, words
 from pipeline_shared.events import any_event_adapter
 from pipeline_shared.messaging import Broker, Consumer, Handler
 from pipeline_shared.topology import STATUS
 
-log = logging.getLogger("api.following")
+log = logging.getLogger("status.following")
 
 STARTING = "starting to follow the job events"
-NOT_CONNECTED = "not connected to the message broker"
 STOPPED_CHECKS = 3
 
 
@@ -34,6 +34,7 @@ class JobFollower:
         *,
         prefetch: int,
         max_event_bytes: int,
+        handler_timeout: float | None = None,
         check_every: float = 1.0,
         first_pause: float = 1.0,
         longest_pause: float = 30.0,
@@ -42,6 +43,7 @@ class JobFollower:
         self._handler = handler
         self._prefetch = prefetch
         self._max_event_bytes = max_event_bytes
+        self._handler_timeout = handler_timeout
         self._check_every = check_every
         self._first_pause = first_pause
         self._longest_pause = longest_pause
@@ -67,6 +69,7 @@ class JobFollower:
                     self._handler,
                     prefetch=self._prefetch,
                     max_event_bytes=self._max_event_bytes,
+                    handler_timeout=self._handler_timeout,
                     # Each event is logged by the service that handled it; the read
                     # model's copy of the line is noise (and CPU) at INFO.
                     handled_level=logging.DEBUG,
@@ -74,11 +77,15 @@ class JobFollower:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._report(f"cannot follow the job events on {STATUS.queue}: {_words(exc)}")
+                self._report(f"cannot follow the job events on {STATUS.queue}: {words(exc)}")
                 await asyncio.sleep(pause)
                 pause = min(2 * pause, self._longest_pause)
                 continue
-            if self._problem is not None and self._problem != STARTING:
+            if self._problem == STARTING:
+                log.info(
+                    "following the job events on %s (prefetch %d)", STATUS.queue, self._prefetch
+                )
+            elif self._problem is not None:
                 log.info("following the job events on %s again", STATUS.queue)
             self._problem = None
             pause = self._first_pause
@@ -123,9 +130,3 @@ class JobFollower:
         if problem != self._problem:
             log.error("%s; trying again with back-off", problem)
         self._problem = problem
-
-
-def _words(exc: BaseException) -> str:
-    """The broker's own words when it gave some, else the exception's."""
-    text = str(exc).strip()
-    return text or type(exc).__name__

@@ -122,11 +122,14 @@ class JobIntake:
         """Publish the job and record it in the read model, so that ``GET /jobs/{id}``
         knows it at once, on any replica.
 
-        The answer waits for the record's first write (up to ``record_wait``), so a
-        job answered 202 is on record even if this process dies a moment later
-        (nothing else records it: its ``JobRequested`` does not come back). A write
-        that fails or takes longer does not hold the answer: the broker has the job,
-        and the recorder keeps trying."""
+        With a store other replicas read (``JobStore.shared``), the answer waits for
+        the record's first write (up to ``record_wait``), so a job answered 202 is on
+        record even if this process dies a moment later (nothing else records it: its
+        ``JobRequested`` does not come back). A write that fails or takes longer does
+        not hold the answer: the broker has the job, and the recorder keeps trying.
+        With SQLite this api is the only reader, and shows the job from memory until
+        it is written: the answer does not wait for a write that queues behind
+        status-service's for the file's one lock (bench/README.md, "status-service")."""
         job_id = job_id or uuid4()
         await self._until_recorded(await self._publish_and_note(job, caller, job_id))
         return job_id
@@ -171,6 +174,8 @@ class JobIntake:
         return self._recorder.note(event)
 
     async def _until_recorded(self, recorded: asyncio.Future[bool]) -> None:
+        if not self._store.shared:
+            return
         # asyncio.wait does not cancel the write if the client goes away meanwhile.
         await asyncio.wait({recorded}, timeout=self._policy.record_wait)
 

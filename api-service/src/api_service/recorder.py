@@ -1,7 +1,7 @@
 """Group commit for the job read model: many events, one transaction.
 
-Every job event the api follows (and each job it accepts) is handed to a
-``JobRecorder``. Events that arrive while a transaction is being written wait
+Every job event status-service follows, and each job the api accepts, is
+handed to a ``JobRecorder``. Events that arrive while a transaction is being written wait
 and go into the next one together, so under load one commit (and one thread
 hop) serves a whole batch of deliveries, and a lone event is written at once.
 A delivery's handler awaits its event's commit, so its message is acked only
@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -48,6 +49,20 @@ WriteBatch = Callable[[Sequence[JobEvent], Mapping[str, str]], None]
 """Writes events, and each job's trace id by job id, in one transaction."""
 
 
+@dataclass(frozen=True, slots=True)
+class Unwritten:
+    """A job's events not written yet, as they were at one moment (``JobRecorder.pending``)."""
+
+    events: tuple[JobEvent, ...]
+    trace_id: str | None
+
+    def onto(self, stored: JobRecord | None) -> JobRecord | None:
+        record = stored
+        for event in self.events:
+            record = apply(record, event, self.trace_id)
+        return record
+
+
 class JobRecorder:
     """Writes job events through ``write_batch`` (blocking, run in a thread), in batches.
 
@@ -62,8 +77,8 @@ class JobRecorder:
             write_batch([event for event, _ in items], traces)
             return [None] * len(items)
 
-        # Under load, 5 ms for company (see GroupCommit): the follower's small
-        # prefetch hands events in a few at a time.
+        # Under load, 5 ms for company (see GroupCommit): the follower's prefetch
+        # hands events in a few at a time, and the api's jobs come one by one.
         self._batches = GroupCommit(write, max_batch=max_batch, linger=0.005)
         self._unwritten: dict[str, list[JobEvent]] = {}
         self._traces: dict[str, str] = {}
@@ -92,13 +107,12 @@ class JobRecorder:
         noted.add_done_callback(self._noted.discard)
         return first
 
-    def pending(self, job_id: str, stored: JobRecord | None) -> JobRecord | None:
-        """``stored`` with this replica's events for the job that are not written yet,
-        so a job reads back the moment it was accepted."""
-        record = stored
-        for event in self._unwritten.get(job_id, ()):
-            record = apply(record, event, self._traces.get(job_id))
-        return record
+    def pending(self, job_id: str) -> Unwritten:
+        """This replica's events for the job that are not written yet, so a job reads back
+        the moment it was accepted: take them *before* reading the store, then fold them
+        ``onto`` what it holds. A write that lands in between is then in one or the
+        other (in both, it changes nothing); taken after the read, it would be in neither."""
+        return Unwritten(tuple(self._unwritten.get(job_id, ())), self._traces.get(job_id))
 
     async def close(self) -> None:
         """Write what is waiting; stop trying again for what failed to be written."""

@@ -5,12 +5,25 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from api_service.auth import ApiKeys, InvalidApiKeySetting, is_loopback, parse_api_keys
-from pipeline_shared.settings import DatabaseUrl, PipelineSettings, url_secrets
+from pipeline_shared.settings import (
+    DatabaseUrl,
+    PipelineSettings,
+    WorkerSettings,
+    metrics_port_field,
+    url_secrets,
+)
 
 EVENT_GROWTH = 10
 """How much larger than its request a job's events may be: a number can take 4.5 times its
 bytes when written again (``1e15`` becomes ``1000000000000000.0``), and ``DataProcessed``
 carries the data twice when the result repeats it (``echo``)."""
+
+
+DEFAULT_DATABASE_URL = "sqlite:///api-state.sqlite3"
+DATABASE_URL_DESCRIPTION = (
+    "Where job records and idempotency keys live: a SQLite file for one host (the api "
+    "and status-service share it), or a postgresql:// URL that api replicas share."
+)
 
 
 class ApiSettings(PipelineSettings):
@@ -44,23 +57,13 @@ class ApiSettings(PipelineSettings):
         "unless API_HOST is a loopback address.",
     )
     database_url: DatabaseUrl = Field(
-        default="sqlite:///api-state.sqlite3",
-        description="Where job records and idempotency keys live: a SQLite file for one "
-        "host, or a postgresql:// URL that api replicas share.",
+        default=DEFAULT_DATABASE_URL, description=DATABASE_URL_DESCRIPTION
     )
     job_retention_days: float = Field(
         default=30.0, gt=0, description="Job records older than this are deleted."
     )
     idempotency_key_hours: float = Field(
         default=24.0, ge=24, description="How long an Idempotency-Key is remembered."
-    )
-    status_prefetch: int = Field(
-        # Small, so that a burst of job events never holds the event loop long
-        # in front of the requests waiting on it (bench/README.md: the backlog row).
-        default=16,
-        ge=1,
-        le=10_000,
-        description="Job events the read model holds unacked.",
     )
 
     @model_validator(mode="after")
@@ -115,3 +118,22 @@ class ApiSettings(PipelineSettings):
     def keys(self) -> ApiKeys:
         raw = self.api_keys.get_secret_value() if self.api_keys is not None else ""
         return ApiKeys(parse_api_keys(raw))
+
+
+class StatusSettings(WorkerSettings):
+    """status-service's settings: the api's store, and how it follows the job events."""
+
+    metrics_port: int = metrics_port_field(9103)
+    database_url: DatabaseUrl = Field(
+        default=DEFAULT_DATABASE_URL, description=DATABASE_URL_DESCRIPTION
+    )
+    status_prefetch: int = Field(
+        default=64,
+        ge=1,
+        le=10_000,
+        description="Messages of job events the read model holds unacknowledged, and events "
+        "it records at once.",
+    )
+
+    def secret_values(self) -> list[str]:
+        return [*super().secret_values(), *url_secrets(self.database_url)]

@@ -195,6 +195,13 @@ class JobStore:
         self._upsert_rows = fact_rows.upsert_rows() if engine.dialect.name == "postgresql" else None
         self._derive = fact_rows.derive(engine.dialect.name)
 
+    @property
+    def shared(self) -> bool:
+        """Whether other api replicas may read this store (PostgreSQL), so that a job must
+        be written before it is answered; a SQLite file has one api, which shows the jobs
+        it has not written yet from memory (``JobRecorder.pending``)."""
+        return self._engine.dialect.name != "sqlite"
+
     @classmethod
     def open(cls, database_url: str) -> JobStore:
         store = cls(build_engine(database_url), build_engine(database_url, durable=False))

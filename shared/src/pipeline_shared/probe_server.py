@@ -13,7 +13,8 @@ path           answer
 ``/metrics``   the process's Prometheus metrics (``pipeline_shared.metrics``)
 ``/healthz``   ``200 {"status": "ok"}`` while the process runs
 ``/readyz``    ``200 {"status": "ready"}`` while connected to the broker with
-               the stage's consumer consuming; else ``503`` with ``detail``
+               the stage's consumer consuming (``Readiness``; status-service
+               has its own check); else ``503`` with ``detail``
 =============  ==============================================================
 
 The endpoint listens on ``METRICS_HOST:METRICS_PORT``; ``METRICS_PORT=0`` turns
@@ -56,6 +57,12 @@ class ConsumerState(Protocol):
     async def is_consuming(self) -> bool: ...
 
 
+class ReadinessCheck(Protocol):
+    async def problem(self) -> str | None:
+        """Why the service is not ready, or None when it is."""
+        ...
+
+
 class Readiness:
     """Whether a worker can do its work: its broker connection is open and the
     consumer of its stage is consuming (``Broker.is_ready``, ``Consumer.is_consuming``)."""
@@ -85,7 +92,7 @@ class Readiness:
 class ProbeServer:
     """Serves ``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` (``start``, ``close``)."""
 
-    def __init__(self, readiness: Readiness, host: str, port: int) -> None:
+    def __init__(self, readiness: ReadinessCheck, host: str, port: int) -> None:
         self._readiness = readiness
         self.host = host
         self.port = port
@@ -201,14 +208,24 @@ async def serving_probes(
     settings: WorkerSettings, broker: BrokerState, service: str
 ) -> AsyncIterator[Readiness]:
     """Serve the worker's endpoint for the duration of the block, as its settings ask
-    (not at all with ``METRICS_PORT=0``); yields the ``Readiness`` to hand the consumer to.
+    (not at all with ``METRICS_PORT=0``); yields the ``Readiness`` to hand the consumer to."""
+    readiness = Readiness(broker)
+    async with serving(settings, readiness, service):
+        yield readiness
+
+
+@asynccontextmanager
+async def serving(
+    settings: WorkerSettings, readiness: ReadinessCheck, service: str
+) -> AsyncIterator[None]:
+    """Serve the endpoint, ``/readyz`` answering from ``readiness``, for the duration of
+    the block (not at all with ``METRICS_PORT=0``).
 
     An address that cannot be bound (a port in use, a host that is not local) stops
     the service with one line naming the settings.
     """
-    readiness = Readiness(broker)
     if settings.metrics_port == 0:
-        yield readiness
+        yield
         return
     server = ProbeServer(readiness, settings.metrics_host, settings.metrics_port)
     try:
@@ -222,7 +239,7 @@ async def serving_probes(
         ) from None
     log.info("serving /metrics, /healthz and /readyz on %s:%d", settings.metrics_host, server.port)
     try:
-        yield readiness
+        yield
     finally:
         with contextlib.suppress(Exception):
             await server.close()
