@@ -1,7 +1,7 @@
 """End-to-end throughput and latency of the whole pipeline, printed (nothing is asserted).
 
-What runs is what production runs: the three console commands (api-service,
-processor-service, mailer-service) as subprocesses against the machine's
+What runs is what production runs: the console commands (api-service,
+status-service, processor-service, mailer-service) as subprocesses against the machine's
 RabbitMQ, in a throw-away vhost, and the real ``mailtrap`` SDK sending over
 HTTPS to the Mailtrap stand-in of ``tests/support`` on loopback.
 

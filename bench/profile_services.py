@@ -1,6 +1,6 @@
 """Where each service's CPU goes per job: the pipeline under load, measured three ways.
 
-It runs what ``pipeline_throughput.py`` runs (the three console commands,
+It runs what ``pipeline_throughput.py`` runs (the four console commands,
 RabbitMQ in a throw-away vhost, the Mailtrap stand-in over HTTPS), by default
 on a snapshot of a commit (``git archive``) so that edits being made in the
 checkout meanwhile do not change the code measured, and measures one window
@@ -608,8 +608,8 @@ def measure(
         job_ids = {s.job_id for s in submissions if s.job_id is not None}
         emails = pt.wait_for_emails(stub, job_ids, options.timeout)
         last_email = time.monotonic()
-        # The api folds EmailSent into its read model after the email went out,
-        # and may lag further behind: its CPU per job counts only once it has
+        # status-service folds EmailSent into the read model after the email went
+        # out, and may lag further behind: its CPU per job counts only once it has
         # caught up with every job of the window.
         caught_up = wait_for_read_model(pipeline, options.warmup + len(job_ids), options.timeout)
         result["read_model_lag_s"] = caught_up - last_email if caught_up else None

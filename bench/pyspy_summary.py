@@ -3,7 +3,7 @@
     python bench/pyspy_summary.py bench/out/pyspy-1.json
 
 reads the run's JSON (written by ``profile_services.py --mode pyspy``) and
-its three ``*.pyspy.txt`` files (py-spy's ``--format raw``: one collapsed
+its ``*.pyspy.txt`` files (one a service) (py-spy's ``--format raw``: one collapsed
 stack per line with its sample count), and prints for each service two
 tables, in milliseconds of CPU per job and in percent:
 
@@ -113,7 +113,10 @@ KINDS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("SQLAlchemy (Python: compile, execute, pool)", re.compile(r"^sqlalchemy/")),
     (
         "read model / ledger code (Python)",
-        re.compile(r"api_service/(store|read_model)\.py|mailer_service/ledger\.py"),
+        re.compile(
+            r"api_service/(store|read_model|recorder|following|status_service)\.py"
+            r"|mailer_service/ledger\.py"
+        ),
     ),
     (
         "AMQP client (aio-pika, aiormq, pamqp)",

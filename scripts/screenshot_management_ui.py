@@ -1,6 +1,6 @@
 """Screenshots of the RabbitMQ management UI with the pipeline at work, for the README.
 
-Nothing is staged: the three console commands (api-service, two
+Nothing is staged: the console commands (api-service, status-service, two
 processor-service replicas, mailer-service) run against the machine's RabbitMQ
 in a throw-away vhost, a steady stream of jobs goes through ``POST /jobs``
 faster than the slowed processors (``PROCESSING_DELAY_SECONDS``) can keep up
@@ -138,12 +138,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
 @dataclass
 class Pipeline:
     api: Api
+    status: Service
     processors: list[Service]
     mailer: Service
 
     @property
     def services(self) -> list[Service]:
-        return [self.api, *self.processors, self.mailer]
+        return [self.api, self.status, *self.processors, self.mailer]
 
 
 @contextlib.contextmanager
@@ -180,6 +181,7 @@ def build_pipeline(workdir: Path, broker_url: str, options: Options) -> Pipeline
         processor.cwd.mkdir()
     return Pipeline(
         api=Api("api-service", env, workdir, port=port),
+        status=Service("status-service", env, workdir),
         processors=processors,
         mailer=Service("mailer-service", env, workdir),
     )
@@ -191,7 +193,11 @@ def running(pipeline: Pipeline, management: Management, vhost: str) -> Iterator[
         for service in pipeline.services:
             service.start()
         pipeline.api.wait_ready()
-        for queue, count in ((PROCESSOR.queue, len(pipeline.processors)), (MAILER.queue, 1)):
+        for queue, count in (
+            (STATUS.queue, 1),
+            (PROCESSOR.queue, len(pipeline.processors)),
+            (MAILER.queue, 1),
+        ):
 
             def consumed(queue: str = queue, count: int = count) -> bool:
                 exited = [s.command for s in pipeline.services if not s.running]

@@ -61,8 +61,8 @@ class Pipeline:
         wait_for(consuming, timeout=timeout, what="both workers to consume")
 
     def wait_following(self, timeout: float = 30.0) -> None:
-        """status-service follows the job events: its /readyz is 200 (it says nothing in its
-        log when it first does), or, with its endpoint off, ``api.job.status`` has a consumer."""
+        """status-service follows the job events: its /readyz is 200, or, with its endpoint
+        off, ``api.job.status`` has a consumer."""
 
         def following() -> bool:
             assert self.status.running, f"status-service exited:\n{self.status.output()}"

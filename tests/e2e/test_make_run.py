@@ -157,7 +157,7 @@ class MakeRun:
 
     def wait_serving(self) -> None:
         """The api is ready, both workers consume, and status-service follows the job
-        events (it says nothing in its log when it first does: its queue's consumer)."""
+        events (its queue has a consumer)."""
 
         def serving() -> bool:
             assert self.terminal.process.poll() is None, f"make run ended:\n{self.output}"

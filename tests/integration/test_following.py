@@ -68,9 +68,9 @@ async def running_follower(
     try:
         yield follower, seen
     finally:
-        await follower.stop(1)
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
+        await follower.stop(1)
         await broker.close()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,53 @@ async def test_with_sqlite_a_job_answered_202_is_shown_at_once_and_written_a_mom
         assert asyncio.get_running_loop().time() < deadline, "the record was never written"
         await asyncio.sleep(0.02)
     assert record.status == "queued"
+
+
+async def test_with_sqlite_no_answer_waits_for_its_jobs_write(
+    app: FastAPI, client: httpx.AsyncClient, broker: ScriptedBroker, store: FlakyRecordStore
+) -> None:
+    # Waiting would queue behind status-service's writes for the file's one lock.
+    app.state.intake_policy = replace(app.state.intake_policy, record_wait=30)
+    store.gate = threading.Event()  # every write of a job record held
+    try:
+        single = await asyncio.wait_for(client.post("/jobs", json=JOB), 5)
+        batch = await asyncio.wait_for(client.post("/jobs/batch", json={"jobs": [JOB, JOB]}), 5)
+
+        assert single.status_code == 202, single.text
+        assert batch.status_code == 202, batch.text
+        job_ids = [single.json()["job_id"], *(j["job_id"] for j in batch.json()["jobs"])]
+        caller = broker.confirmed[0].submitted_by
+        assert caller is not None
+        for job_id in job_ids:
+            assert await store.get(job_id, caller) is None  # not written yet
+            shown = await client.get(f"/jobs/{job_id}")
+            assert (shown.status_code, shown.json().get("status")) == (200, "queued")
+    finally:
+        store.gate.set()
+
+
+async def test_with_postgresql_each_answer_waits_for_its_jobs_write(
+    broker: ScriptedBroker, postgres_database: str
+) -> None:
+    # Replicas share the store: any of them may be asked for the job next.
+    store = FlakyRecordStore.open(postgres_database)
+    store.gate = threading.Event()
+    app = make_app(broker, store)
+    app.state.intake_policy = replace(app.state.intake_policy, record_wait=30)
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as client:
+            for path, body in (("/jobs", JOB), ("/jobs/batch", {"jobs": [JOB, JOB]})):
+                store.gate.clear()
+                answer = asyncio.create_task(client.post(path, json=body))
+                await asyncio.sleep(0.5)
+                assert not answer.done(), f"{path} answered before its jobs were written"
+                store.gate.set()
+                response = await asyncio.wait_for(answer, 10)
+                assert response.status_code == 202, response.text
+    finally:
+        store.gate.set()
+        await store.close()
 
 
 async def test_a_job_written_while_it_is_being_read_is_never_a_404(

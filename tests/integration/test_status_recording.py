@@ -4,12 +4,18 @@ events into the api's store, answers its probes, and stops cleanly."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
+from api_service.following import JobFollower
 from api_service.read_model import JobRecord
 from api_service.settings import StatusSettings
 from api_service.status_service import serve
@@ -116,3 +122,85 @@ async def test_status_service_is_unready_saying_why_while_its_broker_is_unreacha
         await until(answering(port, 503), "the probe endpoint")
         status, detail = await readyz(port)
         assert (status, detail) == (503, "not connected to the message broker")
+
+
+async def test_a_stop_lets_a_slow_write_finish_without_calling_it_a_failure(
+    broker_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A write longer than the follower's three one-second checks: a follower still
+    # watching while its consumer stops took that for a failed consumer, cut the
+    # grace short and logged an ERROR.
+    database_url = f"sqlite:///{tmp_path / 'api-state.sqlite3'}"
+    writing = threading.Event()
+    original = JobStore.record_batch
+
+    def slow_write(self: JobStore, *args: Any, **kwargs: Any) -> None:
+        writing.set()
+        time.sleep(3.5)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(JobStore, "record_batch", slow_write)
+    settings = StatusSettings(
+        _env_file=None,
+        rabbitmq_url=broker_url,
+        database_url=database_url,
+        metrics_port=0,
+        shutdown_timeout_seconds=10,
+    )
+    event = data_processed(submitted_by=CALLER)
+    publisher = Broker(broker_url, app_id="test-publisher", retry_delays=(1,))
+    await publisher.connect()
+    stop = asyncio.Event()
+    serving = asyncio.create_task(serve(settings, stop))
+    try:
+        await publisher.publish(event)
+        deadline = asyncio.get_running_loop().time() + 20
+        while not writing.is_set():
+            assert asyncio.get_running_loop().time() < deadline, "the event never reached a write"
+            await asyncio.sleep(0.02)
+        stop.set()
+        await asyncio.wait_for(serving, 15)
+    finally:
+        stop.set()
+        await publisher.close()
+
+    store = await asyncio.to_thread(JobStore.open, database_url)
+    try:
+        record = await store.get(str(event.job_id), CALLER)
+    finally:
+        await store.close()
+    assert record is not None
+    assert record.status == "processed"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    assert not any("waiting up to 0 s" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_store_that_cannot_be_opened_stops_it_with_one_line(tmp_path: Path) -> None:
+    settings = StatusSettings(
+        _env_file=None,
+        database_url=f"sqlite:///{tmp_path / 'no-such-folder' / 'api-state.sqlite3'}",
+        metrics_port=0,
+    )
+    with pytest.raises(SystemExit, match="status-service: cannot open the job records at sqlite"):
+        await serve(settings, asyncio.Event())
+
+
+async def test_a_follower_that_dies_of_a_bug_stops_it_rather_than_stay_ready(
+    broker_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(self: JobFollower) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(JobFollower, "run", broken)
+    settings = StatusSettings(
+        _env_file=None,
+        rabbitmq_url=broker_url,
+        database_url=f"sqlite:///{tmp_path / 'api-state.sqlite3'}",
+        metrics_port=0,
+    )
+    with pytest.raises(SystemExit, match="stopped following: RuntimeError"):
+        await serve(settings, asyncio.Event())

@@ -44,6 +44,9 @@ SETTINGS_CLASSES = {
     "mailer-service": "mailer_service.settings.MailerSettings",
 }
 SERVICES = sorted(SETTINGS_CLASSES)
+# Compose services that run another service's image: status-service is the api's.
+SAME_IMAGE = {"status-service": "api-service"}
+PROCESS_SETTINGS = {**SETTINGS_CLASSES, "status-service": "api_service.settings.StatusSettings"}
 PORT_PUBLISHERS = {"api-service", BROKER, "prometheus", "grafana", "jaeger"}
 MAILTRAP_VARIABLES = ("MAILTRAP_TOKEN", "MAIL_FROM")
 # Secrets compose must refuse to start without (``${VAR:?message}``), with the
@@ -85,7 +88,7 @@ def dockerfile_instructions(path: Path) -> list[Instruction]:
 
 
 def dockerfile_of(service: str) -> Path:
-    return ROOT / service / "Dockerfile"
+    return ROOT / SAME_IMAGE.get(service, service) / "Dockerfile"
 
 
 def image_env(service: str) -> dict[str, str]:
@@ -177,7 +180,7 @@ def container_env(service: str) -> dict[str, str]:
 
 
 def settings_class(service: str) -> type[BaseSettings]:
-    module_name, _, class_name = SETTINGS_CLASSES[service].rpartition(".")
+    module_name, _, class_name = PROCESS_SETTINGS[service].rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
     assert issubclass(cls, BaseSettings)
     return cls
@@ -430,7 +433,7 @@ def test_guest_appears_nowhere_in_the_compose_file() -> None:
     assert "guest" not in COMPOSE_FILE.read_text(encoding="utf-8").lower()
 
 
-@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("service", sorted(PROCESS_SETTINGS))
 def test_the_service_settings_load_from_its_container_environment(
     service: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -450,7 +453,7 @@ def test_the_api_listens_on_all_interfaces_at_the_port_compose_publishes_and_che
     assert f"127.0.0.1:{env['API_PORT']}/healthz" in " ".join(api["healthcheck"]["test"])
 
 
-@pytest.mark.parametrize("service", ["processor-service", "mailer-service"])
+@pytest.mark.parametrize("service", ["status-service", "processor-service", "mailer-service"])
 def test_a_worker_serves_its_probes_to_the_compose_network_and_its_healthcheck_asks_readyz(
     service: str,
 ) -> None:
@@ -485,7 +488,7 @@ def test_the_mailer_writes_its_outbox_into_the_mounted_volume() -> None:
     assert_writable_volume("mailer-service", outbox, "OUTBOX_DIR")
 
 
-@pytest.mark.parametrize("service", ["api-service", "mailer-service"])
+@pytest.mark.parametrize("service", ["api-service", "status-service", "mailer-service"])
 def test_a_sqlite_database_lives_in_a_mounted_volume_the_service_can_write(service: str) -> None:
     url = container_env(service).get("DATABASE_URL", "")
     assert url.startswith("sqlite:////"), f"{service}: DATABASE_URL {url!r} is not an absolute path"

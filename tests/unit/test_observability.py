@@ -55,6 +55,7 @@ BROKER_METRICS_PORT = 15692
 # What a service's metrics port is called in its compose environment.
 PORT_VARIABLES = {
     "api-service": "API_PORT",
+    "status-service": "METRICS_PORT",
     "processor-service": "METRICS_PORT",
     "mailer-service": "METRICS_PORT",
 }

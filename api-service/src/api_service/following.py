@@ -97,7 +97,9 @@ class JobFollower:
             await self._discard_consumer()
 
     async def stop(self, grace_seconds: float) -> None:
-        """Let in-flight events finish (see ``Consumer.stop``); call before cancelling ``run``."""
+        """Let in-flight events finish (see ``Consumer.stop``). Cancel ``run`` first: still
+        watching, it would take the stopping consumer for a failed one, cut its grace
+        short and start another."""
         if self._consumer is not None:
             await self._consumer.stop(grace_seconds)
             self._consumer = None

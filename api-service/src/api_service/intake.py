@@ -129,7 +129,7 @@ class JobIntake:
         not hold the answer: the broker has the job, and the recorder keeps trying.
         With SQLite this api is the only reader, and shows the job from memory until
         it is written: the answer does not wait for a write that queues behind
-        status-service's for the file's one lock (bench/README.md, "status-service")."""
+        status-service's for the file's one lock (bench/README.md, "Session 9")."""
         job_id = job_id or uuid4()
         await self._until_recorded(await self._publish_and_note(job, caller, job_id))
         return job_id

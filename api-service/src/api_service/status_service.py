@@ -6,7 +6,7 @@ there itself; every later event of a job (``DataProcessed``, ``EmailSent``,
 ``api.job.status``. It is a process of its own, not a task in the api's,
 because the events come at the pipeline's pace: while a backlog drains they
 are thousands a second, and on the api's event loop they stood in front of
-the requests a user waits on (bench/README.md, "status-service"). On its own
+the requests a user waits on (bench/README.md, "Session 9"). On its own
 it runs at the workers' lower CPU priority, and scales apart from the api.
 
 It is part of the api's deployment: the api's package, image, broker user and
@@ -87,11 +87,11 @@ async def serve(settings: StatusSettings, stop: asyncio.Event) -> None:
                     # It mends every failure it knows; anything else is a bug that
                     # must not leave /readyz saying "ready" over a dead follower.
                     raise SystemExit(f"{SERVICE}: stopped following: {following.exception()!r}")
-                await follower.stop(settings.shutdown_timeout_seconds)
             finally:
                 following.cancel()
                 stopping.cancel()
                 await asyncio.gather(following, stopping, return_exceptions=True)
+            await follower.stop(settings.shutdown_timeout_seconds)
     finally:
         await broker.close()
         await recorder.close()
