@@ -9,7 +9,8 @@ UI, pipeline-admin) and one least-privilege user per service (see
 ``pipeline_shared.definitions``).
 
 Passwords come from RABBITMQ_ADMIN_PASSWORD, API_SERVICE_RABBITMQ_PASSWORD,
-PROCESSOR_SERVICE_RABBITMQ_PASSWORD and MAILER_SERVICE_RABBITMQ_PASSWORD (the
+STATUS_SERVICE_RABBITMQ_PASSWORD, PROCESSOR_SERVICE_RABBITMQ_PASSWORD and
+MAILER_SERVICE_RABBITMQ_PASSWORD (the
 environment, then ``--env-file``); an unset one is the development password,
 the user's name followed by ``-dev``. The committed file holds only those. For
 other passwords, set them in .env (compose puts the same variables in the

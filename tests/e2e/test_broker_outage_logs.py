@@ -10,14 +10,12 @@ that each retry is a DEBUG line, not a WARNING or a library's ERROR.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from urllib.parse import quote, urlsplit
-
-import pytest
 
 from e2e.conftest import Pipeline
 from pipeline_shared.topology import MAILER, PROCESSOR, STATUS
-from support.services import Service, free_port
+from support.services import Service
 from support.tcp_proxy import TcpProxy
 from support.waiting import wait_for
 
@@ -72,15 +70,6 @@ def wait_every_consumer(pipeline: Pipeline) -> None:
         )
 
     wait_for(consuming, what="a consumer on each service's queue")
-
-
-@pytest.fixture
-def proxy(broker_url: str) -> Iterator[TcpProxy]:
-    target = urlsplit(broker_url)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672, free_port())
-    proxy.open()
-    yield proxy
-    proxy.close()
 
 
 def test_each_service_logs_one_warning_on_loss_and_one_info_on_regain_and_retries_at_debug(

@@ -13,7 +13,7 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import aio_pika
@@ -24,7 +24,6 @@ from e2e.conftest import Pipeline
 from pipeline_shared.topology import MAILER, PROCESSOR, STATUS, Stage
 from support.mailtrap_stub import MailtrapStub
 from support.rabbit import job_ids_of
-from support.services import free_port
 from support.streams import JobStream
 from support.tcp_proxy import TcpProxy
 from support.waiting import wait_for
@@ -95,15 +94,6 @@ def test_a_mailer_killed_mid_stream_loses_no_email_and_repeats_only_those_in_fli
     # The README's window: only the emails that were at the provider when the
     # mailer died may go out again, at most one per sending thread.
     assert sum(n - 1 for n in repeated.values()) <= MAILER_CONCURRENCY
-
-
-@pytest.fixture
-def proxy(broker_url: str) -> Iterator[TcpProxy]:
-    target = urlsplit(broker_url)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672, free_port())
-    proxy.open()
-    yield proxy
-    proxy.close()
 
 
 LOSS = "lost the broker connection"

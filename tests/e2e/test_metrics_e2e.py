@@ -3,39 +3,23 @@ about its broker connection."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import httpx
-import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from e2e.conftest import Pipeline, metrics_url
 from pipeline_shared.probe_server import NOT_CONNECTED
 from support.mailtrap_stub import MailtrapStub
-from support.services import Service, free_port
+from support.scraping import Figure, figure, scrape
+from support.services import Service
 from support.tcp_proxy import TcpProxy
 from support.waiting import wait_for
 
 PipelineFactory = Callable[..., Pipeline]
-Figure = tuple[str, frozenset[tuple[str, str]]]
 
 GOOD_JOBS = 5
 FAILING_JOBS = 2
-
-
-def figure(name: str, **labels: str) -> Figure:
-    return name, frozenset(labels.items())
-
-
-def scrape(url: str) -> dict[Figure, float]:
-    """Every sample ``url/metrics`` shows, by name and labels."""
-    text = httpx.get(f"{url}/metrics", timeout=5).text
-    return {
-        figure(sample.name, **sample.labels): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def wait_for_figures(service: str, url: str, expected: dict[Figure, float]) -> dict[Figure, float]:
@@ -179,15 +163,6 @@ def test_each_services_metrics_count_what_was_sent_retried_and_failed(
     ):
         stages = {dict(labels).get("stage") for _, labels in figures} - {None}
         assert stages == own, stages
-
-
-@pytest.fixture
-def proxy(broker_url: str) -> Iterator[TcpProxy]:
-    target = urlsplit(broker_url)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672, free_port())
-    proxy.open()
-    yield proxy
-    proxy.close()
 
 
 def readyz(worker: Service) -> tuple[int, str | None]:

@@ -27,7 +27,7 @@ from support.waiting import wait_for
 PipelineFactory = Callable[..., Pipeline]
 USER_OF = {
     "api-service": "api-service",
-    "status-service": "api-service",
+    "status-service": "status-service",
     "processor-service": "processor-service",
     "mailer-service": "mailer-service",
 }
@@ -178,10 +178,12 @@ def test_status_service_refused_its_queue_is_unready_naming_it_until_granted_the
     management: Management,
 ) -> None:
     management.load_definitions(vhost, topology_of(definitions))
-    api_rule = next(r for r in definitions["permissions"] if r["user"] == "api-service")
-    api_user = users.names["api-service"]
-    # The api's user (status-service's too) may publish but not read its own queue.
-    management.set_permissions(vhost, api_user, api_rule["configure"], api_rule["write"], "^$")
+    status_rule = next(r for r in definitions["permissions"] if r["user"] == "status-service")
+    status_user = users.names["status-service"]
+    # status-service's user may not read its own queue.
+    management.set_permissions(
+        vhost, status_user, status_rule["configure"], status_rule["write"], "^$"
+    )
     pipeline = pipeline_factory(
         per_service=restricted(users, vhost), RETRY_DELAYS=FILE_RETRY_DELAYS
     )
@@ -221,7 +223,7 @@ def test_status_service_refused_its_queue_is_unready_naming_it_until_granted_the
     assert status_of_job() == "queued"
 
     management.set_permissions(
-        vhost, api_user, api_rule["configure"], api_rule["write"], api_rule["read"]
+        vhost, status_user, status_rule["configure"], status_rule["write"], status_rule["read"]
     )
 
     pipeline.wait_following(timeout=60)

@@ -11,41 +11,25 @@ it follows the job events.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import aio_pika
 import httpx
-import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from e2e.conftest import Pipeline, metrics_url
 from pipeline_shared.probe_server import NOT_CONNECTED
 from pipeline_shared.topology import STATUS
 from support.rabbit import messages_ready_now
-from support.services import Service, free_port
+from support.scraping import Figure, figure, scrape
+from support.services import Service
 from support.tcp_proxy import TcpProxy
 from support.waiting import wait_for
 
 PipelineFactory = Callable[..., Pipeline]
-Figure = tuple[str, frozenset[tuple[str, str]]]
 
 GOOD_JOBS = 2
 FAILING_JOBS = 1
-
-
-def figure(name: str, **labels: str) -> Figure:
-    return name, frozenset(labels.items())
-
-
-def scrape(url: str) -> dict[Figure, float]:
-    """Every sample ``url/metrics`` shows, by name and labels."""
-    text = httpx.get(f"{url}/metrics", timeout=5).text
-    return {
-        figure(sample.name, **sample.labels): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def shows(url: str, expected: dict[Figure, float]) -> bool:
@@ -158,15 +142,6 @@ def test_without_status_service_jobs_are_taken_and_stay_queued_until_it_records_
     )
     # The api consumed none of them.
     assert not any(name.startswith("pipeline_events_consumed") for name, _ in scrape(api.url))
-
-
-@pytest.fixture
-def proxy(broker_url: str) -> Iterator[TcpProxy]:
-    target = urlsplit(broker_url)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672, free_port())
-    proxy.open()
-    yield proxy
-    proxy.close()
 
 
 def test_status_services_readyz_is_503_until_it_follows_and_while_its_broker_is_cut_off(

@@ -22,7 +22,7 @@ import asyncio
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import aio_pika
@@ -35,7 +35,6 @@ from pipeline_shared.events import JobRequested
 from pipeline_shared.messaging import Broker
 from support.mailtrap_stub import MailtrapStub
 from support.rabbit import job_ids_of
-from support.services import free_port
 from support.tcp_proxy import TcpProxy
 from support.waiting import wait_for
 
@@ -47,15 +46,6 @@ JOB = {"email": "ada@example.com", "subject": "Your report", "data": {"visits": 
 # gives up republishing (and answers "unknown") within a second or two.
 SHORT_BUDGET_SECONDS = 1.5
 CUT_DELAY_SECONDS = 0.075
-
-
-@pytest.fixture
-def proxy(broker_url: str) -> Iterator[TcpProxy]:
-    target = urlsplit(broker_url)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672, free_port())
-    proxy.open()
-    yield proxy
-    proxy.close()
 
 
 class Probe:

@@ -17,7 +17,7 @@ from support.broker_users import ServiceUsers, committed_definitions
 from support.rabbit import Management
 from unit.fakes import data_processed
 
-API_USER = "api-service"
+STATUS_USER = "status-service"
 
 
 async def until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
@@ -45,9 +45,11 @@ def users(management: Management, vhost: str, broker_url: str) -> Iterator[Servi
     users.delete()
 
 
-def set_api_read(users: ServiceUsers, management: Management, vhost: str, read: str) -> None:
-    rule = next(r for r in committed_definitions()["permissions"] if r["user"] == API_USER)
-    management.set_permissions(vhost, users.names[API_USER], rule["configure"], rule["write"], read)
+def set_status_read(users: ServiceUsers, management: Management, vhost: str, read: str) -> None:
+    rule = next(r for r in committed_definitions()["permissions"] if r["user"] == STATUS_USER)
+    management.set_permissions(
+        vhost, users.names[STATUS_USER], rule["configure"], rule["write"], read
+    )
 
 
 @asynccontextmanager
@@ -55,7 +57,7 @@ async def running_follower(
     users: ServiceUsers, vhost: str
 ) -> AsyncIterator[tuple[JobFollower, list[Any]]]:
     """A follower logged in as the api's user, recording the events it is handed."""
-    broker = Broker(users.url(API_USER, vhost), app_id="api-service", retry_delays=(1,))
+    broker = Broker(users.url(STATUS_USER, vhost), app_id="status-service", retry_delays=(1,))
     seen: list[Any] = []
 
     async def record(event: Any) -> None:
@@ -84,14 +86,14 @@ async def publish(broker_url: str, event: Event) -> None:
 async def test_a_follower_refused_its_queue_names_the_refusal_and_recovers_when_granted(
     users: ServiceUsers, management: Management, vhost: str, broker_url: str
 ) -> None:
-    set_api_read(users, management, vhost, "^$")  # the api's user may not read its queue
+    set_status_read(users, management, vhost, "^$")  # the api's user may not read its queue
     async with running_follower(users, vhost) as (follower, seen):
         await until(lambda: "ACCESS_REFUSED" in (follower.problem or ""), "the refusal reported")
         assert STATUS.queue in (follower.problem or "")
         event = data_processed()
         await publish(broker_url, event)  # waits in api.job.status meanwhile
 
-        set_api_read(users, management, vhost, r"^api\.job\.status$")
+        set_status_read(users, management, vhost, r"^api\.job\.status$")
 
         await until(lambda: follower.problem is None, "following again")
         await until(lambda: len(seen) == 1, "the waiting event handled")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -41,7 +42,8 @@ from support.broker_users import (
 from support.rabbit import Management, new_vhost_name
 from support.waiting import async_wait_for
 
-API, PROCESSOR_USER, MAILER_USER = "api-service", "processor-service", "mailer-service"
+API, STATUS_USER = "api-service", "status-service"
+PROCESSOR_USER, MAILER_USER = "processor-service", "mailer-service"
 
 
 def job_requested() -> JobRequested:
@@ -163,10 +165,12 @@ async def take(
 # --- the file's permissions ----------------------------------------------------------------------
 
 
-def test_the_file_has_the_three_service_users_and_an_administrator(
+def test_the_file_has_the_four_service_users_and_an_administrator(
     definitions: dict[str, Any],
 ) -> None:
-    assert sorted(service_user_names(definitions)) == sorted([API, PROCESSOR_USER, MAILER_USER])
+    assert sorted(service_user_names(definitions)) == sorted(
+        [API, STATUS_USER, PROCESSOR_USER, MAILER_USER]
+    )
     tags = {user["name"]: user["tags"] for user in definitions["users"]}
     assert tags["admin"] == ["administrator"]
     assert all(tags[name] == [] for name in service_user_names(definitions))
@@ -217,7 +221,7 @@ async def test_the_whole_file_imports_and_its_users_log_in_with_the_development_
 async def test_each_service_user_connects_checking_the_topology_passively(
     brokers: dict[str, Broker],
 ) -> None:
-    assert set(brokers) == {API, PROCESSOR_USER, MAILER_USER}
+    assert set(brokers) == {API, STATUS_USER, PROCESSOR_USER, MAILER_USER}
     for broker in brokers.values():
         assert broker.is_ready
         assert broker.passive, f"{broker.app_id} declared the topology: it may configure"
@@ -265,6 +269,32 @@ async def test_the_api_user_cannot_consume_the_mailers_queue(
             await queue.get(fail=False)
     finally:
         await connection.close()
+
+
+@pytest.mark.parametrize("queue", [STATUS.queue, MAILER.queue])
+async def test_the_api_user_reads_no_queue(
+    users: ServiceUsers, topology_vhost: str, queue: str
+) -> None:
+    # The job events reach the read model through status-service, under its own user.
+    connection = await connect_as(users.url(API, topology_vhost))
+    try:
+        channel = await connection.channel()
+        found = await channel.get_queue(queue, ensure=True)  # passive: allowed
+        with pytest.raises(ChannelAccessRefused, match=rf"ACCESS_REFUSED.*{re.escape(queue)}"):
+            await found.consume(ignore)
+    finally:
+        await connection.close()
+
+
+@pytest.mark.parametrize("make", [job_requested, data_processed, job_failed])
+async def test_the_status_user_publishes_nothing(
+    make: Any, brokers: dict[str, Broker], admin_channel: AbstractChannel
+) -> None:
+    event: Event = make()
+    with pytest.raises(BrokerUnavailable, match="ACCESS_REFUSED"):
+        await brokers[STATUS_USER].publish(event)
+    assert await ready_count(admin_channel, PROCESSOR.queue) == 0
+    assert await ready_count(admin_channel, STATUS.queue) == 0
 
 
 async def test_the_processor_user_cannot_publish_email_sent(
@@ -401,7 +431,7 @@ async def test_a_refused_login_is_a_configuration_error_and_says_why(
 @pytest.mark.parametrize(
     ("service", "stage", "make"),
     [
-        (API, STATUS, data_processed),
+        (STATUS_USER, STATUS, data_processed),
         (PROCESSOR_USER, PROCESSOR, job_requested),
         (MAILER_USER, MAILER, data_processed),
     ],

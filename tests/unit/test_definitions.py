@@ -177,6 +177,7 @@ def test_passwords_come_from_the_environment_or_are_the_development_ones() -> No
     assert password_variables() == {
         "admin": "RABBITMQ_ADMIN_PASSWORD",
         "api-service": "API_SERVICE_RABBITMQ_PASSWORD",
+        "status-service": "STATUS_SERVICE_RABBITMQ_PASSWORD",
         "processor-service": "PROCESSOR_SERVICE_RABBITMQ_PASSWORD",
         "mailer-service": "MAILER_SERVICE_RABBITMQ_PASSWORD",
     }
@@ -206,20 +207,33 @@ def test_no_service_may_configure_anything(committed: dict[str, Any], service: s
         assert not matches(configure, name), name
 
 
-@pytest.mark.parametrize("service", [s.name for s in SERVICE_USERS])
-def test_a_service_writes_only_to_the_two_exchanges(
-    committed: dict[str, Any], service: str
+@pytest.mark.parametrize(
+    ("service", "exchanges"),
+    [
+        ("api-service", {EXCHANGE}),  # it publishes jobs, and retries nothing
+        ("status-service", {QUEUE_EXCHANGE}),  # it publishes nothing, and retries its own
+        ("processor-service", {EXCHANGE, QUEUE_EXCHANGE}),
+        ("mailer-service", {EXCHANGE, QUEUE_EXCHANGE}),
+    ],
+)
+def test_a_service_writes_only_to_the_exchanges_it_needs(
+    committed: dict[str, Any], service: str, exchanges: set[str]
 ) -> None:
     write = permissions_of(committed, service)["write"]
-    assert matches(write, EXCHANGE)
-    assert matches(write, QUEUE_EXCHANGE)
+    for exchange in (EXCHANGE, QUEUE_EXCHANGE):
+        assert matches(write, exchange) == (exchange in exchanges), exchange
     for other in ("amq.default", "amq.topic", "events2", "pipeline-queues", PROCESSOR.queue):
         assert not matches(write, other), other
 
 
 @pytest.mark.parametrize(
     ("service", "own"),
-    [("api-service", STATUS), ("processor-service", PROCESSOR), ("mailer-service", MAILER)],
+    [
+        ("api-service", None),
+        ("status-service", STATUS),
+        ("processor-service", PROCESSOR),
+        ("mailer-service", MAILER),
+    ],
 )
 def test_a_service_reads_only_its_own_work_queue(
     committed: dict[str, Any], service: str, own: Any
@@ -245,6 +259,7 @@ def test_the_processors_read_regex_matches_its_queue_and_not_the_mailers(
     ("service", "allowed"),
     [
         ("api-service", {"job.requested"}),
+        ("status-service", set()),
         ("processor-service", {"data.processed", "job.failed"}),
         ("mailer-service", {"email.sent", "job.failed"}),
     ],
@@ -259,7 +274,12 @@ def test_a_service_publishes_only_its_own_events(
 
 @pytest.mark.parametrize(
     ("service", "own"),
-    [("api-service", STATUS), ("processor-service", PROCESSOR), ("mailer-service", MAILER)],
+    [
+        ("api-service", None),
+        ("status-service", STATUS),
+        ("processor-service", PROCESSOR),
+        ("mailer-service", MAILER),
+    ],
 )
 def test_a_service_puts_messages_only_into_its_own_stages_queues(
     committed: dict[str, Any], service: str, own: Any
@@ -274,7 +294,7 @@ def test_a_service_puts_messages_only_into_its_own_stages_queues(
         ]
         for name in names:
             assert matches(write, name) == (stage is own), name
-    assert not matches(write, own.queue + "x")
+    assert own is None or not matches(write, own.queue + "x")
 
 
 @pytest.mark.parametrize("service", [s.name for s in SERVICE_USERS])

@@ -1,7 +1,7 @@
 """status-service follows the job events into the read model, and says so when it cannot.
 
 ``JobFollower`` keeps one consumer of ``api.job.status`` running for the
-process's life. Whatever stops it (the broker refusing the queue to the api's
+process's life. Whatever stops it (the broker refusing the queue to its
 user, the consumer's channel closing, a connection that cannot be made) is
 logged once, named by ``problem`` (which ``/readyz`` reports), and mended by
 starting the consumer again after a growing pause. Without this, a consumer

@@ -9,9 +9,11 @@ are thousands a second, and on the api's event loop they stood in front of
 the requests a user waits on (bench/README.md, "Session 9"). On its own
 it runs at the workers' lower CPU priority, and scales apart from the api.
 
-It is part of the api's deployment: the api's package, image, broker user and
-``DATABASE_URL``. Its ``/readyz`` (``METRICS_PORT``, 9103) is 503 naming the
-reason while the job events are not being followed (``following.JobFollower``).
+It is part of the api's deployment: the api's package, image and
+``DATABASE_URL``, with a broker user of its own (``status-service``: it reads
+``api.job.status`` and publishes nothing). Its ``/readyz`` (``METRICS_PORT``,
+9103) is 503 naming the reason while the job events are not being followed
+(``following.JobFollower``).
 """
 
 from __future__ import annotations

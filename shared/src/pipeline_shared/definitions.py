@@ -72,9 +72,9 @@ class ServiceUser:
     """One service's broker user, and what it may do."""
 
     name: str
-    consumes: Stage
-    """The stage whose work queue it reads; it retries and dead-letters into
-    that stage's queues through ``pipeline.queues``."""
+    consumes: Stage | None
+    """The stage whose work queue it reads (None: it reads nothing); it retries and
+    dead-letters into that stage's queues through ``pipeline.queues``."""
     publishes: tuple[type[Event], ...]
     """The events it publishes itself (``JobFailed`` comes with a stage that
     reports failures)."""
@@ -88,28 +88,38 @@ class ServiceUser:
     def routing_keys(self) -> tuple[str, ...]:
         """The routing keys it may publish on ``events``."""
         keys = [event.routing_key for event in self.publishes]
-        if self.consumes.reports_failures:
+        if self.consumes is not None and self.consumes.reports_failures:
             keys.append(JobFailed.routing_key)
         return tuple(dict.fromkeys(keys))
 
     def permissions(self) -> dict[str, str]:
         """configure, write and read, as regular expressions over resource names."""
+        written = [EXCHANGE] if self.routing_keys else []
+        if self.consumes is not None:
+            written.append(QUEUE_EXCHANGE)
         return {
             "configure": NOTHING,
-            "write": exactly(EXCHANGE, QUEUE_EXCHANGE),
-            "read": exactly(self.consumes.queue),
+            "write": exactly(*written) if written else NOTHING,
+            "read": exactly(self.consumes.queue) if self.consumes is not None else NOTHING,
         }
 
     def topic_permissions(self) -> dict[str, dict[str, str]]:
         """Per topic exchange, the routing keys it may publish (write) and bind (read)."""
+        keys = self.routing_keys
         return {
-            EXCHANGE: {"write": exactly(*self.routing_keys), "read": NOTHING},
-            QUEUE_EXCHANGE: {"write": queue_family(self.consumes.queue), "read": NOTHING},
+            EXCHANGE: {"write": exactly(*keys) if keys else NOTHING, "read": NOTHING},
+            QUEUE_EXCHANGE: {
+                "write": queue_family(self.consumes.queue) if self.consumes else NOTHING,
+                "read": NOTHING,
+            },
         }
 
 
 SERVICE_USERS: tuple[ServiceUser, ...] = (
-    ServiceUser("api-service", STATUS, (JobRequested,)),
+    # The api publishes jobs and reads nothing; status-service, the api's second
+    # process, reads the job events into the read model and publishes nothing.
+    ServiceUser("api-service", None, (JobRequested,)),
+    ServiceUser("status-service", STATUS, ()),
     ServiceUser("processor-service", PROCESSOR, (DataProcessed,)),
     ServiceUser("mailer-service", MAILER, (EmailSent,)),
 )

@@ -213,17 +213,19 @@ def build_asyncapi(events: Sequence[type[Event]] = EVENT_TYPES) -> dict[str, Any
                     }
                 },
             }
-        stage = user.consumes
-        operations[f"{user.name}.consumes.{stage.queue}"] = {
+        consumed = user.consumes
+        if consumed is None:
+            continue
+        operations[f"{user.name}.consumes.{consumed.queue}"] = {
             "action": "receive",
-            "channel": _ref("channels", stage.queue),
+            "channel": _ref("channels", consumed.queue),
             "summary": (
                 f"{user.name} consumes its work queue; each message is acknowledged "
                 "only once its outcome is safe."
             ),
             "messages": [
-                _ref("channels", stage.queue, "messages", name)
-                for name in channels[stage.queue]["messages"]
+                _ref("channels", consumed.queue, "messages", name)
+                for name in channels[consumed.queue]["messages"]
             ],
             "bindings": {"amqp": {"ack": True, "bindingVersion": AMQP_BINDING_VERSION}},
         }
