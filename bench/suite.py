@@ -58,7 +58,7 @@ import open_loop  # noqa: E402
 import pipeline_throughput as pt  # noqa: E402
 import profile_services as ps  # noqa: E402
 from benchkit import code_version, machine, stop_cleanly_on_signals  # noqa: E402
-from pipeline_shared.topology import MAILER, PROCESSOR  # noqa: E402
+from pipeline_shared.topology import MAILER, PROCESSOR, STATUS  # noqa: E402
 from support.mailtrap_stub import MailtrapStub  # noqa: E402
 from support.rabbit import Management, messages_ready_now, url_for_vhost  # noqa: E402
 from support.services import Api, Service, free_port  # noqa: E402
@@ -151,6 +151,8 @@ class Waiting:
     mailer_ready: int
     processor_management: int | None
     mailer_management: int | None
+    status_ready: int
+    """Job events waiting for status-service: how far the read model lags."""
 
     def __str__(self) -> str:
         def depth(n: int | None) -> str:
@@ -160,7 +162,8 @@ class Waiting:
             f"{self.not_emailed} backlog jobs not yet emailed; messages (single events or "
             f"bundles) ready now: processor queue {self.processor_ready}, mailer queue "
             f"{self.mailer_ready} (management API: "
-            f"{depth(self.processor_management)}, {depth(self.mailer_management)})"
+            f"{depth(self.processor_management)}, {depth(self.mailer_management)}), "
+            f"status queue {self.status_ready}"
         )
 
 
@@ -489,6 +492,7 @@ async def waiting(
         await messages_ready_now(channel, MAILER.queue),
         await asyncio.to_thread(depth, PROCESSOR.queue),
         await asyncio.to_thread(depth, MAILER.queue),
+        await messages_ready_now(channel, STATUS.queue),
     )
 
 
