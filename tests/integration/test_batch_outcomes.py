@@ -317,13 +317,16 @@ async def post_batch(items: list[dict[str, Any]]) -> tuple[httpx.Response, Scrip
         application = create_app(ApiSettings(_env_file=None))  # type: ignore[call-arg]
         application.state.broker = broker
         application.state.store = store
-        application.state.recorder = JobRecorder(store.record_batch)
+        recorder = application.state.recorder = JobRecorder(store.record_batch)
         application.state.connector = Ready()
         try:
             transport = httpx.ASGITransport(app=application)
             async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as client:
                 return await client.post("/jobs/batch", json={"jobs": items}), broker
         finally:
+            # With SQLite the answer does not wait for the jobs' write: let it
+            # finish, as the api's lifespan does, before the folder goes.
+            await recorder.close()
             await store.close()
 
 
