@@ -18,8 +18,6 @@ from pipeline_shared.probe_server import NOT_CONNECTED
 
 log = logging.getLogger("api.connecting")
 
-__all__ = ["NOT_CONNECTED", "BrokerConnector", "words"]
-
 
 class BrokerConnector:
     def __init__(

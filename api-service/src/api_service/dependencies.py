@@ -15,14 +15,8 @@ from api_service.auth import ApiKeys
 from api_service.intake import IntakePolicy, JobIntake
 from api_service.recorder import JobRecorder
 from api_service.store import JobStore
-from pipeline_shared.messaging import Broker
 
 bearer = HTTPBearer(auto_error=False, description="An API key from API_KEYS.")
-
-
-async def get_broker(request: Request) -> Broker:
-    broker: Broker = request.app.state.broker
-    return broker
 
 
 class Connection(Protocol):
@@ -81,7 +75,6 @@ async def authenticate(
     return caller_of(request)
 
 
-BrokerDep = Annotated[Broker, Depends(get_broker)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 RecorderDep = Annotated[JobRecorder, Depends(get_recorder)]
 CallerDep = Annotated[str, Depends(authenticate)]

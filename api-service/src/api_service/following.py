@@ -15,9 +15,10 @@ import asyncio
 import logging
 from typing import Any
 
-from api_service.connecting import NOT_CONNECTED, words
+from api_service.connecting import words
 from pipeline_shared.events import any_event_adapter
 from pipeline_shared.messaging import Broker, Consumer, Handler
+from pipeline_shared.probe_server import NOT_CONNECTED
 from pipeline_shared.topology import STATUS
 
 log = logging.getLogger("status.following")

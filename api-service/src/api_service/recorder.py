@@ -1,9 +1,10 @@
 """Group commit for the job read model: many events, one transaction.
 
 Every job event status-service follows, and each job the api accepts, is
-handed to a ``JobRecorder``. Events that arrive while a transaction is being written wait
-and go into the next one together, so under load one commit (and one thread
-hop) serves a whole batch of deliveries, and a lone event is written at once.
+handed to a ``JobRecorder``. Events that arrive while a transaction is being
+written wait and go into the next one together, so under load one commit (and
+one thread hop) serves a whole batch of deliveries, and a lone event is written
+at once.
 A delivery's handler awaits its event's commit, so its message is acked only
 once its fact is in the store.
 

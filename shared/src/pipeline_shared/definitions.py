@@ -56,8 +56,11 @@ EVERYTHING = ".*"
 
 
 def exactly(*names: str) -> str:
-    """A regular expression matching exactly the given names and nothing else."""
+    """A regular expression matching exactly the given names and nothing else (with
+    no names, ``NOTHING``)."""
     escaped = [re.escape(name) for name in names]
+    if not escaped:
+        return NOTHING
     return f"^{escaped[0]}$" if len(escaped) == 1 else f"^({'|'.join(escaped)})$"
 
 
@@ -99,15 +102,14 @@ class ServiceUser:
             written.append(QUEUE_EXCHANGE)
         return {
             "configure": NOTHING,
-            "write": exactly(*written) if written else NOTHING,
+            "write": exactly(*written),
             "read": exactly(self.consumes.queue) if self.consumes is not None else NOTHING,
         }
 
     def topic_permissions(self) -> dict[str, dict[str, str]]:
         """Per topic exchange, the routing keys it may publish (write) and bind (read)."""
-        keys = self.routing_keys
         return {
-            EXCHANGE: {"write": exactly(*keys) if keys else NOTHING, "read": NOTHING},
+            EXCHANGE: {"write": exactly(*self.routing_keys), "read": NOTHING},
             QUEUE_EXCHANGE: {
                 "write": queue_family(self.consumes.queue) if self.consumes else NOTHING,
                 "read": NOTHING,
