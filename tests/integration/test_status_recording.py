@@ -97,8 +97,16 @@ async def test_status_service_records_each_event_in_the_api_store_and_is_ready_m
                 assert not task.done(), task
                 await asyncio.sleep(0.05)
             assert {r.status for r in records if r is not None} == {"processed"}
-            after = metrics.EVENTS_CONSUMED.labels("status", "DataProcessed", "acked")._value.get()
-            assert after - before == len(events)
+
+            # Counted after the ack, which follows the commit the store already shows.
+            def acked() -> float:
+                counter = metrics.EVENTS_CONSUMED.labels("status", "DataProcessed", "acked")
+                return float(counter._value.get()) - before
+
+            while acked() < len(events):
+                assert asyncio.get_running_loop().time() < deadline, "acks never counted"
+                await asyncio.sleep(0.02)
+            assert acked() == len(events)
         assert task.done()
         assert task.exception() is None
         assert (await readyz(port))[0] == 0, "the probe endpoint outlived the service"
