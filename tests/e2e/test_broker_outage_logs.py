@@ -122,26 +122,27 @@ def test_a_connection_the_broker_closes_is_one_warning_with_its_reason_and_one_i
     before = {service.command: len(service.output()) for service in services}
     client = pipeline.management.client
 
-    def service_connections() -> dict[str, str]:
-        """Each service's connection, by the service its name starts with, to its broker name."""
+    def service_connections() -> dict[str, list[str]]:
+        """Each service's connections (consuming, publishing), by the service their
+        names start with, to their broker names."""
         response = client.get(f"/api/vhosts/{quote(vhost, safe='')}/connections")
         response.raise_for_status()
-        return {
-            connection.get("client_properties", {})
-            .get("connection_name", "")
-            .split(" ")[0]: connection["name"]
-            for connection in response.json()
-        }
+        found: dict[str, list[str]] = {}
+        for connection in response.json():
+            name = connection.get("client_properties", {}).get("connection_name", "")
+            found.setdefault(name.split(" ")[0], []).append(connection["name"])
+        return found
 
-    def one_each() -> list[str]:
+    def both_of_each() -> list[str]:
         found = service_connections()
         return (
-            [found[s.command] for s in services]
-            if all(s.command in found for s in services)
+            [name for s in services for name in found[s.command]]
+            if all(len(found.get(s.command, [])) == 2 for s in services)
             else []
         )
 
-    for name in wait_for(one_each, what="a connection from each service"):
+    # Both connections of every service at once: still one line for the loss, one for the return.
+    for name in wait_for(both_of_each, what="two connections from each service"):
         client.delete(
             f"/api/connections/{quote(name, safe='')}", headers={"X-Reason": "test outage"}
         ).raise_for_status()

@@ -1,4 +1,4 @@
-"""How publishes gather into bundles (``Coalescer``), with a recorded ``send``."""
+"""How publishes gather into bundles (``Coalescer``), with a recorded ``start``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from pipeline_shared.events import JobRequested
 from pipeline_shared.messaging.bundle import trace_bytes
-from pipeline_shared.messaging.coalesce import MAX_TRACE_BYTES, Coalescer, Item
+from pipeline_shared.messaging.coalesce import MAX_TRACE_BYTES, Coalescer, Item, Settle
 
 
 def item(size: int = 10) -> Item:
@@ -26,20 +26,35 @@ async def turns(count: int) -> None:
 
 
 class Recorder:
-    """A ``send`` that records each bundle and, if told to, holds it until released."""
+    """A ``start`` that records each bundle and confirms it in the next turn of the loop,
+    or, if told to, holds every confirm until ``release``; ``fail`` settles bundles with
+    that error, ``refuse`` raises it (nothing sent)."""
 
-    def __init__(self, hold: bool = False, fail: BaseException | None = None) -> None:
+    def __init__(
+        self,
+        hold: bool = False,
+        fail: BaseException | None = None,
+        refuse: BaseException | None = None,
+    ) -> None:
         self.sent: list[list[Item]] = []
         self.hold = hold
         self.fail = fail
-        self.release = asyncio.Event()
+        self.refuse = refuse
+        self.held: list[Settle] = []
 
-    async def __call__(self, routing_key: str, items: list[Item]) -> None:
+    def __call__(self, routing_key: str, items: list[Item], settle: Settle) -> None:
+        if self.refuse is not None:
+            raise self.refuse
         self.sent.append(items)
         if self.hold:
-            await self.release.wait()
-        if self.fail is not None:
-            raise self.fail
+            self.held.append(settle)
+        else:
+            asyncio.get_running_loop().call_soon(settle, self.fail)
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for settle in held:
+            settle(self.fail)
 
 
 async def test_a_lone_publish_leaves_at_once_alone() -> None:
@@ -100,7 +115,10 @@ async def test_while_bundles_await_their_confirm_the_next_one_gathers() -> None:
     await turns(10)
     assert len(send.sent) == 1  # waiting for the first confirm
 
-    send.release.set()
+    send.release()
+    await turns(1)
+    assert len(send.sent) == 2  # what gathered leaves the moment a slot is free
+    send.release()
     await asyncio.wait_for(asyncio.gather(first, *later), 1)
     assert [len(bundle) for bundle in send.sent] == [1, 5]
 
@@ -118,6 +136,31 @@ async def test_every_event_of_a_failed_bundle_hears_why_and_the_next_bundle_is_u
     assert [len(bundle) for bundle in send.sent] == [3, 1]
 
 
+async def test_a_bundle_that_cannot_be_sent_fails_its_events_and_frees_its_slot() -> None:
+    send = Recorder(refuse=ConnectionError("not connected"))
+    coalescer = Coalescer(send, max_events=64, max_bytes=1 << 20, in_flight=1)
+    outcomes = await asyncio.gather(
+        *(coalescer.submit("job.requested", item()) for _ in range(3)), return_exceptions=True
+    )
+    assert [type(o) for o in outcomes] == [ConnectionError] * 3
+    assert send.sent == []
+
+    send.refuse = None
+    await asyncio.wait_for(coalescer.submit("job.requested", item()), 1)
+    assert [len(bundle) for bundle in send.sent] == [1]
+
+
+async def test_a_confirm_reaches_its_callers_in_the_next_turn_of_the_loop() -> None:
+    send = Recorder(hold=True)
+    coalescer = Coalescer(send, max_events=64, max_bytes=1 << 20)
+    waiting = [asyncio.ensure_future(coalescer.submit("job.requested", item())) for _ in range(3)]
+    await turns(5)
+    assert not any(w.done() for w in waiting)
+    send.release()
+    await turns(1)
+    assert all(w.done() for w in waiting)
+
+
 async def test_a_caller_giving_up_does_not_cancel_the_others_events() -> None:
     send = Recorder(hold=True)
     coalescer = Coalescer(send, max_events=64, max_bytes=1 << 20)
@@ -127,7 +170,7 @@ async def test_a_caller_giving_up_does_not_cancel_the_others_events() -> None:
     assert len(send.sent) == 1
     impatient.cancel()
     await turns(2)
-    send.release.set()
+    send.release()
     await asyncio.wait_for(patient, 1)
     assert impatient.cancelled()
     assert [len(bundle) for bundle in send.sent] == [2]

@@ -8,24 +8,18 @@ import logging
 import os
 import socket
 from collections.abc import Sequence
+from functools import partial
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
-import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
-    AbstractExchange,
     AbstractRobustConnection,
     HeadersType,
 )
-from aio_pika.exceptions import (
-    CONNECTION_EXCEPTIONS,
-    ChannelInvalidStateError,
-    DeliveryError,
-    PublishError,
-)
-from aiormq.exceptions import ChannelAccessRefused
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from aiormq.exceptions import ChannelAccessRefused, ConnectionClosed
 from opentelemetry.trace import SpanKind
 from pydantic import TypeAdapter
 
@@ -33,16 +27,30 @@ from pipeline_shared import metrics, tracing
 from pipeline_shared.errors import BrokerUnavailable, PublishOutcomeUnknown
 from pipeline_shared.events import Event
 from pipeline_shared.messaging import bundle, refusals
-from pipeline_shared.messaging.coalesce import Coalescer, Item
+from pipeline_shared.messaging.coalesce import Coalescer, Item, Settle
 from pipeline_shared.messaging.consumer import Consumer
 from pipeline_shared.messaging.declare import close_quietly, declare_topology, verify_topology
 from pipeline_shared.messaging.handling import E, Handler
 from pipeline_shared.messaging.policy import DEFAULT_RETRY_DELAYS
+from pipeline_shared.messaging.publish_connection import (
+    BrokerClosed,
+    ChannelClosed,
+    ConfirmTimeout,
+    ConnectionLost,
+    Nacked,
+    NotSent,
+    PublishFailed,
+    Unroutable,
+    client_properties,
+)
+from pipeline_shared.messaging.publisher import NOT_CONNECTED, Publisher
 from pipeline_shared.messaging.wire import DEFAULT_MAX_EVENT_BYTES, event_message
 from pipeline_shared.settings import DEFAULT_BUNDLE_EVENTS, PipelineSettings, redact_url
 from pipeline_shared.topology import EXCHANGE, QUEUE_EXCHANGE, STAGES, Stage
 
 log = logging.getLogger("pipeline.messaging")
+
+ACCESS_REFUSED = 403
 
 # Bundles awaiting their confirm per routing key before the next one waits to fill.
 BUNDLES_IN_FLIGHT = 2
@@ -86,18 +94,18 @@ class Broker:
         self._publish_timeout = publish_timeout
         self.retry_delays = tuple(retry_delays)
         self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractChannel | None = None
-        self._exchange: AbstractExchange | None = None
-        self._queue_exchange: AbstractExchange | None = None
+        self._channel: AbstractChannel | None = None  # the one the topology is declared on
+        self._publisher: Publisher | None = None
         self.passive = False
         """Whether the broker user may not configure, so the topology is only
         checked (``verify_topology``), never declared; set by ``connect``."""
-        self._lost = False
+        self._down: set[str] = set()
+        """Which of the two connections (consuming, publishing) are lost right now."""
         self.user = unquote(urlsplit(url).username or "guest")
         self.vhost = vhost_of(url)
         self._coalescer = (
             Coalescer(
-                self._publish_items,
+                self._start_items,
                 max_events=bundle_max_events,
                 max_bytes=max_event_bytes,
                 in_flight=BUNDLES_IN_FLIGHT,
@@ -120,12 +128,12 @@ class Broker:
 
     @property
     def is_ready(self) -> bool:
-        """True while the connection is open and publishing is possible."""
+        """True while both connections are open and publishing is possible."""
         return (
             self._connection is not None
             and self._connection.connected.is_set()
-            and self._channel is not None
-            and not self._channel.is_closed
+            and self._publisher is not None
+            and self._publisher.ready
         )
 
     async def connect(self) -> None:
@@ -150,13 +158,25 @@ class Broker:
             raise
         try:
             channel = await self._prepare_topology(connection)
-            self._exchange = await channel.get_exchange(EXCHANGE, ensure=False)
-            self._queue_exchange = await channel.get_exchange(QUEUE_EXCHANGE, ensure=False)
+            publisher = Publisher(
+                self._url,
+                client_properties=client_properties(connection_name(self.app_id) + ", publishing"),
+                connect_timeout=self._publish_timeout,
+                reporter=self,
+            )
+            await publisher.open()
+        except BrokerClosed as exc:
+            # Read as the consuming connection's refusals are: a configuration error,
+            # or a passing one (a connection limit) that connect_until_ready retries.
+            await connection.close()
+            closed = ConnectionClosed(exc.reply_code, exc.reply_text)
+            refusal = refusals.refusal(closed, self.user, self.vhost)
+            raise (refusal or closed) from exc
         except BaseException:
             await connection.close()
             raise
-        self._connection, self._channel = connection, channel
-        self._lost = False
+        self._connection, self._channel, self._publisher = connection, channel, publisher
+        self._down.clear()
         connection.close_callbacks.add(self._on_connection_lost)
         connection.reconnect_callbacks.add(self._on_reconnected)
         log.info(
@@ -168,7 +188,7 @@ class Broker:
 
     async def _prepare_topology(self, connection: AbstractConnection) -> AbstractChannel:
         """The publishing channel, once the topology is declared or found."""
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        channel = await connection.channel(publisher_confirms=False)
         try:
             # Declared on the publishing channel, the topology is declared
             # again whenever the robust connection reconnects.
@@ -180,23 +200,34 @@ class Broker:
         await close_quietly(channel)
         await verify_topology(connection, self.retry_delays, vhost_of(self._url))
         self.passive = True
-        return await connection.channel(publisher_confirms=True, on_return_raises=True)
+        return await connection.channel(publisher_confirms=False)
 
     def _on_connection_lost(self, sender: object, exc: BaseException | None) -> None:
         # The robust connection calls this when the connection drops and again
-        # for every failed attempt to reconnect: one line for the loss, and
-        # the attempts at DEBUG.
+        # for every failed attempt to reconnect.
         if exc is None or isinstance(exc, asyncio.CancelledError):
             return
-        if self._lost:
-            log.debug("still no broker connection (%s); retrying", refusals.loss_reason(exc))
-            return
-        self._lost = True
-        log.warning("lost the broker connection (%s); reconnecting", refusals.loss_reason(exc))
+        self.went_down("consuming", refusals.loss_reason(exc))
 
     def _on_reconnected(self, sender: object) -> None:
-        self._lost = False
-        log.info("reconnected to %s; topology and consumers restored", redact_url(self._url))
+        self.came_back("consuming")
+
+    def went_down(self, which: str, reason: str) -> None:
+        """One of the two connections is lost, or failed to come back: one line when the
+        first goes, and every failed attempt at DEBUG."""
+        if self._down:
+            log.debug("still no broker connection (%s); retrying", reason)
+        else:
+            log.warning("lost the broker connection (%s); reconnecting", reason)
+        self._down.add(which)
+
+    def came_back(self, which: str) -> None:
+        """One of the two connections is back: one line when both are."""
+        if which not in self._down:
+            return
+        self._down.discard(which)
+        if not self._down:
+            log.info("reconnected to %s; topology and consumers restored", redact_url(self._url))
 
     async def connect_until_ready(
         self, *, first_delay: float = 0.5, max_delay: float = 10.0
@@ -232,9 +263,11 @@ class Broker:
             delay = min(delay * 2, max_delay)
 
     async def close(self) -> None:
+        if self._publisher is not None:
+            await self._publisher.close()
         if self._connection is not None:
             await self._connection.close()
-        self._connection = self._channel = self._exchange = self._queue_exchange = None
+        self._connection = self._channel = self._publisher = None
 
     @metrics.count_publishes
     async def publish(self, event: Event) -> None:
@@ -247,8 +280,8 @@ class Broker:
         ``PublishOutcomeUnknown`` (a ``BrokerUnavailable``) when the confirm does
         not come in time or the connection drops while waiting: it may have been.
         """
-        if self._exchange is None:
-            raise BrokerUnavailable("not connected to the message broker")
+        if self._publisher is None:
+            raise BrokerUnavailable(NOT_CONNECTED)
         with tracing.span(
             f"publish {event.routing_key}",
             SpanKind.PRODUCER,
@@ -270,8 +303,13 @@ class Broker:
 
     async def _publish_items(self, routing_key: str, items: list[Item]) -> None:
         """Publish the events of ``items`` (one routing key) as one message, confirmed."""
-        if self._exchange is None:
-            raise BrokerUnavailable("not connected to the message broker")
+        done = asyncio.get_running_loop().create_future()
+        self._start_items(routing_key, items, partial(_resolve, done))
+        await done
+
+    def _start_items(self, routing_key: str, items: list[Item], settle: Settle) -> None:
+        """Send the events of ``items`` (one routing key) as one message; ``settle`` hears
+        how it went (``_start``)."""
         if len(items) == 1:
             [item] = items
             message = event_message(item.event, self.app_id, item.trace, item.body)
@@ -282,61 +320,82 @@ class Broker:
                 items[0].event.event_type,
                 self.app_id,
             )
-        await self._publish(
-            self._exchange, message, routing_key, routing_key in _BOUND_ROUTING_KEYS
-        )
-        metrics.MESSAGES_PUBLISHED.labels(items[0].event.event_type).inc()
+        event_type = items[0].event.event_type
+
+        def counted(outcome: BaseException | None) -> None:
+            if outcome is None:
+                metrics.MESSAGES_PUBLISHED.labels(event_type).inc()
+            settle(outcome)
+
+        self._start(EXCHANGE, message, routing_key, routing_key in _BOUND_ROUTING_KEYS, counted)
 
     async def send_to_queue(self, queue: str, message: aio_pika.Message) -> None:
         """Put ``message`` into one of the stages' queues, by name, confirmed."""
-        if self._queue_exchange is None:
-            raise BrokerUnavailable("not connected to the message broker")
-        await self._publish(self._queue_exchange, message, queue, mandatory=True)
+        done = asyncio.get_running_loop().create_future()
+        self._start(QUEUE_EXCHANGE, message, queue, True, partial(_resolve, done))
+        await done
 
-    async def _publish(
+    def _start(
         self,
-        exchange: AbstractExchange,
+        exchange: str,
         message: aio_pika.Message,
         routing_key: str,
         mandatory: bool,
+        settle: Settle,
     ) -> None:
-        if not self.is_ready:
-            raise BrokerUnavailable("not connected to the message broker")
+        """Send ``message``; ``settle`` is called once, with None when the broker has
+        confirmed it, ``BrokerUnavailable`` when it did not take it, or
+        ``PublishOutcomeUnknown`` when it may have. Raises ``BrokerUnavailable``,
+        having sent nothing, when it cannot be sent now."""
+        if self._publisher is None:
+            raise BrokerUnavailable(NOT_CONNECTED)
+
+        def settled(outcome: BaseException | None) -> None:
+            settle(None if outcome is None else self._failure(outcome, exchange, routing_key))
+
         try:
-            assert self._channel is not None  # is_ready
-            channel = await self._channel.get_underlay_channel()
-            assert isinstance(channel, aiormq.Channel)  # whose basic_publish takes ``wait``
-            # aio-pika's Exchange.publish, but without waiting for the frame to be
-            # written out: aiormq holds the channel's lock until then, which let one
-            # publish at a time through. The broker's confirm is still awaited.
-            await channel.basic_publish(
+            self._publisher.publish(
+                exchange,
+                routing_key,
                 message.body,
-                exchange=exchange.name,
-                routing_key=routing_key,
-                properties=message.properties,
+                message.properties,
                 mandatory=mandatory,
                 timeout=self._publish_timeout,
-                wait=False,
+                settle=settled,
             )
-        except PublishError as exc:
-            raise BrokerUnavailable(f"no queue is bound to routing key {routing_key!r}") from exc
-        except DeliveryError as exc:
-            raise BrokerUnavailable("the broker refused the message (nack)") from exc
-        except TimeoutError as exc:
-            raise PublishOutcomeUnknown(
+        except NotSent as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+
+    def _failure(self, outcome: BaseException, exchange: str, routing_key: str) -> Exception:
+        """What a failed publish means to its caller."""
+        if isinstance(outcome, Unroutable):
+            failure: Exception = BrokerUnavailable(
+                f"no queue is bound to routing key {routing_key!r}"
+            )
+        elif isinstance(outcome, Nacked):
+            failure = BrokerUnavailable("the broker refused the message (nack)")
+        elif isinstance(outcome, ChannelClosed) and outcome.reply_code == ACCESS_REFUSED:
+            failure = BrokerUnavailable(
+                f"the broker refused to let this service publish to {exchange!r} "
+                f"with routing key {routing_key!r} ({outcome.reply_text})"
+            )
+        elif isinstance(outcome, ChannelClosed):
+            failure = BrokerUnavailable(f"the broker refused the message ({outcome.reply_text})")
+        elif isinstance(outcome, ConfirmTimeout):
+            failure = PublishOutcomeUnknown(
                 f"the broker did not confirm the message within {self._publish_timeout:g} s"
-            ) from exc
-        except ChannelAccessRefused as exc:
-            # The broker closes the channel; the robust connection reopens it.
-            raise BrokerUnavailable(
-                f"the broker refused to let this service publish to {exchange.name!r} "
-                f"with routing key {routing_key!r} ({refusals.reply_text(exc)})"
-            ) from exc
-        except (ChannelInvalidStateError, *CONNECTION_EXCEPTIONS) as exc:
+            )
+        elif isinstance(outcome, ConnectionLost):
             # The message may have left before the connection went.
-            raise PublishOutcomeUnknown(
-                f"lost the broker connection while publishing ({type(exc).__name__})"
-            ) from exc
+            failure = PublishOutcomeUnknown(
+                f"lost the broker connection while publishing ({outcome})"
+            )
+        elif isinstance(outcome, PublishFailed) and outcome.outcome_known:
+            failure = BrokerUnavailable(str(outcome))
+        else:
+            failure = PublishOutcomeUnknown(f"publishing failed ({outcome!r})")
+        failure.__cause__ = outcome
+        return failure
 
     async def consume(
         self,
@@ -386,3 +445,12 @@ class Broker:
                 await channel.close()
             raise
         return consumer
+
+
+def _resolve(done: asyncio.Future[None], outcome: BaseException | None) -> None:
+    if done.done():  # its caller gave up
+        return
+    if outcome is None:
+        done.set_result(None)
+    else:
+        done.set_exception(outcome)

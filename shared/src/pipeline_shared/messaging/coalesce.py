@@ -14,8 +14,9 @@ more than ``max_wait`` longer than it would have alone.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from aio_pika.abc import HeadersType
 
@@ -40,30 +41,30 @@ class Item:
 @dataclass(eq=False)
 class _Open:
     items: list[Item] = field(default_factory=list)
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
     size: int = 1  # the body's closing bracket; each item adds itself and a separator
     trace_size: int = 0
-    done: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
 
 
-Send = Callable[[str, list[Item]], Awaitable[None]]
+Settle = Callable[[BaseException | None], None]
+Start = Callable[[str, list[Item], Settle], None]
+"""Sends one bundle (or a lone event) of a routing key and calls ``settle`` once
+with its outcome; raises, having sent nothing, if it cannot be sent now."""
 
 
 class Coalescer:
-    """Bundles of at most ``max_events`` events and ``max_bytes`` bytes, handed to ``send``
-    (which publishes one, single or bundled, and returns once it is confirmed)."""
+    """Bundles of at most ``max_events`` events and ``max_bytes`` bytes, handed to ``start``."""
 
     def __init__(
         self,
-        send: Send,
+        start: Start,
         *,
         max_events: int,
         max_bytes: int,
         in_flight: int = 1,
         max_wait: float = 0.005,
     ) -> None:
-        self._send = send
+        self._start = start
         self._max_wait = max_wait
         self._max_events = max_events
         self._max_bytes = max_bytes
@@ -71,7 +72,6 @@ class Coalescer:
         self._open: dict[str, _Open] = {}
         self._in_flight: dict[str, int] = {}
         self._scheduled: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, routing_key: str, item: Item) -> None:
         """Publish ``item`` in a bundle of ``routing_key``; return once it is confirmed."""
@@ -87,10 +87,12 @@ class Coalescer:
             bundle = None
         if bundle is None:
             bundle = self._open[routing_key] = _Open()
-            bundle.done.add_done_callback(_retrieve)
             # However busy the key, the bundle leaves within max_wait.
             loop.call_later(self._max_wait, self._flush_if_open, routing_key, bundle)
+        # A future for each caller: one giving up (cancelled) leaves the others waiting.
+        done: asyncio.Future[None] = loop.create_future()
         bundle.items.append(item)
+        bundle.waiters.append(done)
         bundle.size += len(item.body) + 1
         bundle.trace_size += trace
         if len(bundle.items) >= self._max_events:
@@ -101,8 +103,7 @@ class Coalescer:
         ):
             self._scheduled.add(routing_key)
             loop.call_soon(self._flush, routing_key)
-        # Shared by the bundle's events: one caller giving up must not cancel the rest.
-        await asyncio.shield(bundle.done)
+        await done
 
     def _flush_if_open(self, routing_key: str, bundle: _Open) -> None:
         if self._open.get(routing_key) is bundle:
@@ -114,28 +115,20 @@ class Coalescer:
         if bundle is None:
             return
         self._in_flight[routing_key] = self._in_flight.get(routing_key, 0) + 1
-        task = asyncio.create_task(self._publish(routing_key, bundle))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _publish(self, routing_key: str, bundle: _Open) -> None:
         try:
-            await self._send(routing_key, bundle.items)
-        except asyncio.CancelledError:
-            bundle.done.cancel()
-            raise
-        except Exception as exc:  # every waiter hears what became of its event
-            bundle.done.set_exception(exc)
-        else:
-            bundle.done.set_result(None)
-        finally:
-            self._in_flight[routing_key] -= 1
-            # What gathered while this bundle waited for its confirm goes now.
-            if routing_key in self._open and routing_key not in self._scheduled:
-                self._flush(routing_key)
+            self._start(routing_key, bundle.items, partial(self._settled, routing_key, bundle))
+        except Exception as exc:  # nothing was sent: every waiter hears why
+            self._settled(routing_key, bundle, exc)
 
-
-def _retrieve(done: asyncio.Future[None]) -> None:
-    # Every waiter may have been cancelled; the outcome is still read once.
-    if not done.cancelled():
-        done.exception()
+    def _settled(self, routing_key: str, bundle: _Open, outcome: BaseException | None) -> None:
+        self._in_flight[routing_key] -= 1
+        for done in bundle.waiters:
+            if done.done():  # its caller gave up
+                continue
+            if outcome is None:
+                done.set_result(None)
+            else:
+                done.set_exception(outcome)
+        # What gathered while this bundle waited for its confirm goes now.
+        if routing_key in self._open and routing_key not in self._scheduled:
+            self._flush(routing_key)
