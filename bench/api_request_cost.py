@@ -50,6 +50,13 @@ class InstantBroker:
         return None
 
 
+class LocalStore:
+    """A store only this process reads (SQLite's rule): the answer does not wait for
+    the record; only Idempotency-Key requests would touch it."""
+
+    shared = False
+
+
 class InstantRecorder:
     """Every record is written at once."""
 
@@ -105,7 +112,7 @@ async def main() -> None:
     app = create_app(settings)
     app.state.broker = InstantBroker()
     app.state.recorder = InstantRecorder()
-    app.state.store = None  # only Idempotency-Key requests use it
+    app.state.store = LocalStore()
     headers = [
         (b"host", b"api.test"),
         (b"content-type", b"application/json"),

@@ -15,14 +15,21 @@ It writes pre-encoded requests on raw asyncio streams with keep-alive
 connections (a new one whenever none is idle, up to ``max_connections``),
 because at hundreds of requests per second ``httpx`` costs a core-share that
 the services under test would otherwise get on a small machine.
+
+``run_apart`` runs ``run`` in a process of its own: the benchmark's process
+also serves the Mailtrap stand-in from threads and copies its list of emails
+to count them, and every millisecond those hold the GIL is a millisecond a
+timed answer waits to be read (bench/README.md, "Session 10").
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 
@@ -183,10 +190,58 @@ async def run(
     ``start + i / rate``; one ``Shot`` per request, in order. An answer is read as
     JSON for its ``job_id``; one not in by ``answer_within``
     seconds after its due time counts as failed (status 0)."""
-    pool = _Connections(host, port, max_connections)
     payloads = [requests(i) for i in range(count)]  # encoded before the clock starts
+    return await _run(
+        host, port, payloads, rate, time.monotonic() + 0.05, max_connections, answer_within
+    )
+
+
+async def run_apart(
+    host: str,
+    port: int,
+    requests: Callable[[int], bytes],
+    rate: float,
+    count: int,
+    *,
+    start_in: float = 2.0,
+    max_connections: int = 4000,
+    answer_within: float = 120.0,
+) -> list[Shot]:
+    """``run``, in a new process that sends the first request ``start_in`` seconds from
+    now (its start-up comes before that). Times are ``time.monotonic()``, which is
+    the same clock in every process."""
+    payloads = [requests(i) for i in range(count)]
+    start = time.monotonic() + start_in
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return await asyncio.get_running_loop().run_in_executor(
+            pool, _run_here, host, port, payloads, rate, start, max_connections, answer_within
+        )
+
+
+def _run_here(
+    host: str,
+    port: int,
+    payloads: Sequence[bytes],
+    rate: float,
+    start: float,
+    max_connections: int,
+    answer_within: float,
+) -> list[Shot]:
+    return asyncio.run(_run(host, port, payloads, rate, start, max_connections, answer_within))
+
+
+async def _run(
+    host: str,
+    port: int,
+    payloads: Sequence[bytes],
+    rate: float,
+    start: float,
+    max_connections: int,
+    answer_within: float,
+) -> list[Shot]:
+    pool = _Connections(host, port, max_connections)
     tasks: list[asyncio.Task[Shot]] = []
-    start = time.monotonic() + 0.05
     try:
         for i, payload in enumerate(payloads):
             due = start + i / rate
