@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from hypothesis import settings
@@ -16,6 +17,8 @@ from pipeline_shared import tracing
 from support.mailtrap_stub import MailtrapStub
 from support.postgres import shown_url, temporary_database
 from support.rabbit import Management, new_vhost_name, url_for_vhost
+from support.services import free_port
+from support.tcp_proxy import TcpProxy
 
 TIERS = ("unit", "integration", "e2e")
 
@@ -102,3 +105,13 @@ def exported() -> Iterator[InMemorySpanExporter]:
     tracing.start_exporting(exporter, Resource.create({"service.name": "test"}), batched=False)
     yield exporter
     tracing.shutdown()
+
+
+@pytest.fixture
+def proxy(broker_url: str) -> Iterator[TcpProxy]:
+    """A TCP proxy to the broker, open: cut it (``cut``) to make the broker unreachable."""
+    target = urlsplit(broker_url)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672, free_port())
+    proxy.open()
+    yield proxy
+    proxy.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -18,7 +17,6 @@ from pipeline_shared.topology import MAILER, PROCESSOR, STATUS
 from support.mailtrap_stub import MailtrapStub
 from support.rabbit import Management
 from support.services import Api, Service, clean_environment, free_port
-from support.tcp_proxy import TcpProxy
 from support.waiting import wait_for
 
 
@@ -157,13 +155,3 @@ def mailtrap_settings(mailtrap: MailtrapStub) -> dict[str, str]:
         "MAIL_FROM": "reports@pipeline.example.com",
         "MAIL_FROM_NAME": "Pipeline Reports",
     }
-
-
-@pytest.fixture
-def proxy(broker_url: str) -> Iterator[TcpProxy]:
-    """A TCP proxy to the broker, open: cut it (``cut``) to make the broker unreachable."""
-    target = urlsplit(broker_url)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672, free_port())
-    proxy.open()
-    yield proxy
-    proxy.close()

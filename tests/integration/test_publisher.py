@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import aio_pika
 import pytest
+import uvloop
 from aio_pika.abc import AbstractChannel
 from pamqp.commands import Basic
 
@@ -25,12 +27,12 @@ from pipeline_shared.messaging.publish_connection import (
     Endpoint,
     NotSent,
     PublishConnection,
+    PublishFailed,
     Unroutable,
     client_properties,
 )
 from pipeline_shared.messaging.publisher import Publisher
 from support.rabbit import Management
-from support.services import free_port
 from support.tcp_proxy import TcpProxy
 from support.waiting import async_wait_for
 
@@ -45,15 +47,6 @@ async def looking(broker_url: str) -> AsyncIterator[AbstractChannel]:
     await channel.declare_queue(QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
     yield channel
     await connection.close()
-
-
-@pytest.fixture
-def proxy(broker_url: str) -> Iterator[TcpProxy]:
-    target = urlsplit(broker_url)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672, free_port())
-    proxy.open()
-    yield proxy
-    proxy.close()
 
 
 def through(proxy: TcpProxy, broker_url: str, query: str = "") -> str:
@@ -118,7 +111,8 @@ async def test_many_publishes_in_flight_are_each_confirmed_and_in_the_queue(
     broker_url: str, looking: AbstractChannel
 ) -> None:
     connection = await connect(broker_url)
-    bodies = [f'{{"n": {n}}}'.encode() * (1 + n % 5000) for n in range(300)]
+    # A third over a frame (128 KiB), each split across several; 10 MB in all.
+    bodies = [f'{{"n": {n:06}}}'.encode() * (1 + (n % 3) * 5000) for n in range(150)]
     await asyncio.wait_for(
         asyncio.gather(
             *(send(connection, body=b, message_id=str(n)) for n, b in enumerate(bodies))
@@ -166,6 +160,68 @@ async def test_an_exchange_that_does_not_exist_closes_the_channel_which_opens_ag
     await asyncio.wait_for(send(connection), 5)
     assert await ready_in(looking, QUEUE) == 1
     await connection.close()
+
+
+def publish_many(connection: PublishConnection, count: int) -> list[BaseException | None]:
+    """``count`` small persistent messages to the queue, not awaited; their outcomes."""
+    outcomes: list[BaseException | None] = []
+    for n in range(count):
+        connection.publish(
+            "",
+            QUEUE,
+            b"{}",
+            Basic.Properties(message_id=str(n), delivery_mode=2),
+            mandatory=True,
+            timeout=10,
+            settle=outcomes.append,
+        )
+    return outcomes
+
+
+async def channel_closed_under_many_publishes(broker_url: str) -> None:
+    async with await aio_pika.connect(broker_url) as looking_connection:
+        looking = await looking_connection.channel()
+        await looking.declare_queue(QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+        connection = await connect(broker_url)
+        outcomes = publish_many(connection, 2000)
+        with pytest.raises(ChannelClosed):
+            await asyncio.wait_for(send(connection, exchange="no-such-exchange"), 10)
+
+        async def all_settled() -> bool:
+            return len(outcomes) == 2000
+
+        await async_wait_for(all_settled, timeout=10, what="every publish to settle")
+        taken = await ready_in(looking, QUEUE)
+        # What the broker took was confirmed or is of unknown outcome: never refused.
+        refused = [o for o in outcomes if isinstance(o, PublishFailed) and o.outcome_known]
+        assert refused == []
+        assert sum(o is None for o in outcomes) <= taken <= 2000
+        await connection.close()
+
+
+async def closing_right_after_many_publishes(broker_url: str) -> None:
+    async with await aio_pika.connect(broker_url) as looking_connection:
+        looking = await looking_connection.channel()
+        await looking.declare_queue(QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+        connection = await connect(broker_url)
+        outcomes = publish_many(connection, 2000)
+        await connection.close(within=10)
+        # Closing waited for every confirm: nothing left unknown.
+        assert outcomes == [None] * 2000
+        assert await ready_in(looking, QUEUE) == 2000
+
+
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize(
+    "scenario", [channel_closed_under_many_publishes, closing_right_after_many_publishes]
+)
+def test_outcomes_hold_on_both_event_loops(scenario: Any, loop: str, broker_url: str) -> None:
+    # The services run on uvloop, whose transports and timing differ from asyncio's.
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(asyncio.wait_for(scenario(broker_url), 60))
 
 
 async def test_a_refused_login_is_the_brokers_words(broker_url: str) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections import Counter
 from collections.abc import Sequence
 from functools import partial
 from urllib.parse import unquote, urlsplit
@@ -58,6 +59,7 @@ BUNDLES_IN_FLIGHT = 2
 # Routing keys some queue is bound to: publishing to one of them must reach a
 # queue (mandatory). Other events are notifications that may have no listener.
 _BOUND_ROUTING_KEYS = frozenset(key for stage in STAGES.values() for key in stage.routing_keys)
+_QUEUES_BY_KEY = Counter(key for stage in STAGES.values() for key in stage.routing_keys)
 _MESSAGING_ATTRIBUTES = {"messaging.system": "rabbitmq", "messaging.operation.type": "send"}
 
 
@@ -145,6 +147,10 @@ class Broker:
         the broker refuses what no retry changes (the login, the vhost, an
         exchange or queue declared before with other arguments).
         """
+        if self._connection is not None:
+            # Connecting again (a follower whose consumer stopped does): the old
+            # connections go first, not left open beside the new ones.
+            await self.close()
         try:
             connection = await aio_pika.connect_robust(
                 self._url,
@@ -351,7 +357,11 @@ class Broker:
             raise BrokerUnavailable(NOT_CONNECTED)
 
         def settled(outcome: BaseException | None) -> None:
-            settle(None if outcome is None else self._failure(outcome, exchange, routing_key))
+            settle(
+                None
+                if outcome is None
+                else publish_failure(outcome, exchange, routing_key, self._publish_timeout)
+            )
 
         try:
             self._publisher.publish(
@@ -365,37 +375,6 @@ class Broker:
             )
         except NotSent as exc:
             raise BrokerUnavailable(str(exc)) from exc
-
-    def _failure(self, outcome: BaseException, exchange: str, routing_key: str) -> Exception:
-        """What a failed publish means to its caller."""
-        if isinstance(outcome, Unroutable):
-            failure: Exception = BrokerUnavailable(
-                f"no queue is bound to routing key {routing_key!r}"
-            )
-        elif isinstance(outcome, Nacked):
-            failure = BrokerUnavailable("the broker refused the message (nack)")
-        elif isinstance(outcome, ChannelClosed) and outcome.reply_code == ACCESS_REFUSED:
-            failure = BrokerUnavailable(
-                f"the broker refused to let this service publish to {exchange!r} "
-                f"with routing key {routing_key!r} ({outcome.reply_text})"
-            )
-        elif isinstance(outcome, ChannelClosed):
-            failure = BrokerUnavailable(f"the broker refused the message ({outcome.reply_text})")
-        elif isinstance(outcome, ConfirmTimeout):
-            failure = PublishOutcomeUnknown(
-                f"the broker did not confirm the message within {self._publish_timeout:g} s"
-            )
-        elif isinstance(outcome, ConnectionLost):
-            # The message may have left before the connection went.
-            failure = PublishOutcomeUnknown(
-                f"lost the broker connection while publishing ({outcome})"
-            )
-        elif isinstance(outcome, PublishFailed) and outcome.outcome_known:
-            failure = BrokerUnavailable(str(outcome))
-        else:
-            failure = PublishOutcomeUnknown(f"publishing failed ({outcome!r})")
-        failure.__cause__ = outcome
-        return failure
 
     async def consume(
         self,
@@ -454,3 +433,44 @@ def _resolve(done: asyncio.Future[None], outcome: BaseException | None) -> None:
         done.set_result(None)
     else:
         done.set_exception(outcome)
+
+
+def publish_failure(
+    outcome: BaseException, exchange: str, routing_key: str, timeout: float
+) -> Exception:
+    """What a failed publish means to its caller: ``BrokerUnavailable`` when the broker
+    did not take the message, ``PublishOutcomeUnknown`` when it may have."""
+    if isinstance(outcome, Unroutable):
+        failure: Exception = BrokerUnavailable(f"no queue is bound to routing key {routing_key!r}")
+    elif isinstance(outcome, Nacked) and _QUEUES_BY_KEY.get(routing_key, 1) > 1:
+        # One of its queues refused it; another may have taken it.
+        failure = PublishOutcomeUnknown(
+            "the broker refused the message for one of its queues (nack)"
+        )
+    elif isinstance(outcome, Nacked):
+        failure = BrokerUnavailable("the broker refused the message (nack)")
+    elif isinstance(outcome, ChannelClosed) and not outcome.outcome_known:
+        failure = PublishOutcomeUnknown(
+            f"the broker closed the publishing channel while this message awaited "
+            f"its confirm ({outcome.reply_text})"
+        )
+    elif isinstance(outcome, ChannelClosed) and outcome.reply_code == ACCESS_REFUSED:
+        failure = BrokerUnavailable(
+            f"the broker refused to let this service publish to {exchange!r} "
+            f"with routing key {routing_key!r} ({outcome.reply_text})"
+        )
+    elif isinstance(outcome, ChannelClosed):
+        failure = BrokerUnavailable(f"the broker refused the message ({outcome.reply_text})")
+    elif isinstance(outcome, ConfirmTimeout):
+        failure = PublishOutcomeUnknown(
+            f"the broker did not confirm the message within {timeout:g} s"
+        )
+    elif isinstance(outcome, ConnectionLost):
+        # The message may have left before the connection went.
+        failure = PublishOutcomeUnknown(f"lost the broker connection while publishing ({outcome})")
+    elif isinstance(outcome, PublishFailed) and outcome.outcome_known:
+        failure = BrokerUnavailable(str(outcome))
+    else:
+        failure = PublishOutcomeUnknown(f"publishing failed ({outcome!r})")
+    failure.__cause__ = outcome
+    return failure

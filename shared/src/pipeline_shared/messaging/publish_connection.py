@@ -25,6 +25,7 @@ import contextlib
 import logging
 import ssl
 import struct
+import uuid
 from base64 import b64decode
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -82,13 +83,16 @@ class Nacked(PublishFailed):
 
 
 class ChannelClosed(PublishFailed):
-    """The broker closed the channel over a publish, e.g. ACCESS_REFUSED: every publish
-    still awaiting its confirm on that channel gets this."""
+    """The broker closed the channel over a publish, e.g. ACCESS_REFUSED, and every
+    publish still awaiting its confirm on that channel gets this. The broker took
+    those it had handled before the one it refused, and dropped the rest; which was
+    which it does not say, so the outcome is known only when one publish waited."""
 
-    def __init__(self, reply_code: int, reply_text: str) -> None:
+    def __init__(self, reply_code: int, reply_text: str, *, outcome_known: bool) -> None:
         super().__init__(reply_text or f"reply code {reply_code}")
         self.reply_code = reply_code
         self.reply_text = reply_text
+        self.outcome_known = outcome_known
 
 
 class ConnectionLost(PublishFailed):
@@ -163,12 +167,17 @@ class Endpoint:
         return context
 
 
+ReturnKey = tuple[str, str, str]
+"""A mandatory publish as a returned message names it: exchange, routing key, message id."""
+
+
 @dataclass(slots=True)
 class _Pending:
     tag: int
     settle: Settle
     timer: asyncio.TimerHandle
-    message_id: str | None
+    returnable: ReturnKey | None
+    sent_at: float
     returned: Unroutable | None = None
 
 
@@ -214,12 +223,17 @@ class PublishConnection(asyncio.Protocol):
         self._next_tag = 1
         self._pending: dict[int, _Pending] = {}
         self._order: deque[int] = deque()
-        self._by_message_id: dict[str, int] = {}
-        self._returning: Unroutable | None = None
+        self._returnable: dict[ReturnKey, deque[int]] = {}
+        """Mandatory publishes awaiting their confirm, in order, by how a return names
+        them: the broker returns a channel's messages in the order they came."""
+        self._closing = False
+        self._drained: asyncio.Future[None] | None = None
+        self._returning: Basic.Return | None = None
         self._blocked: str | None = None
         self._paused = False
         self._publish_frames: dict[tuple[str, str, bool], bytes] = {}
         self.lost: asyncio.Future[BaseException] = self._loop.create_future()
+        self._transport_gone: asyncio.Future[None] = self._loop.create_future()
 
     # --- opening -------------------------------------------------------------------------------
 
@@ -308,8 +322,10 @@ class PublishConnection(asyncio.Protocol):
 
     def problem(self) -> str | None:
         """Why a publish would not be sent now, or None."""
-        if self.lost.done():
+        if self.lost.done() or self._closing:
             return "not connected to the message broker"
+        if self._transport is None or self._transport.is_closing():
+            return "the connection to the broker is closing"
         if not self._channel_open:
             return "the publishing channel is being reopened"
         if self._blocked is not None:
@@ -335,6 +351,40 @@ class PublishConnection(asyncio.Protocol):
         if problem is not None:
             raise NotSent(problem)
         assert self._transport is not None
+        message_id = properties.message_id
+        if mandatory and message_id is None:
+            # A return names its message by id: one without gets one (as aio-pika did).
+            message_id = properties.message_id = uuid.uuid4().hex
+        try:
+            data = self._frames(exchange, routing_key, body, properties, mandatory)
+            self._transport.write(data)
+        except NotSent:
+            raise
+        except Exception as exc:  # nothing reached the socket: not sent, say why
+            raise NotSent(f"could not send the message ({exc!r})") from exc
+        # The broker numbers the publishes it reads; only one written counts.
+        tag = self._next_tag
+        self._next_tag += 1
+        returnable = (exchange, routing_key, message_id) if message_id and mandatory else None
+        self._pending[tag] = _Pending(
+            tag,
+            settle,
+            self._loop.call_later(timeout, self._expire, tag),
+            returnable,
+            self._loop.time(),
+        )
+        self._order.append(tag)
+        if returnable is not None:
+            self._returnable.setdefault(returnable, deque()).append(tag)
+
+    def _frames(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: Basic.Properties,
+        mandatory: bool,
+    ) -> bytes:
         key = (exchange, routing_key, mandatory)
         publish_frame = self._publish_frames.get(key)
         if publish_frame is None:
@@ -343,29 +393,39 @@ class PublishConnection(asyncio.Protocol):
             publish_frame = self._publish_frames[key] = method_frame(
                 Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory)
             )
-        parts = [
-            publish_frame,
-            frame.marshal(header.ContentHeader(0, len(body), properties), _CHANNEL),
-        ]
+        content = frame.marshal(header.ContentHeader(0, len(body), properties), _CHANNEL)
+        if len(content) > self._frame_max:
+            # The broker would close the whole connection over it.
+            raise NotSent(
+                f"the message's properties take {len(content)} bytes, more than one "
+                f"frame holds ({self._frame_max})"
+            )
+        parts = [publish_frame, content]
         size = self._frame_max - FRAME_HEADER_SIZE - 1
         for start in range(0, len(body), size):
             parts.append(frame.marshal(ContentBody(body[start : start + size]), _CHANNEL))
-        tag = self._next_tag
-        self._next_tag += 1
-        self._transport.write(b"".join(parts))
-        message_id = properties.message_id
-        self._pending[tag] = _Pending(
-            tag, settle, self._loop.call_later(timeout, self._expire, tag), message_id
-        )
-        self._order.append(tag)
-        if mandatory and message_id is not None:
-            self._by_message_id[message_id] = tag
+        return b"".join(parts)
 
     def _expire(self, tag: int) -> None:
         pending = self._pending.pop(tag, None)
-        if pending is not None:
-            self._forget(pending)
-            _call(pending.settle, ConfirmTimeout("no confirm in time"))
+        if pending is None:
+            return
+        self._forget(pending)
+        self._trim_order()
+        _call(pending.settle, ConfirmTimeout("no confirm in time"))
+        self._check_drained()
+        if (
+            self._blocked is None
+            and self._last_received < pending.sent_at
+            and self._transport is not None
+            and not self.lost.done()
+        ):
+            # Not a byte, not a heartbeat, while a confirm was due: a connection
+            # that is gone without a word (a half-open TCP connection). Drop it
+            # and connect again rather than let every publish time out.
+            log.debug("publishing connection: nothing from the broker in time; dropping it")
+            self._lose(ConnectionResetError("the broker stopped answering"))
+            self._transport.abort()
 
     def _confirm(self, tag: int, multiple: bool, nacked: bool) -> None:
         if multiple:
@@ -378,9 +438,13 @@ class PublishConnection(asyncio.Protocol):
             pending = self._pending.pop(tag, None)
             if pending is not None:
                 self._settle(pending, nacked)
-            order = self._order
-            while order and order[0] not in self._pending:
-                order.popleft()
+            self._trim_order()
+        self._check_drained()
+
+    def _trim_order(self) -> None:
+        order = self._order
+        while order and order[0] not in self._pending:
+            order.popleft()
 
     def _settle(self, pending: _Pending, nacked: bool) -> None:
         pending.timer.cancel()
@@ -391,19 +455,31 @@ class PublishConnection(asyncio.Protocol):
             _call(pending.settle, pending.returned)
 
     def _forget(self, pending: _Pending) -> None:
-        if (
-            pending.message_id is not None
-            and self._by_message_id.get(pending.message_id) == pending.tag
-        ):
-            del self._by_message_id[pending.message_id]
+        if pending.returnable is None:
+            return
+        tags = self._returnable.get(pending.returnable)
+        if tags is None:
+            return
+        if tags and tags[0] == pending.tag:
+            tags.popleft()
+        else:
+            with contextlib.suppress(ValueError):
+                tags.remove(pending.tag)
+        if not tags:
+            del self._returnable[pending.returnable]
 
     def _fail_all(self, error: PublishFailed) -> None:
         pending, self._pending = self._pending, {}
         self._order.clear()
-        self._by_message_id.clear()
+        self._returnable.clear()
         for entry in pending.values():
             entry.timer.cancel()
             _call(entry.settle, error)
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if not self._pending and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
 
     # --- receiving -----------------------------------------------------------------------------
 
@@ -455,7 +531,7 @@ class PublishConnection(asyncio.Protocol):
         elif isinstance(value, Basic.Ack | Basic.Nack):
             self._confirm(value.delivery_tag, value.multiple, isinstance(value, Basic.Nack))
         elif isinstance(value, Basic.Return):
-            self._returning = Unroutable(f"{value.reply_text} (reply code {value.reply_code})")
+            self._returning = value
         elif isinstance(value, header.ContentHeader):
             self._returned(value)
         elif isinstance(value, commands.Channel.Close):
@@ -485,14 +561,22 @@ class PublishConnection(asyncio.Protocol):
             log.debug("publishing connection: ignored %r", value)
 
     def _returned(self, content: header.ContentHeader) -> None:
+        """A returned message's header: the earliest waiting publish it names is
+        unroutable (its confirm follows)."""
         returning, self._returning = self._returning, None
         message_id = content.properties.message_id
         if returning is None or message_id is None:
             return
-        tag = self._by_message_id.get(message_id)
-        pending = self._pending.get(tag) if tag is not None else None
-        if pending is not None:
-            pending.returned = returning
+        tags = self._returnable.get(
+            (returning.exchange or "", returning.routing_key or "", message_id)
+        )
+        for tag in tags or ():
+            pending = self._pending.get(tag)
+            if pending is not None and pending.returned is None:
+                pending.returned = Unroutable(
+                    f"{returning.reply_text} (reply code {returning.reply_code})"
+                )
+                return
 
     def _channel_closed(self, close: commands.Channel.Close) -> None:
         """The broker closed the channel: every publish awaiting its confirm fails with
@@ -500,7 +584,11 @@ class PublishConnection(asyncio.Protocol):
         self._channel_open = False
         self._write(method_frame(commands.Channel.CloseOk()))
         log.debug("the broker closed the publishing channel (%s); reopening it", close.reply_text)
-        self._fail_all(ChannelClosed(close.reply_code or 0, close.reply_text))
+        self._fail_all(
+            ChannelClosed(
+                close.reply_code or 0, close.reply_text, outcome_known=len(self._pending) == 1
+            )
+        )
         self._write(method_frame(commands.Channel.Open()))
 
     def _on_reopening_frame(self, value: Any) -> None:
@@ -521,8 +609,15 @@ class PublishConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._paused = False
 
+    def eof_received(self) -> bool:
+        # The broker closed its side: nothing more will be read, so nothing more is sent.
+        self._lose(ConnectionResetError("the broker closed the connection"))
+        return False  # and the transport closes itself
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._lose(exc or ConnectionResetError("the broker closed the connection"))
+        if not self._transport_gone.done():
+            self._transport_gone.set_result(None)
 
     def _lose(self, reason: BaseException) -> None:
         if self.lost.done():
@@ -552,8 +647,22 @@ class PublishConnection(asyncio.Protocol):
             self._transport.write(data)
 
     async def close(self, within: float = 5.0) -> None:
-        """Close the connection as the protocol asks (Connection.Close, then Close-Ok)."""
-        if self.lost.done() or self._transport is None:
+        """Take no more publishes, wait up to ``within`` seconds for the confirms still
+        due, and close the connection as the protocol asks (Connection.Close, then
+        Close-Ok). What is still unconfirmed then fails as of unknown outcome."""
+        if self._transport is None:
+            return
+        if self.lost.done():
+            await self._closed()
+            return
+        self._closing = True
+        deadline = self._loop.time() + within
+        if self._pending:
+            self._drained = self._loop.create_future()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._drained), within)
+        if self.lost.done():
+            await self._closed()
             return
         self._channel_open = False
         self._write(
@@ -565,8 +674,17 @@ class PublishConnection(asyncio.Protocol):
             )
         )
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self.lost), within)
+            await asyncio.wait_for(
+                asyncio.shield(self.lost), max(deadline - self._loop.time(), 0.5)
+            )
         self.abort()
+        await self._closed()
+
+    async def _closed(self) -> None:
+        # The socket closes in a later turn of the loop (connection_lost): wait for it,
+        # so that nothing is left open when the loop itself ends.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._transport_gone), 1)
 
     def abort(self) -> None:
         if self._transport is not None:

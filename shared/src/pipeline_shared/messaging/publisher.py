@@ -59,6 +59,7 @@ class Publisher:
         from then on, connect again whenever the connection is lost."""
         self._connection = await self._connect()
         self._keeper = asyncio.create_task(self._keep_open(), name="publisher keeper")
+        self._keeper.add_done_callback(_report_death)
 
     @property
     def ready(self) -> bool:
@@ -96,13 +97,14 @@ class Publisher:
         )
 
     async def close(self) -> None:
+        """Wait (up to the connect timeout) for the confirms still due, then close."""
         self._closed = True
         if self._keeper is not None:
             self._keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._keeper
         if self._connection is not None:
-            await self._connection.close()
+            await self._connection.close(self._connect_timeout)
 
     async def _connect(self) -> PublishConnection:
         return await PublishConnection.connect(
@@ -128,3 +130,15 @@ class Publisher:
                 return await self._connect()
             except (OSError, TimeoutError, BrokerClosed) as exc:
                 self._reporter.went_down("publishing", describe(exc))
+            except Exception as exc:  # a bug must not end the reconnecting for good
+                log.exception("publishing connection: could not connect; trying again")
+                self._reporter.went_down("publishing", describe(exc))
+
+
+def _report_death(keeper: asyncio.Task[None]) -> None:
+    if not keeper.cancelled() and keeper.exception() is not None:
+        log.error(
+            "the publishing connection's keeper stopped; this service cannot publish "
+            "until it is restarted",
+            exc_info=keeper.exception(),
+        )
