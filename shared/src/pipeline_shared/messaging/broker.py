@@ -28,7 +28,7 @@ from pipeline_shared import metrics, tracing
 from pipeline_shared.errors import BrokerUnavailable, PublishOutcomeUnknown
 from pipeline_shared.events import Event
 from pipeline_shared.messaging import bundle, refusals
-from pipeline_shared.messaging.coalesce import Coalescer, Item, Settle
+from pipeline_shared.messaging.coalesce import Coalescer, Item, Settle, resolve
 from pipeline_shared.messaging.consumer import Consumer
 from pipeline_shared.messaging.declare import close_quietly, declare_topology, verify_topology
 from pipeline_shared.messaging.handling import E, Handler
@@ -44,8 +44,9 @@ from pipeline_shared.messaging.publish_connection import (
     Unroutable,
     client_properties,
 )
-from pipeline_shared.messaging.publisher import NOT_CONNECTED, Publisher
+from pipeline_shared.messaging.publisher import Publisher
 from pipeline_shared.messaging.wire import DEFAULT_MAX_EVENT_BYTES, event_message
+from pipeline_shared.probe_server import NOT_CONNECTED
 from pipeline_shared.settings import DEFAULT_BUNDLE_EVENTS, PipelineSettings, redact_url
 from pipeline_shared.topology import EXCHANGE, QUEUE_EXCHANGE, STAGES, Stage
 
@@ -58,7 +59,7 @@ BUNDLES_IN_FLIGHT = 2
 
 # Routing keys some queue is bound to: publishing to one of them must reach a
 # queue (mandatory). Other events are notifications that may have no listener.
-_BOUND_ROUTING_KEYS = frozenset(key for stage in STAGES.values() for key in stage.routing_keys)
+# How many queues each is bound to, for what a nack means.
 _QUEUES_BY_KEY = Counter(key for stage in STAGES.values() for key in stage.routing_keys)
 _MESSAGING_ATTRIBUTES = {"messaging.system": "rabbitmq", "messaging.operation.type": "send"}
 
@@ -193,11 +194,12 @@ class Broker:
         )
 
     async def _prepare_topology(self, connection: AbstractConnection) -> AbstractChannel:
-        """The publishing channel, once the topology is declared or found."""
+        """A channel the topology was declared on, or found through (publishing has a
+        connection of its own)."""
         channel = await connection.channel(publisher_confirms=False)
         try:
-            # Declared on the publishing channel, the topology is declared
-            # again whenever the robust connection reconnects.
+            # Declared on a channel of the robust connection, the topology is
+            # declared again whenever it reconnects.
             await declare_topology(channel, self.retry_delays)
             self.passive = False
             return channel
@@ -310,7 +312,7 @@ class Broker:
     async def _publish_items(self, routing_key: str, items: list[Item]) -> None:
         """Publish the events of ``items`` (one routing key) as one message, confirmed."""
         done = asyncio.get_running_loop().create_future()
-        self._start_items(routing_key, items, partial(_resolve, done))
+        self._start_items(routing_key, items, partial(resolve, done))
         await done
 
     def _start_items(self, routing_key: str, items: list[Item], settle: Settle) -> None:
@@ -333,12 +335,12 @@ class Broker:
                 metrics.MESSAGES_PUBLISHED.labels(event_type).inc()
             settle(outcome)
 
-        self._start(EXCHANGE, message, routing_key, routing_key in _BOUND_ROUTING_KEYS, counted)
+        self._start(EXCHANGE, message, routing_key, routing_key in _QUEUES_BY_KEY, counted)
 
     async def send_to_queue(self, queue: str, message: aio_pika.Message) -> None:
         """Put ``message`` into one of the stages' queues, by name, confirmed."""
         done = asyncio.get_running_loop().create_future()
-        self._start(QUEUE_EXCHANGE, message, queue, True, partial(_resolve, done))
+        self._start(QUEUE_EXCHANGE, message, queue, True, partial(resolve, done))
         await done
 
     def _start(
@@ -424,15 +426,6 @@ class Broker:
                 await channel.close()
             raise
         return consumer
-
-
-def _resolve(done: asyncio.Future[None], outcome: BaseException | None) -> None:
-    if done.done():  # its caller gave up
-        return
-    if outcome is None:
-        done.set_result(None)
-    else:
-        done.set_exception(outcome)
 
 
 def publish_failure(

@@ -123,12 +123,17 @@ class Coalescer:
     def _settled(self, routing_key: str, bundle: _Open, outcome: BaseException | None) -> None:
         self._in_flight[routing_key] -= 1
         for done in bundle.waiters:
-            if done.done():  # its caller gave up
-                continue
-            if outcome is None:
-                done.set_result(None)
-            else:
-                done.set_exception(outcome)
+            resolve(done, outcome)
         # What gathered while this bundle waited for its confirm goes now.
         if routing_key in self._open and routing_key not in self._scheduled:
             self._flush(routing_key)
+
+
+def resolve(done: asyncio.Future[None], outcome: BaseException | None) -> None:
+    """Tell the caller awaiting ``done`` how its publish went, unless it gave up."""
+    if done.done():
+        return
+    if outcome is None:
+        done.set_result(None)
+    else:
+        done.set_exception(outcome)

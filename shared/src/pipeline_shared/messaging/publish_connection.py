@@ -42,6 +42,8 @@ from pamqp.constants import FRAME_END, FRAME_HEADER_SIZE
 from pamqp.exceptions import PAMQPException
 from pamqp.heartbeat import Heartbeat
 
+from pipeline_shared.probe_server import NOT_CONNECTED
+
 log = logging.getLogger("pipeline.messaging")
 
 Settle = Callable[[BaseException | None], None]
@@ -323,7 +325,7 @@ class PublishConnection(asyncio.Protocol):
     def problem(self) -> str | None:
         """Why a publish would not be sent now, or None."""
         if self.lost.done() or self._closing:
-            return "not connected to the message broker"
+            return NOT_CONNECTED
         if self._transport is None or self._transport.is_closing():
             return "the connection to the broker is closing"
         if not self._channel_open:

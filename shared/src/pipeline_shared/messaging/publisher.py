@@ -24,10 +24,9 @@ from pipeline_shared.messaging.publish_connection import (
     Settle,
     describe,
 )
+from pipeline_shared.probe_server import NOT_CONNECTED
 
 log = logging.getLogger("pipeline.messaging")
-
-NOT_CONNECTED = "not connected to the message broker"
 
 
 class Reporter(Protocol):
